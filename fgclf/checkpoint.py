@@ -1,0 +1,118 @@
+"""Run checkpoints: ``checkpoints/last`` (resume) and ``checkpoints/best`` (weights to use).
+
+Layout::
+
+    checkpoints/last/   state/ (accelerate: model, optimizer, scheduler, RNG per process),
+                        trainer_state.json, config.json
+    checkpoints/best/   model.safetensors (unwrapped model), config.json, trainer_state.json
+
+Each is written under a temporary name and renamed into place only when complete, so a kill
+at any moment leaves the previous complete checkpoint readable.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from fgclf.engine import TrainState
+from fgclf.errors import UserError
+from fgclf.utils import atomic_write_json, replace_dir
+
+# config.json keys that must match for a checkpoint to be resumed or loaded into this run
+_COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
+
+
+class Checkpointer:
+    """Writes and reads the ``last`` and ``best`` checkpoints of one run directory.
+
+    Args:
+        accelerator: The run's ``Accelerator`` (every process must call ``save_last``).
+        run_dir: The run directory.
+        meta: ``config.json`` content: ``model_name``, ``num_classes``, ``class_names``,
+            ``model_kwargs``, ``peft``, ``data_config``.
+    """
+
+    def __init__(self, accelerator, run_dir: str | Path, *, meta: dict) -> None:
+        self.accelerator = accelerator
+        self.dir = Path(run_dir) / "checkpoints"
+        self.meta = meta
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best"
+
+    def _fresh_tmp(self, name: str) -> Path:
+        tmp = self.dir / f".{name}.tmp"
+        if self.accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        return tmp
+
+    def save_last(self, state: TrainState) -> None:
+        """Save everything ``--resume`` needs (collective: call on every process)."""
+        tmp = self._fresh_tmp("last")
+        self.accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            atomic_write_json(tmp / "trainer_state.json", state.to_dict())
+            atomic_write_json(tmp / "config.json", self.meta)
+            replace_dir(tmp, self.last)
+        self.accelerator.wait_for_everyone()
+
+    def save_best(self, model: nn.Module, state: TrainState) -> None:
+        """Save the unwrapped model's weights as safetensors (collective)."""
+        from safetensors.torch import save_file
+
+        tmp = self._fresh_tmp("best")
+        state_dict = self.accelerator.get_state_dict(model)  # gathers under DeepSpeed/FSDP
+        if self.accelerator.is_main_process:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            atomic_write_json(tmp / "config.json", self.meta)
+            atomic_write_json(tmp / "trainer_state.json", state.to_dict())
+            replace_dir(tmp, self.best)
+        self.accelerator.wait_for_everyone()
+
+    def check_compatible(self, ckpt_dir: Path) -> None:
+        """Raise a UserError when ``ckpt_dir`` was made for another model or class count."""
+        cfg_path = Path(ckpt_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"not an fgclf checkpoint (no config.json): {ckpt_dir}")
+        theirs = json.loads(cfg_path.read_text())
+        for key in _COMPATIBLE_KEYS:
+            if theirs.get(key) != self.meta.get(key):
+                what = "classifier size" if key == "num_classes" else key
+                raise UserError(f"cannot resume from {ckpt_dir}: {what} is {theirs.get(key)!r} there but "
+                                f"{self.meta.get(key)!r} in this run")
+
+    def load_last(self, ckpt_dir: Optional[str | Path] = None) -> TrainState:
+        """Restore model, optimizer, scheduler and RNG from ``ckpt_dir`` (default ``last``)."""
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else self.last
+        if not (ckpt_dir / "trainer_state.json").is_file():
+            raise UserError(f"no resumable checkpoint at {ckpt_dir} (missing trainer_state.json)")
+        self.check_compatible(ckpt_dir)
+        self.accelerator.load_state(str(ckpt_dir / "state"))
+        return TrainState(**json.loads((ckpt_dir / "trainer_state.json").read_text()))
+
+    def load_best_weights(self, model: nn.Module) -> bool:
+        """Load ``best/model.safetensors`` into the (unwrapped) model; False when absent."""
+        from safetensors.torch import load_file
+
+        path = self.best / "model.safetensors"
+        if not path.is_file():
+            return False
+        self.accelerator.wait_for_everyone()
+        target = self.accelerator.unwrap_model(model)
+        target.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+        return True
+

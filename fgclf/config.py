@@ -1,0 +1,264 @@
+"""Typed run configuration: defaults < YAML (``--config``) < CLI flags.
+
+Each concern has a dataclass; :class:`TrainClassifierConfig` nests them. Parsing goes through
+jsonargparse, so ``--data.root X`` overrides ``data: {root: X}`` from a YAML file, unknown keys
+and wrong types are errors, and ``--help`` lists every flag with its type and default. Parse
+errors are raised as :class:`fgclf.errors.UserError` (one line) instead of argparse's usage dump.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+from fgclf.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are fed.
+
+    Args:
+        format: Dataset layout: ``toy`` (the embedded generated dataset, made on first use),
+            ``cub`` (CUB-200-2011 native layout), ``imagefolder`` (class subfolders, with or
+            without train/val/test subfolders) or ``hf`` (HF ``datasets``: a local folder or a
+            hub name).
+        root: Dataset folder (or HF hub name). For ``toy`` it defaults to the fgclf cache.
+        image_size: Training/eval crop size; null means the model's pretrained input size
+            (for ``toy`` data, the images' own size).
+        bbox_crop: Crop each image to its bounding box first (CUB layout only).
+        val_fraction: Fraction of train held out (stratified, seeded) when the dataset has no
+            validation split; 0 evaluates on test each epoch instead.
+        test_fraction: Fraction of train held out as test when the dataset has no test split.
+        split_seed: Seed of that validation split (kept apart from the training seed, so that
+            repeated seeds compare on the same split).
+        train_aug: Train augmentation: ``none`` (eval transform) or ``basic`` (random resized
+            crop + horizontal flip).
+        num_workers: DataLoader worker processes per training process.
+        verify_images: ``full`` decodes every image before training so a corrupt file stops
+            the run at once; ``header`` only opens them; ``none`` skips the check.
+        skip_bad_images: Drop unreadable images (listed in the run directory) instead of
+            stopping.
+        toy_num_classes: Classes of the generated toy dataset.
+        toy_train_per_class: Train images per class of the toy dataset.
+        toy_test_per_class: Test images per class of the toy dataset.
+        toy_image_size: Side of the toy images in pixels.
+        toy_seed: Seed of the toy dataset generator.
+    """
+
+    format: Literal["toy", "cub", "imagefolder", "hf"] = "toy"
+    root: Optional[str] = None
+    image_size: Optional[int] = None
+    bbox_crop: bool = False
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    train_aug: Literal["none", "basic"] = "basic"
+    num_workers: int = 2
+    verify_images: Literal["full", "header", "none"] = "full"
+    skip_bad_images: bool = False
+    toy_num_classes: int = 12
+    toy_train_per_class: int = 30
+    toy_test_per_class: int = 20
+    toy_image_size: int = 96
+    toy_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The network.
+
+    Args:
+        name: A timm model name (``resnet50.a1_in1k``), an offline pretrained name
+            (``tf_efficientnet_lite0.pypi_in1k``) or ``file:DIR`` (an fgclf export).
+        pretrained: Load pretrained weights (hub for timm names; offline for ``.pypi_in1k``).
+        weights: Local weight file (.safetensors/.pth) to load instead of the hub's.
+        drop_rate: Dropout before the classifier (null: the model's default).
+        drop_path_rate: Stochastic depth rate (null: the model's default).
+        strategy: ``full`` trains every parameter; ``linear_probe`` freezes all but the head.
+        trust_remote_code: Allow ``hub:owner/repo:entry`` models that run downloaded code.
+    """
+
+    name: str = "tf_efficientnet_lite0.pypi_in1k"
+    pretrained: bool = True
+    weights: Optional[str] = None
+    drop_rate: Optional[float] = None
+    drop_path_rate: Optional[float] = None
+    strategy: Literal["full", "linear_probe"] = "full"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """PEFT adapter settings (used when ``--peft`` is not ``none``).
+
+    Args:
+        r: Adapter rank.
+        alpha: Scaling numerator (``alpha / r`` scales the update).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt; null picks the model family's default.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        name: Any timm optimizer name (``sgd``, ``momentum``, ``adam``, ``adamw``, ``lamb``...).
+        lr: Peak learning rate.
+        weight_decay: Decoupled/L2 weight decay (not applied to norms and biases).
+        momentum: Momentum for SGD-like optimizers.
+        scheduler: ``cosine`` (per update, to zero), ``constant`` or ``multistep``.
+        warmup_epochs: Linear warmup length in epochs (fractions allowed).
+        milestones: Epochs at which ``multistep`` multiplies the lr by ``gamma``.
+        gamma: Decay factor of ``multistep``.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "constant", "multistep"] = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [30, 60])
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        epochs: Passes over the training set.
+        batch_size: Global batch size per optimizer step before accumulation (split evenly
+            across processes, so results do not depend on the process count).
+        eval_batch_size: Global evaluation batch size (null: same as batch_size).
+        grad_accum_steps: Micro-batches accumulated per optimizer update.
+        clip_grad_norm: Clip the gradient norm to this value (null: no clipping).
+        label_smoothing: Label smoothing of the cross-entropy loss.
+        seed: Random seed (recorded in the run directory).
+        output_dir: Run directory; null makes ``runs/<name>``.
+        name: Run name; null builds one from data, model and time.
+        early_stopping_metric: Validation metric watched for best checkpoint and early stop.
+        early_stopping_patience: Epochs without improvement before stopping (0: never stop).
+        early_stopping_min_delta: Smallest change that counts as an improvement.
+        log_every: Log the running train loss every this many updates.
+        checkpoint_every_steps: Also write ``last`` every this many updates (0: epoch ends).
+        mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
+        progress: Show tqdm progress bars (main process only).
+    """
+
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    label_smoothing: float = 0.0
+    seed: int = 42
+    output_dir: Optional[str] = None
+    name: Optional[str] = None
+    early_stopping_metric: str = "top1"
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 10
+    checkpoint_every_steps: int = 0
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    progress: bool = True
+
+
+@dataclass
+class TrainClassifierConfig:
+    """Everything ``scripts/train_classifier.py`` needs.
+
+    Args:
+        peft: PEFT method applied to the backbone (``none``, ``lora``, ``dora``, ...).
+        resume: Continue a run: ``last`` (this run directory's last checkpoint) or a
+            checkpoint folder.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: str = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    resume: Optional[str] = None
+
+
+def build_parser(config_cls: type, *, prog: str, description: str):
+    """A jsonargparse parser for ``config_cls`` with ``--config`` YAML support."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                            default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file of settings; CLI flags given after it override it.")
+    parser.add_class_arguments(config_cls, fail_untyped=True, sub_configs=True)
+    return parser
+
+
+def parse_config(config_cls: type, argv: Sequence[str] | None = None, *, prog: str = "fgclf",
+                 description: str = ""):
+    """Parse ``argv`` into an instance of ``config_cls``.
+
+    Raises:
+        UserError: unknown key, wrong type, YAML syntax error, missing ``--config`` file.
+    """
+    from jsonargparse import ArgumentError
+
+    parser = build_parser(config_cls, prog=prog, description=description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise UserError(f"bad configuration: {err}") from None
+    ns_dict = ns.as_dict()
+    ns_dict.pop("config", None)
+    return from_dict(config_cls, ns_dict)
+
+
+def from_dict(config_cls: type, values: dict) -> Any:
+    """Build a (nested) dataclass from a plain dict, recursing into dataclass fields."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key '{key}' for {config_cls.__name__}")
+        default = hints[key].default_factory if hints[key].default_factory is not dataclasses.MISSING else None
+        sub = default() if default is not None else None
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = from_dict(type(sub), value)
+        kwargs[key] = value
+    return config_cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML/JSON)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path, *, extra: dict | None = None) -> None:
+    """Write the resolved config (plus ``extra``: seed, versions, command line) as YAML."""
+    from fgclf.utils import atomic_write_text
+
+    data = to_dict(config)
+    if extra:
+        data["run"] = extra
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def load_config(config_cls: type, path: str | Path) -> Any:
+    """Read a run directory's ``config.yaml`` back into ``config_cls`` (``run`` info dropped)."""
+    data = yaml.safe_load(Path(path).read_text())
+    data.pop("run", None)
+    return from_dict(config_cls, data)

@@ -1,0 +1,214 @@
+"""Accelerator-driven training and evaluation loops (plain functions, one loop for every backend).
+
+``train_one_epoch`` and ``evaluate`` use only ``accelerator.accumulate / backward /
+clip_grad_norm_ / gather_for_metrics / reduce``, so the same code runs on one CPU, DDP,
+DeepSpeed and FSDP. ``fit`` adds per-epoch validation, early stopping, checkpoints and logs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fgclf.metrics import compute_metrics
+from fgclf.report import append_jsonl
+
+KILL_ENV = "FGCLF_DEBUG_KILL_AT_STEP"  # tests: SIGKILL this process after that optimizer update
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint must restore for ``--resume`` to continue exactly.
+
+    Attributes:
+        epoch: Completed epochs.
+        global_step: Optimizer updates done.
+        step_in_epoch: Batches done in the current, unfinished epoch (step checkpoints).
+        best_metric: Best validation value of the watched metric so far.
+        best_epoch: Epoch (1-based) of that value.
+        bad_epochs: Epochs since the last improvement (early stopping).
+        stopped_early: Whether early stopping ended the run.
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    step_in_epoch: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalOutput:
+    """Gathered evaluation outputs: every sample exactly once, in dataset order."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    loss: float
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+def _debug_kill(global_step: int) -> None:
+    target = os.environ.get(KILL_ENV)
+    if target and int(target) == global_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
+                    state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
+                    progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
+                    on_update: Optional[Callable[[TrainState], None]] = None) -> dict:
+    """One pass over ``loader`` (already prepared, possibly skipping finished batches).
+
+    Returns:
+        ``{"train_loss", "lr", "samples", "epoch_time"}``; the loss is the mean over all
+        processes and batches of this epoch.
+    """
+    (train_mode or (lambda m: m.train()))(model)
+    start, loss_sum, batches, samples = time.perf_counter(), None, 0, 0
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
+               disable=not (progress and accelerator.is_local_main_process))
+    for images, labels in bar:
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        detached = loss.detach().float()
+        loss_sum = detached if loss_sum is None else loss_sum + detached
+        batches += 1
+        samples += images.shape[0]
+        state.step_in_epoch += 1
+        if accelerator.sync_gradients:
+            state.global_step += 1
+            if log_every and state.global_step % log_every == 0:
+                running = loss_sum.item() / batches  # the only host sync, at log intervals
+                bar.set_postfix(loss=f"{running:.4f}")
+                accelerator.log({"train/loss_running": running,
+                                 "train/lr": optimizer.param_groups[0]["lr"]}, step=state.global_step)
+            if on_update is not None:
+                on_update(state)
+            _debug_kill(state.global_step)
+    bar.close()
+    mean_loss = accelerator.reduce(loss_sum / max(batches, 1), "mean").item() if batches else float("nan")
+    return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
+            "epoch_time": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Module] = None,
+             progress: bool = False, desc: str = "eval") -> EvalOutput:
+    """Logits and labels of every sample in ``loader``, gathered from all processes.
+
+    ``gather_for_metrics`` drops the samples that distributed samplers duplicate to even out
+    the last batch, so each sample counts exactly once; order is the dataset's order.
+    """
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False,
+                               disable=not (progress and accelerator.is_local_main_process)):
+        logits = model(images).float()
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    loss = float(loss_fn(logits, labels)) if (loss_fn is not None and len(labels)) else float("nan")
+    return EvalOutput(logits.numpy(), labels.numpy(), loss)
+
+
+def _improved(value: float, best: Optional[float], min_delta: float, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn: nn.Module, *,
+        epochs: int, state: TrainState, checkpointer, run_dir: str | Path, num_classes: int,
+        metric: str = "top1", patience: int = 0, min_delta: float = 0.0,
+        clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
+        progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None) -> TrainState:
+    """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
+
+    The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
+    ``best`` checkpoint and drives early stopping after ``patience`` epochs without a
+    ``min_delta`` improvement. ``last`` is written at every epoch end (and every
+    ``checkpoint_every_steps`` updates) so that ``--resume`` continues from it.
+    """
+    mode = "min" if metric == "loss" else "max"
+    history_path = Path(run_dir) / "metrics.jsonl"
+
+    def on_update(st: TrainState) -> None:
+        if checkpoint_every_steps and st.global_step % checkpoint_every_steps == 0:
+            checkpointer.save_last(st)
+
+    while state.epoch < epochs and not state.stopped_early:
+        loader = train_loader
+        if state.step_in_epoch:  # resumed from a mid-epoch checkpoint
+            loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
+        record = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
+                                 clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
+                                 train_mode=train_mode, on_update=on_update)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        record = {"epoch": state.epoch, "step": state.global_step, **record}
+        if val_loader is not None:
+            out = evaluate(accelerator, model, val_loader, loss_fn=loss_fn, progress=progress, desc="val")
+            scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
+            record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
+                           **{f"val/{k}": v for k, v in scores.items()}})
+            value = out.loss if metric == "loss" else scores.get(metric)
+            if value is None:
+                from fgclf.errors import UserError
+
+                raise UserError(f"early_stopping_metric '{metric}' is not computed; use loss or one of "
+                                f"{', '.join(scores)}")
+            if _improved(value, state.best_metric, min_delta, mode):
+                state.best_metric, state.best_epoch, state.bad_epochs = float(value), state.epoch, 0
+                checkpointer.save_best(model, state)
+            else:
+                state.bad_epochs += 1
+                if patience and state.bad_epochs >= patience:
+                    state.stopped_early = True
+        else:
+            state.best_epoch = state.epoch
+            checkpointer.save_best(model, state)
+        record["memory_mb"] = _memory_mb()
+        if accelerator.is_main_process:
+            append_jsonl(history_path, record)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
+        checkpointer.save_last(state)
+        if accelerator.is_main_process:
+            msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                           if k in ("epoch", "train_loss", "val/loss", "val/top1", "val/f1_macro", "lr"))
+            accelerator.print(msg + (" (early stop)" if state.stopped_early else ""))
+    return state

@@ -1,0 +1,165 @@
+"""Parameter-efficient fine-tuning of timm models with Hugging Face ``peft``.
+
+``apply_peft(model, method="lora")`` freezes the backbone, adds adapters to the modules named by
+``target_modules`` (default: :func:`default_target_modules`, chosen per model family) and keeps
+the classifier fully trainable (``modules_to_save``). Methods come from a registry
+(``list_peft_methods()``): ``lora``, ``dora`` (LoRA with weight decomposition) and ``ia3``.
+
+Target names follow peft's rule: a name matches a module whose full name equals it or ends with
+``"." + name`` (so ``"attn.qkv"`` matches ``blocks.3.attn.qkv``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+from fgclf.errors import UserError
+from fgclf.models._checkpoint import classifier_names
+from fgclf.registry import Registry
+
+PEFT_METHODS: Registry = Registry("peft method")
+_ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@PEFT_METHODS.register("lora")
+def _lora_config(targets: list[str], save: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    return peft.LoraConfig(target_modules=targets, modules_to_save=save, r=r, lora_alpha=alpha,
+                           lora_dropout=dropout)
+
+
+@PEFT_METHODS.register("dora")
+def _dora_config(targets: list[str], save: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    return peft.LoraConfig(target_modules=targets, modules_to_save=save, r=r, lora_alpha=alpha,
+                           lora_dropout=dropout, use_dora=True)
+
+
+@PEFT_METHODS.register("ia3")
+def _ia3_config(targets: list[str], save: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    # r/alpha/dropout do not apply: IA3 learns one scale per output channel of each target.
+    return peft.IA3Config(target_modules=targets, feedforward_modules=[], modules_to_save=save)
+
+
+def list_peft_methods() -> list[str]:
+    """Names accepted by ``apply_peft(method=...)``."""
+    return PEFT_METHODS.names()
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """peft's list-target rule: equal, or ending with ``.target``."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def _adaptable_names(model: nn.Module) -> list[str]:
+    """Names of modules peft can adapt (Linear / Conv), excluding the classifier."""
+    heads = classifier_names(model)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, _ADAPTABLE) and not any(_matches(n, h) or n.startswith(h + ".") for h in heads)]
+
+
+def _present(names: list[str], targets: tuple[str, ...]) -> list[str]:
+    """The ``targets`` that match at least one of ``names``, in ``targets`` order."""
+    return [t for t in targets if any(_matches(n, t) for n in names)]
+
+
+def _vit_targets(names: list[str]) -> list[str]:
+    # dotted names keep ViT's patch_embed.proj (a conv on the raw image) out of the adapters
+    return _present(names, ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")) if _present(names, ("attn.qkv",)) else []
+
+
+def _pointwise_targets(names: list[str]) -> list[str]:
+    return _present(names, ("conv_pw", "conv_pwl"))  # EfficientNet / MobileNet 1x1 convs
+
+
+def _mlp_targets(names: list[str]) -> list[str]:
+    return _present(names, ("mlp.fc1", "mlp.fc2"))  # ConvNeXt and other MLP blocks
+
+
+def _resnet_targets(names: list[str]) -> list[str]:
+    # full names: a bare "conv1" would also catch the stem conv
+    return [n for n in names if re.fullmatch(r"layer\d+\.\d+\.conv\d+", n)]
+
+
+def _linear_fallback(model: nn.Module, names: list[str]) -> list[str]:
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return [n for n in names if n in linear]
+
+
+# Tried in order; the first family that yields targets wins.
+_FAMILIES: tuple[Callable[[list[str]], list[str]], ...] = (
+    _vit_targets, _pointwise_targets, _mlp_targets, _resnet_targets)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Adapter targets for ``model``'s family.
+
+    ViT-like (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), EfficientNet/MobileNet
+    (``conv_pw``, ``conv_pwl``), ConvNeXt (``mlp.fc1``, ``mlp.fc2``), ResNet (the convs inside
+    ``layerN`` blocks, by full name), otherwise every ``nn.Linear`` except the classifier.
+
+    Raises:
+        UserError: nothing adaptable was found.
+    """
+    from fgclf.models._factory import unwrap_model
+
+    model = unwrap_model(model)
+    names = _adaptable_names(model)
+    for family in _FAMILIES:
+        targets = family(names)
+        if targets:
+            return targets
+    targets = _linear_fallback(model, names)
+    if not targets:
+        raise UserError(f"no default PEFT targets for {type(model).__name__}; pass target_modules")
+    return targets
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    """UserError for any target that matches no adaptable module, naming some that exist."""
+    names = _adaptable_names(model)
+    bad = [t for t in targets if not any(_matches(n, t) for n in names)]
+    if bad:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(f"PEFT target modules {bad} match no Linear/Conv layer of {type(model).__name__}; "
+                        f"layer names here include: {', '.join(leaves[:12])}")
+
+
+def apply_peft(model: nn.Module, *, method: str = "lora", r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               target_modules: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` in a peft model: frozen backbone, adapters on ``target_modules``, trainable head.
+
+    Args:
+        model: a timm model (its ``pretrained_cfg["classifier"]`` names the head to keep trainable).
+        method: a name from :func:`list_peft_methods`.
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: peft target names; None uses :func:`default_target_modules`.
+
+    Returns:
+        A ``peft.PeftModel``; ``model(x)`` still returns logits and timm attributes
+        (``pretrained_cfg``, ``forward_features``) are reachable through it.
+    """
+    import peft
+
+    make_config = PEFT_METHODS.get(method)
+    if r < 1:
+        raise UserError(f"PEFT rank r must be >= 1, got {r}")
+    targets = list(target_modules) if target_modules is not None else default_target_modules(model)
+    if not targets:
+        raise UserError("target_modules is empty")
+    _check_targets(model, targets)
+    save = [h for h in classifier_names(model)
+            if any(p.numel() for p in model.get_submodule(h).parameters())]
+    config = make_config(targets, save, r, alpha, dropout)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:  # peft's message for unsupported layers / bad combinations
+        raise UserError(f"cannot apply {method} to {type(model).__name__}: {str(e)[:300]}") from None

@@ -1,0 +1,125 @@
+"""What every script does around its job: accelerator set-up, run directory, main-process work,
+clean shutdown and one-line user errors."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fgclf.errors import UserError
+
+
+def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None,
+                       seed: int = 0, log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
+    """An ``Accelerator`` whose data loaders split the *global* batch across processes.
+
+    ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
+    the seedable sampler gives epoch ``e`` the same shuffle whether or not the run was resumed.
+    Mixed precision comes from the accelerate config unless ``mixed_precision`` overrides it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
+    return Accelerator(
+        gradient_accumulation_steps=grad_accum_steps,
+        mixed_precision=mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=seed),
+        log_with=log_with,
+        project_dir="runs",  # placeholder: scripts point it at the run directory before init_trackers
+        kwargs_handlers=handlers,
+    )
+
+
+def broadcast_from_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process only and hand its result (or its UserError) to every process.
+
+    Without this a UserError on the main process would leave the others waiting forever at
+    the next collective call.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        payload = broadcast_object_list([result, error], from_process=0)
+        result, error = payload
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def default_run_name(*parts: str) -> str:
+    """``<part>_<part>_<YYYYmmdd-HHMMSS>`` with unsafe characters replaced."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = [re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p]
+    return "_".join([*safe, stamp])
+
+
+def prepare_run_dir(output_dir: Optional[str], name: Optional[str], *, default_name: str,
+                    resuming: bool) -> Path:
+    """Choose and create the run directory (main process).
+
+    A directory that already holds a run is never overwritten: continuing it needs
+    ``--resume``.
+    """
+    path = Path(output_dir) if output_dir else Path("runs") / (name or default_name)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} exists and is a file")
+    holds_run = (path / "config.yaml").exists() or (path / "checkpoints").exists()
+    if holds_run and not resuming:
+        raise UserError(f"run directory {path} already holds a run; add --resume last to continue it, "
+                        "or choose another --train.output_dir")
+    if resuming and not holds_run:
+        raise UserError(f"nothing to resume in {path} (no checkpoints there)")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run directory {path} is not writable ({err.strerror})") from None
+    return path
+
+
+def command_line() -> str:
+    """The command as typed (launcher variables included) for ``config.yaml``."""
+    launcher = {k: v for k, v in os.environ.items() if k in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION",
+                                                              "ACCELERATE_USE_CPU")}
+    prefix = " ".join(f"{k}={v}" for k, v in sorted(launcher.items()))
+    return (prefix + " " if prefix else "") + shlex.join([sys.executable, *sys.argv])
+
+
+def shutdown(accelerator) -> None:
+    """Release prepared objects and end trackers on every process (avoids gloo exit aborts)."""
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:
+    """Decorator for script entry points: a UserError becomes ``error: ...`` on stderr, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Optional[list[str]] = None) -> int:
+        try:
+            return fn(argv)
+        except UserError as err:
+            rank = os.environ.get("RANK", "0")
+            if rank == "0":
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr, flush=True)
+            return 130
+
+    return wrapper

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Train a fine-grained image classifier (timm backbone, accelerate loop).
+
+Examples (each runs on CPU, 1 GPU or N GPUs by switching only the accelerate config):
+
+    # the embedded toy dataset, offline-pretrained EfficientNet-Lite0, LoRA adapters
+    accelerate launch scripts/train_classifier.py --peft lora
+    # a shipped experiment config, with a CLI override
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train_classifier.py \
+        --config configs/toy_effnetlite0_finetune.yaml --train.epochs 3
+    # real CUB-200-2011 with hub weights (needs internet)
+    accelerate launch scripts/train_classifier.py --data.root /data/CUB_200_2011 --data.format cub \
+        --model.name resnet50.a1_in1k --model.pretrained true
+    # continue an interrupted run (same command plus --resume)
+    accelerate launch scripts/train_classifier.py --train.output_dir runs/demo --resume last
+
+Writes runs/<name>/: config.yaml, metrics.jsonl, metrics.json, predictions.npz,
+confusion_matrix.csv/.png, per_class.csv, curves.png, report.md, checkpoints/{last,best}.
+Flags: ``--help`` lists all; precedence is defaults < ``--config`` YAML < CLI flags.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
+from fgclf.errors import UserError  # noqa: E402
+from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
+                           prepare_run_dir, script_main, shutdown)
+
+
+def validate(cfg: TrainClassifierConfig) -> None:
+    """Reject impossible values and combinations before anything heavy starts."""
+    t, d, o = cfg.train, cfg.data, cfg.optim
+    checks = [
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+        (0 <= d.test_fraction < 1, "data.test_fraction must be in [0, 1)"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (not (cfg.peft != "none" and cfg.model.strategy == "linear_probe"),
+         "--peft and model.strategy=linear_probe exclude each other (PEFT already freezes the body)"),
+        (cfg.resume is None or cfg.resume == "last" or Path(cfg.resume).exists(),
+         f"--resume: no such checkpoint or run directory: {cfg.resume}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def resolve_resume(cfg: TrainClassifierConfig) -> tuple[str | None, Path | None]:
+    """(output_dir, checkpoint dir) for ``--resume`` = ``last`` | run dir | checkpoint dir."""
+    if cfg.resume is None:
+        return cfg.train.output_dir, None
+    if cfg.resume == "last":
+        if not cfg.train.output_dir:
+            raise UserError("--resume last needs --train.output_dir (the run directory to continue)")
+        return cfg.train.output_dir, Path(cfg.train.output_dir) / "checkpoints" / "last"
+    path = Path(cfg.resume)
+    if (path / "checkpoints" / "last").is_dir():
+        return cfg.train.output_dir or str(path), path / "checkpoints" / "last"
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return cfg.train.output_dir or (str(run_dir) if run_dir else None), path
+
+
+def load_records_checked(cfg: TrainClassifierConfig, run_dir: Path):
+    """Read the dataset, assign splits and decode-check every image (main process)."""
+    from fgclf import data as fd
+    from fgclf.utils import atomic_write_json, atomic_write_text
+
+    d = cfg.data
+    toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
+               test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
+    rec = fd.load_records(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
+                          test_fraction=d.test_fraction, split_seed=d.split_seed, toy_params=toy)
+    bad = fd.find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
+    if bad and not d.skip_bad_images:
+        path, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"unreadable image {path}: {why}{more}; fix it or pass --data.skip_bad_images true")
+    if bad:
+        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\t{w}\n" for p, w in bad))
+        print(f"skipping {len(bad)} unreadable images (listed in {run_dir / 'bad_images.txt'})")
+        bad_set = {p for p, _ in bad}
+        rec = rec.select([item not in bad_set for item in rec.items])
+    atomic_write_json(run_dir / "splits.json", fd.split_summary(rec))
+    return rec
+
+
+def build_loaders(cfg: TrainClassifierConfig, records, model):
+    """Transforms from the model's data config, one dataset per split, unprepared loaders."""
+    import torch
+
+    from fgclf import data as fd
+    from fgclf.models import resolve_data_config
+
+    d = cfg.data
+    image_size = d.image_size or (d.toy_image_size if d.format == "toy" else None)
+    data_cfg = fd.resolve_input_config(resolve_data_config(model), image_size)
+    train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.train_aug)
+    eval_tf = fd.create_transform(data_cfg, is_training=False)
+    splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf)
+              for s in ("train", "val", "test")}
+    if len(splits["train"]) == 0 or len(splits["test"]) == 0:
+        raise UserError("the dataset needs at least one train and one test image")
+
+    def loader(ds, bs, shuffle):
+        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=d.num_workers,
+                                           drop_last=False, pin_memory=torch.cuda.is_available())
+
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    loaders = {"train": loader(splits["train"], cfg.train.batch_size, True),
+               "val": loader(splits["val"], eval_bs, False) if len(splits["val"]) else None,
+               "test": loader(splits["test"], eval_bs, False)}
+    return splits, loaders, data_cfg
+
+
+def build_model(cfg: TrainClassifierConfig, num_classes: int):
+    """Backbone from the model factory, then the transfer strategy or PEFT adapters."""
+    from fgclf.models import apply_peft, count_parameters, create_model
+    from fgclf.transfer import apply_strategy
+
+    m = cfg.model
+    model_kwargs = {k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate)) if v is not None}
+    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
+                         trust_remote_code=m.trust_remote_code, **model_kwargs)
+    train_mode = apply_strategy(model, m.strategy)
+    peft_meta = None
+    if cfg.peft != "none":
+        lc = cfg.lora
+        model = apply_peft(model, method=cfg.peft, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+                           target_modules=lc.target_modules)
+        peft_meta = {"method": cfg.peft, "r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout,
+                     "target_modules": lc.target_modules}
+    return model, train_mode, model_kwargs, peft_meta, count_parameters(model)
+
+
+@script_main
+def main(argv: list[str] | None = None) -> int:
+    # ---------------------------------------------------------------- config
+    cfg = parse_config(TrainClassifierConfig, argv, prog="train_classifier.py", description=__doc__)
+    validate(cfg)
+    output_dir, resume_dir = resolve_resume(cfg)
+    # ---------------------------------------------------------------- accelerator
+    import torch
+    from accelerate.utils import set_seed
+
+    from fgclf import checkpoint as ck
+    from fgclf.engine import TrainState, evaluate, fit
+    from fgclf.losses import create_loss
+    from fgclf.metrics import format_metrics_table
+    from fgclf.optim import create_optimizer, create_scheduler
+    from fgclf.report import read_jsonl, write_evaluation
+    from fgclf.utils import atomic_write_text, package_versions
+
+    t = cfg.train
+    accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
+                                     seed=t.seed)
+    if t.batch_size % accelerator.num_processes:
+        raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    set_seed(t.seed)
+    name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
+    run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
+        output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
+    # ---------------------------------------------------------------- data + model
+    records = broadcast_from_main(accelerator, lambda: load_records_checked(cfg, run_dir))
+    class_names = records.class_names
+    model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
+    splits, loaders, data_cfg = build_loaders(cfg, records, model)
+    meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
+            "model_kwargs": model_kwargs, "peft": peft_meta,
+            "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
+                            if k in data_cfg}}
+    checkpointer = ck.Checkpointer(accelerator, run_dir, meta=meta)
+    if resume_dir is not None:
+        checkpointer.check_compatible(resume_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml", extra={
+            "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+            "versions": package_versions(), "parameters": params,
+            "split_sizes": {s: len(ds) for s, ds in splits.items()}})
+        accelerator.print(f"run directory: {run_dir}\nmodel {cfg.model.name}: {params['trainable']:,} trainable "
+                          f"of {params['total']:,} parameters; train/val/test = "
+                          f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images")
+    # ---------------------------------------------------------------- optimizer + schedule
+    optimizer = create_optimizer(model, name=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                 momentum=cfg.optim.momentum)
+    updates_per_epoch = -(-len(loaders["train"]) // t.grad_accum_steps)
+    scheduler = create_scheduler(optimizer, name=cfg.optim.scheduler, total_steps=updates_per_epoch * t.epochs,
+                                 warmup_steps=int(round(cfg.optim.warmup_epochs * updates_per_epoch)),
+                                 milestones=[m * updates_per_epoch for m in cfg.optim.milestones],
+                                 gamma=cfg.optim.gamma)
+    loss_fn = create_loss("ce", label_smoothing=t.label_smoothing)
+    model, optimizer, scheduler, train_loader, test_loader = accelerator.prepare(
+        model, optimizer, scheduler, loaders["train"], loaders["test"])
+    val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
+    accelerator.project_configuration.set_directories(str(run_dir))
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
+    # ---------------------------------------------------------------- loop
+    state = checkpointer.load_last(resume_dir) if resume_dir is not None else TrainState()
+    if resume_dir is not None:
+        if accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():  # drop lines after the checkpoint
+            history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state.epoch]
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
+    start = time.perf_counter()
+    state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, loss_fn, epochs=t.epochs,
+                state=state, checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names),
+                metric=t.early_stopping_metric, patience=t.early_stopping_patience,
+                min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
+                checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode)
+    # ---------------------------------------------------------------- test + save
+    checkpointer.load_best_weights(model)
+    out = evaluate(accelerator, model, test_loader, loss_fn=loss_fn, progress=t.progress, desc="test")
+    if accelerator.is_main_process:
+        extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+                 "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": time.perf_counter() - start,
+                 "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params}
+        metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
+                                   history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
+                                   image_ids=splits["test"].records.image_ids)
+        print(format_metrics_table(metrics, title=f"test metrics ({run_dir})"))
+    del model, optimizer, scheduler, train_loader, test_loader, val_loader
+    shutdown(accelerator)
+    return 0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Flatten nested config for TensorBoard hparams (lists and None become strings)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: a private fgclf cache, a tiny generated CUB-layout dataset, script runners."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# tiny, fast settings shared by the script integration tests (no BatchNorm: GroupNorm model)
+TINY_ARGS = [
+    "--model.name", "test_efficientnet_gn", "--model.pretrained", "false",
+    "--data.image_size", "32", "--data.num_workers", "0", "--train.progress", "false",
+    "--train.batch_size", "8", "--train.log_every", "1",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Point FGCLF_CACHE (datasets, converted weights) at a per-session folder."""
+    path = tmp_path_factory.mktemp("fgclf_cache")
+    os.environ["FGCLF_CACHE"] = str(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A small toy dataset in CUB layout: 4 classes, 10 train + 5 test images each, 32 px."""
+    from fgclf.data import generate_toy_cub
+
+    return generate_toy_cub(tmp_path_factory.mktemp("toy") / "toy_cub", num_classes=4, train_per_class=10,
+                            test_per_class=5, image_size=32, seed=0)
+
+
+def run_script(script: str, args: list[str], *, nproc: int = 1, launch: bool = False, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script>`` directly (nproc=1) or under ``accelerate launch`` (gloo on CPU)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    target = [str(REPO / "scripts" / script), *args]
+    if nproc > 1:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc), "--main_process_port", "0",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target]
+    elif launch:
+        cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), *target]
+    else:
+        cmd = [PYTHON, *target]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The ``error: ...`` line a script printed (or the stderr tail when there is none)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    return lines[-1] if lines else proc.stderr[-2000:]

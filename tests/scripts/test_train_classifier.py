@@ -1,0 +1,121 @@
+"""End-to-end tests of scripts/train_classifier.py on a tiny generated dataset.
+
+Each compares numbers against a reference: sklearn recomputed from predictions.npz, a
+single-process run, an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY_ARGS, last_error_line, run_script
+from sklearn import metrics as skm
+
+
+def _train(toy_root: Path, out: Path, *extra: str, nproc: int = 1, launch: bool = False, env=None, check=True):
+    args = ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+            "--train.output_dir", str(out), *extra]
+    proc = run_script("train_classifier.py", args, nproc=nproc, launch=launch, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_run(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "single"
+    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none",
+           "--optim.lr", "0.01", launch=True)
+    return out
+
+
+def test_run_directory_layout(single_run: Path):
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "predictions.npz", "confusion_matrix.csv",
+                 "confusion_matrix.png", "per_class.csv", "curves.png", "report.md", "splits.json",
+                 "checkpoints/last/trainer_state.json", "checkpoints/best/model.safetensors",
+                 "checkpoints/best/config.json"):
+        assert (single_run / name).exists(), name
+    cfg = yaml.safe_load((single_run / "config.yaml").read_text())
+    assert cfg["run"]["seed"] == 42 and "torch" in cfg["run"]["versions"] and "train_classifier.py" in cfg["run"]["command"]
+    history = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["val/num_samples"] == 8 for h in history)  # 4 classes x 10 train x 0.15 -> 2 each
+
+
+def test_metrics_json_equals_sklearn_from_predictions(single_run: Path):
+    m = json.loads((single_run / "metrics.json").read_text())
+    npz = np.load(single_run / "predictions.npz")
+    y, probs = npz["labels"], npz["probs"]
+    pred = probs.argmax(1)
+    assert m["num_samples"] == len(y) == 20  # every test image exactly once
+    assert abs(m["top1"] - skm.accuracy_score(y, pred)) < 1e-6
+    p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=range(4), zero_division=0)
+    assert abs(m["precision_macro"] - p) < 1e-6 and abs(m["recall_macro"] - r) < 1e-6
+    assert abs(m["f1_macro"] - f) < 1e-6
+    assert abs(m["auroc_macro"] - skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")) < 1e-6
+    assert np.array_equal(np.array(m["confusion_matrix"]), skm.confusion_matrix(y, pred, labels=range(4)))
+    # the predictions are the test split, in the order recorded in splits.json
+    splits = json.loads((single_run / "splits.json").read_text())
+    assert list(npz["image_ids"]) == splits["test"]
+
+
+def test_two_processes_match_one(toy_root, single_run: Path, tmp_path):
+    """DDP over 2 gloo processes with the same global batch gives the single-process numbers."""
+    out = tmp_path / "ddp"
+    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01", nproc=2)
+    one = json.loads((single_run / "metrics.json").read_text())
+    two = json.loads((out / "metrics.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == 20
+    for key in ("top1", "f1_macro", "auroc_macro", "loss"):
+        assert abs(one[key] - two[key]) < 1e-4, (key, one[key], two[key])
+    a, b = np.load(single_run / "predictions.npz"), np.load(out / "predictions.npz")
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-3)
+    h1 = [json.loads(x) for x in (single_run / "metrics.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["val/num_samples"] for h in h2] == [h["val/num_samples"] for h in h1]
+    np.testing.assert_allclose([h["train_loss"] for h in h2], [h["train_loss"] for h in h1], rtol=1e-4)
+
+
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(toy_root, tmp_path):
+    """SIGKILL during epoch 2; --resume last finishes with the uninterrupted run's metrics."""
+    common = ("--train.epochs", "3", "--optim.lr", "0.01")  # random augmentation stays on
+    ref = tmp_path / "ref"
+    _train(toy_root, ref, *common)
+    cut = tmp_path / "cut"
+    # 32 train images / batch 8 = 4 updates per epoch: update 6 is inside epoch 2
+    killed = _train(toy_root, cut, *common, env={"FGCLF_DEBUG_KILL_AT_STEP": "6"}, check=False)
+    assert killed.returncode != 0
+    state = json.loads((cut / "checkpoints/last/trainer_state.json").read_text())
+    assert state["epoch"] == 1 and not (cut / "metrics.json").exists()
+    resumed = _train(toy_root, cut, *common, "--resume", "last")
+    assert "resumed from" in resumed.stdout
+    a = json.loads((ref / "metrics.json").read_text())
+    b = json.loads((cut / "metrics.json").read_text())
+    for key in ("top1", "top5", "f1_macro", "auroc_macro", "loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    np.testing.assert_allclose(np.load(ref / "predictions.npz")["logits"],
+                               np.load(cut / "predictions.npz")["logits"], atol=1e-5)
+    assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_with_other_class_count_is_refused(toy_root, single_run, tmp_path):
+    from fgclf.data import generate_toy_cub
+
+    other = generate_toy_cub(tmp_path / "five", num_classes=5, train_per_class=4, test_per_class=2,
+                             image_size=32, seed=1)
+    proc = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(other), *TINY_ARGS,
+                                              "--train.output_dir", str(single_run), "--resume", "last"])
+    assert proc.returncode == 2
+    assert "classifier size is 4 there but 5 in this run" in last_error_line(proc)
+    assert (single_run / "metrics.json").exists()  # nothing already written was lost
+
+
+def test_existing_run_directory_is_not_overwritten(toy_root, single_run):
+    before = (single_run / "metrics.json").read_bytes()
+    proc = _train(toy_root, single_run, check=False)
+    assert proc.returncode == 2 and "already holds a run" in last_error_line(proc)
+    assert (single_run / "metrics.json").read_bytes() == before
