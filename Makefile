@@ -28,7 +28,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/make_toy_dataset.py
-	bash bench/demo.sh
+	bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -4,7 +4,8 @@ Layout::
 
     checkpoints/last/   state/ (accelerate: model, optimizer, scheduler, RNG per process),
                         trainer_state.json, config.json
-    checkpoints/best/   model.safetensors (unwrapped model), config.json, trainer_state.json
+    checkpoints/best/   model.safetensors + config.json (an export: ``--model.name file:DIR`` loads it;
+                        PEFT is merged), adapter_model.safetensors (PEFT runs), trainer_state.json
 
 Each is written under a temporary name and renamed into place only when complete, so a kill
 at any moment leaves the previous complete checkpoint readable.
@@ -24,6 +25,7 @@ from fgclf.utils import atomic_write_json, replace_dir
 
 # config.json keys that must match for a checkpoint to be resumed or loaded into this run
 _COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
+ADAPTER_NAME = "adapter_model.safetensors"
 
 
 class Checkpointer:
@@ -70,15 +72,29 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
 
     def save_best(self, model: nn.Module, state: TrainState) -> None:
-        """Save the unwrapped model's weights as safetensors (collective)."""
+        """Export the model as ``file:``-loadable weights (collective: call on every process).
+
+        A PEFT model is exported merged (a plain timm model) and its adapter weights are kept
+        beside it, so the run can reload exactly the trained adapter for the test evaluation.
+        """
         from safetensors.torch import save_file
+
+        from fgclf.models import save_pretrained
 
         tmp = self._fresh_tmp("best")
         state_dict = self.accelerator.get_state_dict(model)  # gathers under DeepSpeed/FSDP
         if self.accelerator.is_main_process:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            atomic_write_json(tmp / "config.json", self.meta)
+            unwrapped = self.accelerator.unwrap_model(model)
+            meta = self.meta
+            save_pretrained(unwrapped, tmp, model_name=meta["model_name"], num_classes=meta["num_classes"],
+                            class_names=meta["class_names"], model_kwargs=meta["model_kwargs"],
+                            state_dict=state_dict, extra={k: v for k, v in meta.items() if k not in
+                                                          ("model_name", "num_classes", "class_names", "model_kwargs")})
+            if meta.get("peft"):
+                from peft import get_peft_model_state_dict
+
+                adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unwrapped).items()}
+                save_file(adapter, str(tmp / ADAPTER_NAME))
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
             replace_dir(tmp, self.best)
         self.accelerator.wait_for_everyone()
@@ -105,14 +121,21 @@ class Checkpointer:
         return TrainState(**json.loads((ckpt_dir / "trainer_state.json").read_text()))
 
     def load_best_weights(self, model: nn.Module) -> bool:
-        """Load ``best/model.safetensors`` into the (unwrapped) model; False when absent."""
+        """Load the ``best`` weights into the (unwrapped) model; False when there are none."""
         from safetensors.torch import load_file
 
+        self.accelerator.wait_for_everyone()
+        target = self.accelerator.unwrap_model(model)
+        if self.meta.get("peft"):
+            from peft import set_peft_model_state_dict
+
+            path = self.best / ADAPTER_NAME
+            if not path.is_file():
+                return False
+            set_peft_model_state_dict(target, load_file(str(path), device="cpu"))
+            return True
         path = self.best / "model.safetensors"
         if not path.is_file():
             return False
-        self.accelerator.wait_for_everyone()
-        target = self.accelerator.unwrap_model(model)
         target.load_state_dict(load_file(str(path), device="cpu"), strict=True)
         return True
-

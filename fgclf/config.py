@@ -80,6 +80,9 @@ class ModelConfig:
         drop_rate: Dropout before the classifier (null: the model's default).
         drop_path_rate: Stochastic depth rate (null: the model's default).
         strategy: ``full`` trains every parameter; ``linear_probe`` freezes all but the head.
+        head_init: ``zero`` starts a pretrained model's new classifier at zero (BiT's recipe);
+            ``default`` keeps timm's random init. Models without pretrained weights always
+            keep the default.
         trust_remote_code: Allow ``hub:owner/repo:entry`` models that run downloaded code.
     """
 
@@ -89,6 +92,7 @@ class ModelConfig:
     drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
     strategy: Literal["full", "linear_probe"] = "full"
+    head_init: Literal["zero", "default"] = "zero"
     trust_remote_code: bool = False
 
 

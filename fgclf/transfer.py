@@ -6,13 +6,7 @@ from typing import Callable
 from torch import nn
 
 from fgclf.errors import UserError
-
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Parameter-name prefixes of the classifier head (timm's ``pretrained_cfg['classifier']``)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    head = cfg.get("classifier", "classifier")
-    return [head] if isinstance(head, str) else list(head)
+from fgclf.models._checkpoint import classifier_names
 
 
 def apply_strategy(model: nn.Module, strategy: str) -> Callable[[nn.Module], None]:
@@ -44,3 +38,20 @@ def apply_strategy(model: nn.Module, strategy: str) -> Callable[[nn.Module], Non
         for module in head_modules:
             module.train()
     return train_mode
+
+
+def init_head(model: nn.Module, how: str = "zero") -> None:
+    """Re-initialise the classifier of a pretrained body.
+
+    ``zero`` (BiT's recipe) starts every class at the same logit, so the first updates do not
+    fight large random logits from a fresh head (timm's default head init on EfficientNet
+    gives initial losses well above log(C)); ``default`` keeps the model's own init.
+    """
+    if how == "default":
+        return
+    if how != "zero":
+        raise UserError(f"unknown head init '{how}'; known: zero, default")
+    for name, module in model.named_modules():
+        if name in classifier_names(model):
+            for p in module.parameters():
+                nn.init.zeros_(p)

@@ -127,12 +127,14 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
 def build_model(cfg: TrainClassifierConfig, num_classes: int):
     """Backbone from the model factory, then the transfer strategy or PEFT adapters."""
     from fgclf.models import apply_peft, count_parameters, create_model
-    from fgclf.transfer import apply_strategy
+    from fgclf.transfer import apply_strategy, init_head
 
     m = cfg.model
     model_kwargs = {k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate)) if v is not None}
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
+    if m.pretrained or m.weights:
+        init_head(model, m.head_init)
     train_mode = apply_strategy(model, m.strategy)
     peft_meta = None
     if cfg.peft != "none":

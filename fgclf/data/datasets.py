@@ -52,19 +52,35 @@ class Records:
 
 
 # ----------------------------------------------------------------------------- image decoding
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map high-bit-depth or float pixels to 0..255 by the range they are stored in.
+
+    Data already in 0..255 is kept; 16-bit data is divided by 257 (65535 -> 255); floats in
+    0..1 are multiplied by 255; anything else is stretched from its own min..max.
+    """
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0 and hi <= 1.0 and arr.dtype.kind == "f":
+        arr = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        arr = arr / 257.0
+    else:
+        arr = (arr - lo) / (hi - lo) * 255.0
+    return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to 8-bit RGB.
 
-    Transparent images are composited on white; 16/32-bit and float images are rescaled to
-    their own min..max range (a plain ``convert("RGB")`` would clip them to white).
+    Transparent images are composited on white; 16/32-bit and float images are scaled by
+    :func:`_scale_to_uint8` (a plain ``convert("RGB")`` would clip them to white).
     """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.round().astype(np.uint8), "L").convert("RGB")
+        arr = np.asarray(img).astype(np.float64)
+        return Image.fromarray(_scale_to_uint8(arr), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

@@ -62,10 +62,6 @@ def default_toy_root() -> Path:
     return cache_dir("datasets") / "toy_cub"
 
 
-def _num_combinations() -> int:
-    return math.prod(len(v) for v in _ATTRIBUTES.values())
-
-
 def _validate(params: dict) -> dict:
     unknown = sorted(set(params) - set(TOY_DEFAULTS))
     if unknown:
@@ -79,8 +75,9 @@ def _validate(params: dict) -> dict:
     for key, low in limits.items():
         if p[key] < low:
             raise UserError(f"toy dataset {key} must be >= {low}, got {p[key]}")
-    if p["num_classes"] > _num_combinations():
-        raise UserError(f"toy dataset num_classes must be <= {_num_combinations()} "
+    n_max = math.prod(len(v) for v in _ATTRIBUTES.values())
+    if p["num_classes"] > n_max:
+        raise UserError(f"toy dataset num_classes must be <= {n_max} "
                         f"(distinct attribute combinations), got {p['num_classes']}")
     return p
 
@@ -216,7 +213,7 @@ def _sample_scene(rng: np.random.Generator) -> dict:
               flip=bool(rng.random() < 0.5), width_frac=rng.uniform(0.35, 0.8), pos=rng.uniform(0, 1, 2))
     sc["occluder"] = None if rng.random() >= 0.3 else dict(
         at=(rng.uniform(-0.8, 0.15), rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4)),
-        size=rng.uniform(0.18, 0.32), angle=rng.uniform(0, np.pi),
+        size=rng.uniform(0.25, 0.45), angle=rng.uniform(0, np.pi),
         rgb=_CLUTTER_PALETTE[rng.integers(6)])
     sc.update(brightness=rng.uniform(0.75, 1.25), contrast=rng.uniform(0.7, 1.2),
               cast=rng.uniform(0.88, 1.12, 3), blur=rng.uniform(0.3, 0.9) if rng.random() < 0.3 else 0.0,
@@ -251,16 +248,22 @@ def _background(sc: dict, big: int) -> Image.Image:
     return img
 
 
-def _bird_transform(sc: dict, parts: list, big: int):
-    """Affine map bird-local units -> supersampled pixels (flip, rotate, scale, translate)."""
+def _bird_transform(sc: dict, big: int):
+    """Affine map bird-local units -> supersampled pixels (flip, rotate, scale, translate).
+
+    Size and placement come from class-independent shapes (the plain bird for the size, the
+    envelope of all beak/tail variants for the fit), so changing an attribute changes only
+    that part of the picture, never where the bird is."""
     a = math.radians(sc["angle"])
     m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.diag(
         [-1.0 if sc["flip"] else 1.0, 1.0])
-    ref = _bird_parts({k: v[0] for k, v in _ATTRIBUTES.items()}, sc)  # class-independent size
-    scale = sc["width_frac"] * big / np.ptp((np.vstack([p for p, _ in ref]) @ m.T)[:, 0])
-    pts = np.vstack([p for p, _ in parts]) @ m.T
-    scale *= min(1.0, 0.95 * big / (np.ptp(pts[:, 1]) * scale))  # keep tall poses inside
-    lo, hi = pts.min(0) * scale, pts.max(0) * scale
+    plain = {k: v[0] for k, v in _ATTRIBUTES.items()}
+    shapes = [np.vstack([p for p, _ in _bird_parts({**plain, "beak": b, "tail": t}, sc)]) @ m.T
+              for b in _ATTRIBUTES["beak"] for t in _ATTRIBUTES["tail"]]
+    env = np.vstack(shapes)
+    scale = sc["width_frac"] * big / np.ptp(shapes[0][:, 0])
+    scale *= min(1.0, *(0.95 * big / (np.ptp(env, 0) * scale)))  # keep long/tall poses inside
+    lo, hi = env.min(0) * scale, env.max(0) * scale
     shift = -lo + sc["pos"] * np.maximum(big - (hi - lo), 0)
     return lambda q: q @ m.T * scale + shift
 
@@ -269,40 +272,50 @@ def _polygon(draw: ImageDraw.ImageDraw, pts: np.ndarray, fill) -> None:
     draw.polygon([tuple(q) for q in pts], fill=fill)
 
 
-def _draw_occluder(img: Image.Image, sc: dict, to_px, bird: np.ndarray, big: int) -> None:
-    """A leaf over the bird covering at most ~20% of its area (shrunk until it does)."""
+def _silhouette(polygons: list[np.ndarray], big: int) -> np.ndarray:
+    mask = Image.new("L", (big, big))
+    draw = ImageDraw.Draw(mask)
+    for q in polygons:
+        _polygon(draw, q, 255)
+    return np.asarray(mask) > 0
+
+
+def _occluder(sc: dict, to_px, plain_bird: np.ndarray, big: int) -> np.ndarray:
+    """A leaf polygon over the bird covering under 20% of it (shrunk until it does). Sized on
+    the plain bird's silhouette so that it does not change with the class attributes."""
     oc = sc["occluder"]
     centre = to_px(np.asarray([oc["at"]]))[0]
-    size = oc["size"] * math.sqrt(bird.sum()) * 1.2
-    for _ in range(6):
+    size = oc["size"] * math.sqrt(plain_bird.sum()) * 1.2
+    for _ in range(8):
         leaf = _ellipse(*centre, size, size * 0.5, oc["angle"], pointed=True)
-        mask = Image.new("L", (big, big))
-        _polygon(ImageDraw.Draw(mask), leaf, 255)
-        covered = (np.asarray(mask) > 0)[bird].mean()
-        if covered <= 0.2:
+        covered = _silhouette([leaf], big)[plain_bird].mean()
+        if covered <= 0.19:  # margin: the drawn bird differs from the plain one by beak/tail
             break
-        size *= 0.9 * math.sqrt(0.2 / covered)
-    _polygon(ImageDraw.Draw(img), leaf, oc["rgb"])
+        size *= 0.9 * math.sqrt(0.19 / covered)
+    return leaf
 
 
-def _render_image(attrs: dict[str, str], sc: dict, size: int,
-                  draw_bird: bool = True) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Render one scene; returns the RGB image and the bird box (x, y, w, h) in pixels."""
+def _render_image(attrs: dict[str, str], sc: dict, size: int, draw_bird: bool = True,
+                  info: dict | None = None) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Render one scene; returns the RGB image and the bird box (x, y, w, h) in pixels.
+    ``info`` (optional) receives ``occluded``, the fraction of the bird under the leaf."""
     ss = max(2, math.ceil(256 / size))  # supersampling factor: small parts stay antialiased
     big = size * ss
     img = _background(sc, big)
-    parts = _bird_parts(attrs, sc)
-    to_px = _bird_transform(sc, parts, big)
-    mask_img = Image.new("L", (big, big))
-    draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask_img)
-    for pts, rgb in parts:
-        q = to_px(pts)
-        _polygon(mdraw, q, 255)
-        if draw_bird:
-            _polygon(draw, q, rgb)
-    bird = np.asarray(mask_img) > 0
+    to_px = _bird_transform(sc, big)
+    parts = [(to_px(pts), rgb) for pts, rgb in _bird_parts(attrs, sc)]
+    draw = ImageDraw.Draw(img)
+    for q, rgb in parts if draw_bird else ():
+        _polygon(draw, q, rgb)
+    bird = _silhouette([q for q, _ in parts], big)
+    occluded = 0.0
     if sc["occluder"] is not None:
-        _draw_occluder(img, sc, to_px, bird, big)
+        plain = _bird_parts({k: v[0] for k, v in _ATTRIBUTES.items()}, sc)
+        leaf = _occluder(sc, to_px, _silhouette([to_px(p) for p, _ in plain], big), big)
+        _polygon(draw, leaf, sc["occluder"]["rgb"])
+        occluded = float(_silhouette([leaf], big)[bird].mean())
+    if info is not None:
+        info["occluded"] = occluded
     rows, cols = np.flatnonzero(bird.any(1)), np.flatnonzero(bird.any(0))
     box = (cols[0] / ss, rows[0] / ss, (cols[-1] + 1 - cols[0]) / ss, (rows[-1] + 1 - rows[0]) / ss)
     img = img.resize((size, size), Image.BOX)
@@ -327,7 +340,15 @@ def _photometric(img: Image.Image, sc: dict) -> Image.Image:
 
 def render_toy_sample(seed: int, class_index: int, index: int, attrs: dict[str, str], size: int,
                       draw_bird: bool = True) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Image ``index`` (1-based) of class ``class_index`` (0-based): ``(image, (x, y, w, h))``."""
+    """Render image ``index`` (1-based) of class ``class_index`` (0-based) exactly as written.
+
+    Args:
+        attrs: the class attributes (see :func:`toy_classes`).
+        draw_bird: False renders the same scene without the bird (for tests and figures).
+
+    Returns:
+        ``(RGB image, (x, y, w, h))`` with the bird's box in pixels.
+    """
     rng = np.random.default_rng([seed, class_index, index])
     return _render_image(attrs, _sample_scene(rng), size, draw_bird)
 
@@ -379,13 +400,15 @@ def generate_toy_cub(root: str | Path, *, num_classes: int = 12, train_per_class
             raise UserError(f"toy dataset root {root} exists and is not a folder")
         if any(root.iterdir()):
             if not overwrite:
-                raise UserError(f"toy dataset root {root} is not empty; pass overwrite=True (--overwrite)")
+                raise UserError(f"toy dataset root {root} is not empty; "
+                                "pass overwrite=True (--overwrite)")
             if not (root / "toy_meta.json").exists():
                 raise UserError(f"refusing to overwrite {root}: it holds no toy_meta.json, so it is "
                                 "not a toy dataset")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any folder
         _write_dataset(tmp, p)
         replace_dir(tmp, root)
     finally:

@@ -76,7 +76,8 @@ def _plain_module(model: nn.Module) -> nn.Module:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, model_name: str, num_classes: int,
-                    class_names: Iterable[str] | None, model_kwargs: dict[str, Any] | None = None) -> Path:
+                    class_names: Iterable[str] | None, model_kwargs: dict[str, Any] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as an fgclf export directory readable with ``create_model("file:DIR")``.
 
     Args:
@@ -87,6 +88,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, model_nam
         class_names: one name per class, or None.
         model_kwargs: extra ``create_model`` keyword arguments needed to rebuild it
             (e.g. ``{"drop_path_rate": 0.1}``); must be JSON-serialisable.
+        state_dict: the weights to write instead of ``model.state_dict()`` (e.g. gathered from
+            a sharded DeepSpeed/FSDP model); ignored for PEFT models, which are merged.
+        extra: more JSON keys for ``config.json`` (training facts; never read back).
 
     Returns:
         The directory path.
@@ -97,9 +101,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, model_nam
     if class_names is not None and len(class_names) != num_classes:
         raise UserError(f"{len(class_names)} class names for {num_classes} classes")
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in _plain_module(model).state_dict().items()}
-    config = {"format": FORMAT, "model_name": base_model_name(model_name), "num_classes": int(num_classes),
-              "class_names": class_names, "model_kwargs": dict(model_kwargs or {})}
+    plain = _plain_module(model)
+    if state_dict is None or plain is not model:
+        state_dict = plain.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    config = {**(extra or {}), "format": FORMAT, "model_name": base_model_name(model_name),
+              "num_classes": int(num_classes), "class_names": class_names, "model_kwargs": dict(model_kwargs or {})}
     json.dumps(config)  # fail before writing anything if kwargs are not JSON
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": FORMAT}))
     atomic_write_json(directory / CONFIG_NAME, config)

@@ -84,10 +84,10 @@ def create_model(name: str, *, num_classes: int | None, pretrained: bool = False
         return create_offline_model(name, num_classes=kwargs.pop("num_classes", 1000), pretrained=pretrained,
                                     **kwargs)
     check_model_name(name)
-    if not pretrained:
+    if not pretrained and not name.startswith("hf-hub:"):  # hf-hub: fetches its config even then
         return timm.create_model(name, pretrained=False, **kwargs)
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except _download_errors() as e:
         raise UserError(f"could not download pretrained weights for '{name}' (offline?); {_OFFLINE_HINT} "
                         f"[{type(e).__name__}]") from None

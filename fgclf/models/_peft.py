@@ -131,6 +131,14 @@ def _check_targets(model: nn.Module, targets: list[str]) -> None:
                         f"layer names here include: {', '.join(leaves[:12])}")
 
 
+def _has_parameters(model: nn.Module, name: str) -> bool:
+    """True if submodule ``name`` exists and has parameters (a num_classes=0 head is an Identity)."""
+    try:
+        return any(p.numel() for p in model.get_submodule(name).parameters())
+    except AttributeError:
+        return False
+
+
 def apply_peft(model: nn.Module, *, method: str = "lora", r: int = 8, alpha: int = 16, dropout: float = 0.0,
                target_modules: list[str] | None = None) -> nn.Module:
     """Wrap ``model`` in a peft model: frozen backbone, adapters on ``target_modules``, trainable head.
@@ -156,8 +164,7 @@ def apply_peft(model: nn.Module, *, method: str = "lora", r: int = 8, alpha: int
     if not targets:
         raise UserError("target_modules is empty")
     _check_targets(model, targets)
-    save = [h for h in classifier_names(model)
-            if any(p.numel() for p in model.get_submodule(h).parameters())]
+    save = [h for h in classifier_names(model) if _has_parameters(model, h)]
     config = make_config(targets, save, r, alpha, dropout)
     try:
         return peft.get_peft_model(model, config)

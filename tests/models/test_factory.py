@@ -160,6 +160,8 @@ def test_pretrained_download_offline_is_a_user_error(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"could not download pretrained weights for 'resnet18' \(offline\?\); "
                                         r"pass --model.weights PATH or use an offline model"):
         create_model("resnet18", num_classes=3, pretrained=True, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match="could not download"):  # hf-hub: needs its config even unpretrained
+        create_model("hf-hub:timm/resnet18.a1_in1k", num_classes=3, cache_dir=str(tmp_path))
 
 
 def test_hub_needs_trust_flag():

@@ -80,7 +80,7 @@ def test_not_pretrained_is_bare_architecture(lite0):
 
 
 def test_corrupt_cache_is_regenerated(lite0):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     path = offline_weights_path(LITE0)
     good = lite0.state_dict()
@@ -93,6 +93,8 @@ def test_corrupt_cache_is_regenerated(lite0):
     path.write_bytes(b"not a safetensors file")
     assert offline_weights_path(LITE0) == path and same_as_good()
     path.unlink()
+    assert offline_weights_path(LITE0) == path and same_as_good()
+    save_file({"conv_stem.weight": torch.zeros(1)}, str(path))  # readable but not this architecture
     assert offline_weights_path(LITE0) == path and same_as_good()
 
 

@@ -119,3 +119,50 @@ def test_existing_run_directory_is_not_overwritten(toy_root, single_run):
     proc = _train(toy_root, single_run, check=False)
     assert proc.returncode == 2 and "already holds a run" in last_error_line(proc)
     assert (single_run / "metrics.json").read_bytes() == before
+
+
+def _export_logits(run_dir: Path, toy_root: Path) -> np.ndarray:
+    """Logits of ``file:<run>/checkpoints/best`` on the run's test split, computed here from scratch."""
+    import torch
+
+    from fgclf.data import create_dataset, create_transform
+    from fgclf.models import create_model
+
+    best = run_dir / "checkpoints" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
+    ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
+                        transform=create_transform(meta["data_config"], is_training=False))
+    with torch.no_grad():
+        return torch.cat([model(torch.stack([ds[i][0] for i in range(len(ds))]))]).numpy()
+
+
+def test_best_export_reproduces_the_test_predictions(single_run, toy_root):
+    np.testing.assert_allclose(_export_logits(single_run, toy_root),
+                               np.load(single_run / "predictions.npz")["logits"], atol=1e-4)
+
+
+def test_peft_lora_run_trains_adapters_and_exports_merged(toy_root, tmp_path):
+    out = tmp_path / "lora"
+    _train(toy_root, out, "--peft", "lora", "--train.epochs", "1", "--optim.lr", "0.01")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    params = cfg["run"]["parameters"]
+    assert 0 < params["trainable"] < params["total"] / 2
+    meta = json.loads((out / "checkpoints/best/config.json").read_text())
+    assert meta["peft"]["method"] == "lora" and (out / "checkpoints/best/adapter_model.safetensors").exists()
+    np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-4)
+
+
+def test_gradient_accumulation_matches_the_big_batch(toy_root, single_run, tmp_path):
+    """batch 4 x 2 accumulated micro-batches = batch 8 (GroupNorm model, no augmentation)."""
+    out = tmp_path / "accum"
+    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01",
+           "--train.batch_size", "4", "--train.grad_accum_steps", "2", "--train.eval_batch_size", "8")
+    a = json.loads((single_run / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    for key in ("top1", "f1_macro", "loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    ha = [json.loads(x) for x in (single_run / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hb] == [h["step"] for h in ha] == [4, 8]  # optimizer updates, not batches
+    np.testing.assert_allclose([h["lr"] for h in hb], [h["lr"] for h in ha], rtol=1e-9)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every GPU-only check, in a few minutes on one GPU. CI has no GPU; run this where one exists:
+#   bash bench/gpu_check.sh
+# It installs into .venv if needed (make install), then runs the tests marked `gpu` and a
+# one-GPU demo-sized fine-tune under fp16 and bf16 accelerate configs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+make -s install
+PY=.venv/bin/python
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+$PY -m pytest -q -m gpu tests
+for prec in fp16 bf16; do
+  out=runs/gpu_check/$prec-$(date +%s)
+  .venv/bin/accelerate launch --config_file accelerate_configs/gpu1_$prec.yaml scripts/train_classifier.py \
+    --config configs/toy_effnetlite0_finetune.yaml --train.output_dir "$out" --train.progress false
+done
+$PY scripts/compare_runs.py runs/gpu_check/*

@@ -1,0 +1,150 @@
+"""Dataset readers, splits and image decoding, checked against hand-built references."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgclf.data import (create_dataset, find_bad_images, load_records, read_cub, read_hf, read_imagefolder,
+                        stratified_holdout, to_rgb)
+from fgclf.errors import UserError
+
+
+def _write_cub(root: Path, rows: list[tuple[int, str, int, int]], classes: list[str], shuffle: bool = True):
+    """rows: (image_id, class_dir/name.png, class_id 1-based, is_train); images get a colour per id."""
+    for image_id, rel, _, _ in rows:
+        path = root / "images" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 10), (image_id * 10 % 256, 0, 0)).save(path)
+    order = list(rows)
+    if shuffle:
+        random.Random(0).shuffle(order)
+    (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in order))
+    random.Random(1).shuffle(order)
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in order), )
+    random.Random(2).shuffle(order)
+    (root / "train_test_split.txt").write_text("\ufeff" + "".join(f"{i} {t}\r\n" for i, _, _, t in order))
+    (root / "classes.txt").write_text("".join(f"{k + 1} {name}\n" for k, name in enumerate(classes)))
+    (root / "bounding_boxes.txt").write_text("".join(f"{i} 2.0 1.0 8.0 5.0\n" for i, _, _, _ in order))
+
+
+@pytest.fixture
+def cub(tmp_path) -> Path:
+    rows = [(i, f"{'001.A' if i % 2 else '002.B'}/img {i}.png", 1 if i % 2 else 2, int(i <= 8)) for i in range(1, 13)]
+    _write_cub(tmp_path, rows, ["001.A", "002.B"])
+    return tmp_path
+
+
+def test_cub_join_on_id_any_order_one_based(cub):
+    rec = read_cub(cub)
+    assert rec.class_names == ["001.A", "002.B"]
+    assert rec.image_ids == [str(i) for i in range(1, 13)]  # sorted by id whatever the file order
+    assert rec.labels == [0 if i % 2 else 1 for i in range(1, 13)]
+    assert rec.splits == ["train" if i <= 8 else "test" for i in range(1, 13)]
+    assert all(Path(p).name == f"img {i}.png" for i, p in zip(range(1, 13), rec.items))  # spaces in names
+
+
+def test_cub_bbox_crop(cub):
+    ds = create_dataset(format="cub", root=str(cub), split="test", bbox_crop=True, val_fraction=0)
+    img, _ = ds[0]
+    assert img.size == (8, 5)
+
+
+def test_cub_missing_id_in_labels(cub):
+    lines = (cub / "image_class_labels.txt").read_text().splitlines()
+    (cub / "image_class_labels.txt").write_text("\n".join(ln for ln in lines if not ln.startswith("5 ")) + "\n")
+    with pytest.raises(UserError, match="image id 5 .* missing in image_class_labels.txt"):
+        read_cub(cub)
+
+
+def test_cub_path_outside_root_is_rejected(cub):
+    (cub / "images.txt").write_text("1 ../../etc/passwd\n")
+    with pytest.raises(UserError, match="leaves the dataset root"):
+        read_cub(cub)
+
+
+def _folder(root: Path, splits: bool) -> None:
+    for split in (["train", "val", "test"] if splits else [""]):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for k in range(6):
+                Image.new("L", (8, 8), k * 30).save(d / f"{k}.png")
+    (root / ("train" if splits else "") / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_with_and_without_split_folders(tmp_path):
+    _folder(tmp_path / "a", splits=True)
+    rec = read_imagefolder(tmp_path / "a")
+    assert rec.class_names == ["cat", "dog"] and len(rec) == 36
+    assert sorted(set(rec.splits)) == ["test", "train", "val"]
+    _folder(tmp_path / "b", splits=False)
+    rec = load_records(format="imagefolder", root=str(tmp_path / "b"), val_fraction=0.2, test_fraction=0.35,
+                       split_seed=3)
+    counts = {s: sum(1 for x in rec.splits if x == s) for s in ("train", "val", "test")}
+    assert counts == {"test": 4, "val": 2, "train": 6}  # per class: round(.35*6)=2 test, round(.2*4)=1 val
+    again = load_records(format="imagefolder", root=str(tmp_path / "b"), val_fraction=0.2, test_fraction=0.35,
+                         split_seed=3)
+    assert again.splits == rec.splits
+
+
+def test_hf_imagefolder_matches_folder_reader(tmp_path):
+    pytest.importorskip("datasets")
+    _folder(tmp_path / "a", splits=True)
+    (tmp_path / "a" / "train" / "cat" / "notes.txt").unlink()
+    hf = read_hf(str(tmp_path / "a"))
+    folder = read_imagefolder(tmp_path / "a")
+    assert hf.class_names == folder.class_names
+    count = lambda r: sorted((s, lab) for s, lab in zip(r.splits, r.labels))  # noqa: E731
+    assert count(hf) == count(folder)
+    ds = create_dataset(records=hf, split="val")
+    img, label = ds[0]
+    assert img.mode == "RGB" and label in (0, 1)
+
+
+def test_stratified_holdout_is_stratified_and_seeded():
+    labels = [0] * 20 + [1] * 10 + [2] * 3
+    mask = stratified_holdout(labels, 0.2, seed=5)
+    assert [int(mask[np.array(labels) == c].sum()) for c in range(3)] == [4, 2, 1]
+    assert np.array_equal(mask, stratified_holdout(labels, 0.2, seed=5))
+    assert not np.array_equal(mask, stratified_holdout(labels, 0.2, seed=6))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "I", "F", "LA", "1"])
+def test_to_rgb_every_mode(mode):
+    base = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, "L")
+    if mode == "I;16":
+        img = Image.frombytes("I;16", (8, 8), (np.arange(64, dtype="<u2").reshape(8, 8) * 1000).tobytes())
+    else:
+        img = base.convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+    arr = np.asarray(out)
+    if mode in ("L", "P", "RGBA", "LA", "I", "F"):
+        np.testing.assert_array_equal(arr[..., 0], np.asarray(base))  # values kept, not clipped
+    if mode == "I;16":  # 16-bit range scaled down (65535 -> 255), not clipped to white
+        expected = np.round(np.arange(64).reshape(8, 8) * 1000 / 257.0)
+        np.testing.assert_array_equal(arr[..., 0], expected)
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    img.putpixel((1, 0), (0, 0, 255, 255))
+    assert list(to_rgb(img).getdata()) == [(255, 255, 255), (0, 0, 255)]
+
+
+def test_find_bad_images(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, quality=90)
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(good.read_bytes()[:200])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("hello")
+    bad = dict(find_bad_images([str(p) for p in (good, trunc, empty, text)]))
+    assert set(bad) == {str(trunc), str(empty), str(text)}
+    assert bad[str(empty)] == "zero-byte file"

@@ -1,0 +1,69 @@
+"""Config precedence, strictness, and every shipped config file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgclf.config import TrainClassifierConfig, load_config, parse_config, save_config
+from fgclf.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  epochs: 7\n  batch_size: 16\noptim:\n  lr: 0.5\n")
+    cfg = parse_config(TrainClassifierConfig, ["--config", str(cfg_file), "--train.epochs", "3"])
+    assert cfg.train.epochs == 3          # CLI beats YAML
+    assert cfg.train.batch_size == 16     # YAML beats default
+    assert cfg.optim.lr == 0.5
+    assert cfg.train.seed == TrainClassifierConfig().train.seed  # default kept
+    assert cfg.peft == "none" and cfg.model.name == "tf_efficientnet_lite0.pypi_in1k"
+
+
+def test_peft_flag_as_in_the_design_card():
+    assert parse_config(TrainClassifierConfig, ["--peft", "lora"]).peft == "lora"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--train.epochz", "1"], "epochz"),
+    (["--train.epochs", "many"], "train.epochs"),
+    (["--data.format", "zip"], "data.format"),
+])
+def test_bad_cli_is_a_one_line_user_error(argv, needle):
+    with pytest.raises(UserError) as err:
+        parse_config(TrainClassifierConfig, argv)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = parse_config(TrainClassifierConfig, ["--train.epochs", "9", "--lora.target_modules", "[qkv, proj]"])
+    save_config(cfg, tmp_path / "config.yaml", extra={"seed": 1})
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["run"] == {"seed": 1}
+    assert load_config(TrainClassifierConfig, tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_documents_its_command(path):
+    text = path.read_text()
+    assert "accelerate launch" in text.split("\n\n")[0] or text.startswith("#"), "header comment with the command"
+    assert "scripts/train_classifier.py" in text
+    cfg = parse_config(TrainClassifierConfig, ["--config", str(path)])
+    raw = yaml.safe_load(text)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, (section, key)
+        else:
+            assert getattr(cfg, section) == values
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert "accelerate launch" in path.read_text().split("compute_environment")[0]
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "fp16", "bf16")

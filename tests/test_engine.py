@@ -1,0 +1,58 @@
+"""The engine on an in-memory problem: early stopping, best/last checkpoints, exact evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fgclf.checkpoint import Checkpointer
+from fgclf.engine import TrainState, evaluate, fit
+from fgclf.runtime import create_accelerator
+
+
+def _problem(n: int = 30, classes: int = 3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.arange(n) % classes
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("lr,patience,expected_epochs", [(0.0, 2, 3), (0.0, 0, 6)])
+def test_early_stopping_counts_epochs_without_improvement(tmp_path, lr, patience, expected_epochs):
+    torch.manual_seed(0)
+    acc = create_accelerator(log_with=None)
+    model = nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train = DataLoader(_problem(), batch_size=10, shuffle=True)
+    val = DataLoader(_problem(12), batch_size=5)
+    model, opt, sched, train, val = acc.prepare(model, opt, sched, train, val)
+    meta = {"model_name": "linear", "num_classes": 3, "class_names": list("abc"), "model_kwargs": {}, "peft": None}
+    ck = Checkpointer(acc, tmp_path, meta=meta)
+    ck.save_best = lambda m, s: None  # plain nn.Linear is not an exportable timm model
+    state = fit(acc, model, train, val, opt, sched, nn.CrossEntropyLoss(), epochs=6, state=TrainState(),
+                checkpointer=ck, run_dir=tmp_path, num_classes=3, metric="loss", patience=patience)
+    # lr=0: the loss never improves after epoch 1, so stopping comes `patience` epochs later
+    assert state.epoch == expected_epochs and state.stopped_early == bool(patience)
+    assert state.best_epoch == 1 and state.global_step == 3 * expected_epochs
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(1, expected_epochs + 1))
+    saved = json.loads((tmp_path / "checkpoints/last/trainer_state.json").read_text())
+    assert saved["epoch"] == expected_epochs
+
+
+def test_evaluate_returns_every_sample_once_in_order():
+    acc = create_accelerator(log_with=None)
+    data = _problem(23)  # uneven last batch
+    model = nn.Linear(5, 3)
+    loader = acc.prepare(DataLoader(data, batch_size=5))
+    out = evaluate(acc, model, loader, loss_fn=nn.CrossEntropyLoss())
+    with torch.no_grad():
+        ref = model(data.tensors[0])
+    np.testing.assert_allclose(out.logits, ref.numpy(), atol=1e-6)  # batched vs whole matmul
+    np.testing.assert_array_equal(out.labels, data.tensors[1].numpy())
+    assert out.loss == pytest.approx(float(nn.CrossEntropyLoss()(ref, data.tensors[1])), rel=1e-6)
