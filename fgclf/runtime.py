@@ -31,9 +31,15 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=seed),
         log_with=log_with,
-        project_dir="runs",  # placeholder: scripts point it at the run directory before init_trackers
+        project_dir="runs",  # placeholder: scripts call set_run_dir before init_trackers
         kwargs_handlers=handlers,
     )
+
+
+def set_run_dir(accelerator, run_dir: Path) -> None:
+    """Point accelerate's project and tracker (TensorBoard) folders at the run directory."""
+    accelerator.project_configuration.project_dir = str(run_dir)
+    accelerator.project_configuration.logging_dir = str(run_dir)
 
 
 def broadcast_from_main(accelerator, fn: Callable[[], Any]) -> Any:
@@ -66,11 +72,12 @@ def default_run_name(*parts: str) -> str:
 
 
 def prepare_run_dir(output_dir: Optional[str], name: Optional[str], *, default_name: str,
-                    resuming: bool) -> Path:
-    """Choose and create the run directory (main process).
+                    resuming: bool, create: bool = False) -> Path:
+    """Choose the run directory and check it (main process); ``create`` also makes it.
 
     A directory that already holds a run is never overwritten: continuing it needs
-    ``--resume``.
+    ``--resume``. Scripts check first and create only once their inputs have been validated,
+    so a refused run leaves nothing behind.
     """
     path = Path(output_dir) if output_dir else Path("runs") / (name or default_name)
     if path.exists() and not path.is_dir():
@@ -81,13 +88,11 @@ def prepare_run_dir(output_dir: Optional[str], name: Optional[str], *, default_n
                         "or choose another --train.output_dir")
     if resuming and not holds_run:
         raise UserError(f"nothing to resume in {path} (no checkpoints there)")
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"run directory {path} is not writable ({err.strerror})") from None
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"run directory {path} is not writable")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
-                           prepare_run_dir, script_main, shutdown)
+                           prepare_run_dir, script_main, set_run_dir, shutdown)
 
 
 def validate(cfg: TrainClassifierConfig) -> None:
@@ -72,10 +72,13 @@ def resolve_resume(cfg: TrainClassifierConfig) -> tuple[str | None, Path | None]
     return cfg.train.output_dir or (str(run_dir) if run_dir else None), path
 
 
-def load_records_checked(cfg: TrainClassifierConfig, run_dir: Path):
-    """Read the dataset, assign splits and decode-check every image (main process)."""
+def load_records_checked(cfg: TrainClassifierConfig):
+    """Read the dataset, assign splits and decode-check every image (main process).
+
+    Returns the records (unreadable images dropped when ``skip_bad_images``) and the list of
+    ``(path, reason)`` for the images that were dropped.
+    """
     from fgclf import data as fd
-    from fgclf.utils import atomic_write_json, atomic_write_text
 
     d = cfg.data
     toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
@@ -88,12 +91,9 @@ def load_records_checked(cfg: TrainClassifierConfig, run_dir: Path):
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"unreadable image {path}: {why}{more}; fix it or pass --data.skip_bad_images true")
     if bad:
-        atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\t{w}\n" for p, w in bad))
-        print(f"skipping {len(bad)} unreadable images (listed in {run_dir / 'bad_images.txt'})")
         bad_set = {p for p, _ in bad}
         rec = rec.select([item not in bad_set for item in rec.items])
-    atomic_write_json(run_dir / "splits.json", fd.split_summary(rec))
-    return rec
+    return rec, bad
 
 
 def build_loaders(cfg: TrainClassifierConfig, records, model):
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
-    from fgclf.utils import atomic_write_text, package_versions
+    from fgclf.data import split_summary
+    from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
     t = cfg.train
     accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
     # ---------------------------------------------------------------- data + model
-    records = broadcast_from_main(accelerator, lambda: load_records_checked(cfg, run_dir))
+    records, bad = broadcast_from_main(accelerator, lambda: load_records_checked(cfg))
     class_names = records.class_names
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
@@ -185,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpointer = ck.Checkpointer(accelerator, run_dir, meta=meta)
     if resume_dir is not None:
         checkpointer.check_compatible(resume_dir)
-    if accelerator.is_main_process:
+    set_run_dir(accelerator, run_dir)
+    if accelerator.is_main_process:  # inputs are valid: only now does the run directory appear
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "splits.json", split_summary(records))
+        if bad:
+            atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\t{w}\n" for p, w in bad))
+            print(f"skipped {len(bad)} unreadable images (listed in {run_dir / 'bad_images.txt'})")
         save_config(cfg, run_dir / "config.yaml", extra={
             "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
@@ -206,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, scheduler, train_loader, test_loader = accelerator.prepare(
         model, optimizer, scheduler, loaders["train"], loaders["test"])
     val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
-    accelerator.project_configuration.set_directories(str(run_dir))
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
     # ---------------------------------------------------------------- loop
     state = checkpointer.load_last(resume_dir) if resume_dir is not None else TrainState()

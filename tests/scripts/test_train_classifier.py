@@ -38,6 +38,7 @@ def test_run_directory_layout(single_run: Path):
                  "checkpoints/last/trainer_state.json", "checkpoints/best/model.safetensors",
                  "checkpoints/best/config.json"):
         assert (single_run / name).exists(), name
+    assert list((single_run / "tensorboard").rglob("events.out.tfevents.*")), "TensorBoard logs in the run dir"
     cfg = yaml.safe_load((single_run / "config.yaml").read_text())
     assert cfg["run"]["seed"] == 42 and "torch" in cfg["run"]["versions"] and "train_classifier.py" in cfg["run"]["command"]
     history = [json.loads(line) for line in (single_run / "metrics.jsonl").read_text().splitlines()]

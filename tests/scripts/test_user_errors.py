@@ -26,8 +26,10 @@ def _run(root: Path | str, tmp_path: Path, *extra: str):
     return proc, last_error_line(proc)
 
 
-def _assert_refused(proc, line: str, *needles: str) -> None:
+def _assert_refused(proc, line: str, *needles: str, run_dir: Path | None = None) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
+    if run_dir is not None:
+        assert not run_dir.exists(), "a refused run must not leave a run directory behind"
     assert line.startswith("error: ") and "\n" not in line
     for needle in needles:
         assert needle in line, line
@@ -36,7 +38,7 @@ def _assert_refused(proc, line: str, *needles: str) -> None:
 
 def test_missing_dataset_dir(tmp_path):
     proc, line = _run(tmp_path / "nope", tmp_path)
-    _assert_refused(proc, line, "dataset folder does not exist", "nope")
+    _assert_refused(proc, line, "dataset folder does not exist", "nope", run_dir=tmp_path / "run")
 
 
 def test_manifest_names_missing_file(toy_root, tmp_path):
@@ -54,7 +56,7 @@ def test_corrupt_image_is_named(toy_root, tmp_path, damage):
     data = img.read_bytes()
     img.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     proc, line = _run(root, tmp_path)
-    _assert_refused(proc, line, "unreadable image", img.name)
+    _assert_refused(proc, line, "unreadable image", img.name, run_dir=tmp_path / "run")
 
 
 def test_skip_bad_images_lists_them_and_trains(toy_root, tmp_path):
@@ -69,7 +71,7 @@ def test_skip_bad_images_lists_them_and_trains(toy_root, tmp_path):
 
 def test_unknown_model_suggests(toy_root, tmp_path):
     proc, line = _run(toy_root, tmp_path, "--model.name", "resnt18")
-    _assert_refused(proc, line, "unknown model 'resnt18'", "resnet18")
+    _assert_refused(proc, line, "unknown model 'resnt18'", "resnet18", run_dir=tmp_path / "run")
 
 
 def test_unknown_config_key(toy_root, tmp_path):
