@@ -56,3 +56,20 @@ def test_evaluate_returns_every_sample_once_in_order():
     np.testing.assert_allclose(out.logits, ref.numpy(), atol=1e-6)  # batched vs whole matmul
     np.testing.assert_array_equal(out.labels, data.tensors[1].numpy())
     assert out.loss == pytest.approx(float(nn.CrossEntropyLoss()(ref, data.tensors[1])), rel=1e-6)
+
+
+def test_gradient_clipping_limits_the_update_norm():
+    """One SGD step (lr=1) with clip_grad_norm=c moves the parameters by exactly norm c."""
+    from fgclf.engine import train_one_epoch
+
+    acc = create_accelerator(log_with=None)
+    model = nn.Linear(5, 3)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = DataLoader(_problem(10), batch_size=10)
+    model, opt, sched, loader = acc.prepare(model, opt, sched, loader)
+    train_one_epoch(acc, model, loader, opt, sched, nn.CrossEntropyLoss(), state=TrainState(),
+                    clip_grad_norm=1e-3, progress=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-4)
