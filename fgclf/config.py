@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -115,27 +115,43 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule.
+    """Optimizer and learning-rate schedule (schedule lengths are in epochs).
 
     Args:
         name: Any timm optimizer name (``sgd``, ``momentum``, ``adam``, ``adamw``, ``lamb``...).
         lr: Peak learning rate.
-        weight_decay: Decoupled/L2 weight decay (not applied to norms and biases).
+        weight_decay: The optimizer's L2 / decoupled weight decay (never on norms and biases).
         momentum: Momentum for SGD-like optimizers.
-        scheduler: ``cosine`` (per update, to zero), ``constant`` or ``multistep``.
-        warmup_epochs: Linear warmup length in epochs (fractions allowed).
+        head_lr_scale: Multiplier of the classifier head's lr (e.g. 10: a new head learns
+            faster than the pretrained body).
+        layer_decay: Layer-wise lr decay for timm models (null: off; e.g. 0.75).
+        scheduler: ``cosine``, ``cosine_restarts`` (SGDR), ``multistep``, ``plateau`` (drops
+            the lr by ``gamma`` when the watched validation metric stalls) or ``constant``.
+        step_on: Update the lr after every optimizer ``update`` (smooth) or every ``epoch``.
+        warmup_epochs: Linear warmup length in epochs (fractions allowed), for every schedule.
+        min_lr_ratio: Floor of the cosine schedules as a fraction of ``lr``.
         milestones: Epochs at which ``multistep`` multiplies the lr by ``gamma``.
-        gamma: Decay factor of ``multistep``.
+        gamma: Decay factor of ``multistep`` and ``plateau``.
+        restart_epochs: First cycle length of ``cosine_restarts``.
+        restart_mult: Growth factor of each next ``cosine_restarts`` cycle.
+        plateau_patience: Epochs without improvement before ``plateau`` drops the lr.
     """
 
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.01
     momentum: float = 0.9
-    scheduler: Literal["cosine", "constant", "multistep"] = "cosine"
+    head_lr_scale: float = 1.0
+    layer_decay: Optional[float] = None
+    scheduler: str = "cosine"
+    step_on: Literal["update", "epoch"] = "update"
     warmup_epochs: float = 0.0
-    milestones: list[int] = field(default_factory=lambda: [30, 60])
+    min_lr_ratio: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [30, 60])
     gamma: float = 0.1
+    restart_epochs: float = 10.0
+    restart_mult: float = 1.0
+    plateau_patience: int = 2
 
 
 @dataclass
@@ -150,7 +166,8 @@ class TrainConfig:
         grad_accum_steps: Micro-batches accumulated per optimizer update.
         clip_grad_norm: Clip the gradient norm to this value (null: no clipping).
         label_smoothing: Label smoothing of the cross-entropy loss.
-        seed: Random seed (recorded in the run directory).
+        seed: Random seed, or ``random`` to draw one (printed and recorded in the run
+            directory, so the run can be repeated exactly).
         output_dir: Run directory; null makes ``runs/<name>``.
         name: Run name; null builds one from data, model and time.
         early_stopping_metric: Validation metric watched for best checkpoint and early stop.
@@ -168,7 +185,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     clip_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
-    seed: int = 42
+    seed: Union[int, Literal["random"]] = 42
     output_dir: Optional[str] = None
     name: Optional[str] = None
     early_stopping_metric: str = "top1"

@@ -99,7 +99,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
             if accelerator.sync_gradients and clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
             optimizer.zero_grad(set_to_none=True)
         detached = loss.detach().float()
         loss_sum = detached if loss_sum is None else loss_sum + detached
@@ -202,6 +203,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         else:
             state.best_epoch = state.epoch
             checkpointer.save_best(model, state)
+        watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
+        scheduler.step_epoch(watched)
         record["memory_mb"] = _memory_mb()
         if accelerator.is_main_process:
             append_jsonl(history_path, record)

@@ -14,12 +14,12 @@ from typing import Any, Callable, Optional
 from fgclf.errors import UserError
 
 
-def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None,
-                       seed: int = 0, log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
+def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None, log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
     """An ``Accelerator`` whose data loaders split the *global* batch across processes.
 
     ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
-    the seedable sampler gives epoch ``e`` the same shuffle whether or not the run was resumed.
+    the seedable sampler gives epoch ``e`` the same shuffle whether or not the run was resumed
+    (it is seeded from ``torch.initial_seed()``: call ``set_seed`` before ``prepare``).
     Mixed precision comes from the accelerate config unless ``mixed_precision`` overrides it.
     """
     from accelerate import Accelerator
@@ -29,7 +29,7 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
     return Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         mixed_precision=mixed_precision,
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=seed),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         log_with=log_with,
         project_dir="runs",  # placeholder: scripts call set_run_dir before init_trackers
         kwargs_handlers=handlers,

@@ -21,6 +21,7 @@ Flags: ``--help`` lists all; precedence is defaults < ``--config`` YAML < CLI fl
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,13 @@ def validate(cfg: TrainClassifierConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    from fgclf.optim import list_optimizers, list_schedulers
+    from fgclf.registry import unknown_name_message
+
+    for kind, name, known in (("optimizer", o.name.lower(), list_optimizers()),
+                              ("lr schedule", o.scheduler, list_schedulers())):
+        if name not in known:
+            raise UserError(unknown_name_message(kind, name, known))
 
 
 def resolve_resume(cfg: TrainClassifierConfig) -> tuple[str | None, Path | None]:
@@ -166,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
     t = cfg.train
-    accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
-                                     seed=t.seed)
+    accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision)
     if t.batch_size % accelerator.num_processes:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    if t.seed == "random":  # drawn on the main process, shared, printed and recorded
+        t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
+        accelerator.print(f"random seed: {t.seed}")
     set_seed(t.seed)
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
@@ -177,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- data + model
     records, bad = broadcast_from_main(accelerator, lambda: load_records_checked(cfg))
     class_names = records.class_names
+    if "val" not in records.splits:
+        for needs_val, what in ((cfg.optim.scheduler == "plateau", "optim.scheduler=plateau"),
+                                (t.early_stopping_patience > 0, "train.early_stopping_patience > 0")):
+            if needs_val:
+                raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
@@ -202,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"of {params['total']:,} parameters; train/val/test = "
                           f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images")
     # ---------------------------------------------------------------- optimizer + schedule
-    optimizer = create_optimizer(model, name=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                 momentum=cfg.optim.momentum)
-    updates_per_epoch = -(-len(loaders["train"]) // t.grad_accum_steps)
-    scheduler = create_scheduler(optimizer, name=cfg.optim.scheduler, total_steps=updates_per_epoch * t.epochs,
-                                 warmup_steps=int(round(cfg.optim.warmup_epochs * updates_per_epoch)),
-                                 milestones=[m * updates_per_epoch for m in cfg.optim.milestones],
-                                 gamma=cfg.optim.gamma)
+    o = cfg.optim
+    optimizer = create_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                 head_lr_scale=o.head_lr_scale, layer_decay=o.layer_decay)
+    scheduler = create_scheduler(optimizer, name=o.scheduler, epochs=t.epochs, step_on=o.step_on,
+                                 updates_per_epoch=-(-len(loaders["train"]) // t.grad_accum_steps),
+                                 warmup_epochs=o.warmup_epochs, min_lr_ratio=o.min_lr_ratio,
+                                 milestones=o.milestones, gamma=o.gamma, restart_epochs=o.restart_epochs,
+                                 restart_mult=o.restart_mult, plateau_patience=o.plateau_patience,
+                                 plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
     loss_fn = create_loss("ce", label_smoothing=t.label_smoothing)
-    model, optimizer, scheduler, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, scheduler, loaders["train"], loaders["test"])
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
+    accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
     val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
     # ---------------------------------------------------------------- loop

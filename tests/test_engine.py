@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fgclf.checkpoint import Checkpointer
 from fgclf.engine import TrainState, evaluate, fit
+from fgclf.optim import create_scheduler
 from fgclf.runtime import create_accelerator
 
 
@@ -27,10 +28,10 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path, lr, patience
     acc = create_accelerator(log_with=None)
     model = nn.Linear(5, 3)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = create_scheduler(opt, name="constant", epochs=6, updates_per_epoch=3)
     train = DataLoader(_problem(), batch_size=10, shuffle=True)
     val = DataLoader(_problem(12), batch_size=5)
-    model, opt, sched, train, val = acc.prepare(model, opt, sched, train, val)
+    model, opt, train, val = acc.prepare(model, opt, train, val)
     meta = {"model_name": "linear", "num_classes": 3, "class_names": list("abc"), "model_kwargs": {}, "peft": None}
     ck = Checkpointer(acc, tmp_path, meta=meta)
     ck.save_best = lambda m, s: None  # plain nn.Linear is not an exportable timm model
@@ -66,9 +67,9 @@ def test_gradient_clipping_limits_the_update_norm():
     model = nn.Linear(5, 3)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=1)
     loader = DataLoader(_problem(10), batch_size=10)
-    model, opt, sched, loader = acc.prepare(model, opt, sched, loader)
+    model, opt, loader = acc.prepare(model, opt, loader)
     train_one_epoch(acc, model, loader, opt, sched, nn.CrossEntropyLoss(), state=TrainState(),
                     clip_grad_norm=1e-3, progress=False)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -1,4 +1,4 @@
-"""Optimizer and schedule factories against hand-computed values."""
+"""Optimizer and schedule factories against torch's own schedulers and hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -9,46 +9,111 @@ from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.losses import create_loss, list_losses
-from fgclf.optim import create_optimizer, create_scheduler, list_optimizers
+from fgclf.optim import create_optimizer, create_scheduler, list_optimizers, list_schedulers
 
 
-def _lrs(name: str, steps: int, **kw) -> list[float]:
-    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
-    sched = create_scheduler(opt, name=name, total_steps=steps, **kw)
+def _opt(lr: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=lr)
+
+
+def _per_epoch(name: str, epochs: int, metrics=None, **kw) -> list[float]:
+    opt = _opt()
+    sched = create_scheduler(opt, name=name, epochs=epochs, updates_per_epoch=3, step_on="epoch", **kw)
     out = []
-    for _ in range(steps):
+    for e in range(epochs):
         out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+        for _ in range(3):
+            sched.step_update()
+        sched.step_epoch(None if metrics is None else metrics[e])
     return out
 
 
-def test_cosine_with_warmup():
-    lrs = _lrs("cosine", 10, warmup_steps=2)
-    assert lrs[:2] == pytest.approx([0.5, 1.0])
-    assert lrs[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)])
+def _torch_reference(make, epochs: int, metrics=None) -> list[float]:
+    opt = _opt()
+    sched = make(opt)
+    out = []
+    for e in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step() if metrics is None else sched.step(metrics[e])
+    return out
 
 
-def test_multistep_and_constant():
-    assert _lrs("multistep", 6, milestones=[2, 4], gamma=0.5) == pytest.approx([1, 1, .5, .5, .25, .25])
-    assert _lrs("constant", 3) == [1.0, 1.0, 1.0]
+def test_per_epoch_shapes_equal_torch_schedulers():
+    lr = torch.optim.lr_scheduler
+    assert _per_epoch("cosine", 10) == pytest.approx(_torch_reference(lambda o: lr.CosineAnnealingLR(o, 10), 10))
+    assert _per_epoch("multistep", 9, milestones=[3, 6], gamma=0.5) == pytest.approx(
+        _torch_reference(lambda o: lr.MultiStepLR(o, [3, 6], 0.5), 9))
+    assert _per_epoch("cosine_restarts", 14, restart_epochs=3, restart_mult=2) == pytest.approx(
+        _torch_reference(lambda o: lr.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2), 14))
+    metrics = [0.1, 0.2, 0.2, 0.2, 0.25, 0.25, 0.25, 0.25, 0.3, 0.3]
+    assert _per_epoch("plateau", 10, metrics, plateau_patience=1, gamma=0.5) == pytest.approx(
+        _torch_reference(lambda o: lr.ReduceLROnPlateau(o, mode="max", patience=1, factor=0.5), 10, metrics))
 
 
-def test_no_weight_decay_on_norm_and_bias():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    opt = create_optimizer(model, name="adamw", lr=0.1, weight_decay=0.05)
-    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed == {id(model[0].weight), id(model[2].weight)}
+def test_per_update_cosine_with_warmup():
+    opt = _opt()
+    sched = create_scheduler(opt, name="cosine", epochs=5, updates_per_epoch=2, warmup_epochs=1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step_update()
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (u / 2 - 1) / 4)) for u in range(2, 10)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_scheduler_state_round_trip():
+    opt = _opt()
+    a = create_scheduler(opt, name="plateau", epochs=5, updates_per_epoch=2, plateau_patience=0)
+    for m in (0.5, 0.4, 0.3):
+        a.step_update()
+        a.step_epoch(m)
+    opt2 = _opt()
+    b = create_scheduler(opt2, name="plateau", epochs=5, updates_per_epoch=2, plateau_patience=0)
+    b.load_state_dict(a.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_plateau_without_metric_is_a_user_error():
+    sched = create_scheduler(_opt(), name="plateau", epochs=2, updates_per_epoch=1)
+    with pytest.raises(UserError, match="needs a validation metric"):
+        sched.step_epoch(None)
+
+
+def test_no_weight_decay_on_norm_and_bias_and_head_lr_scale():
+    import timm
+
+    model = timm.create_model("test_vit", num_classes=3)
+    opt = create_optimizer(model, name="adamw", lr=0.1, weight_decay=0.05, head_lr_scale=10)
+    for group in opt.param_groups:
+        is_head = any(p is model.head.weight or p is model.head.bias for p in group["params"])
+        assert group["lr"] == pytest.approx(1.0 if is_head else 0.1)
+        assert (group["weight_decay"] > 0) == all(p.ndim > 1 for p in group["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_layer_decay_scales_early_blocks_down():
+    import timm
+
+    model = timm.create_model("test_vit", num_classes=3)
+    opt = create_optimizer(model, name="sgd", lr=1.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.head.weight)] == pytest.approx(1.0)
+    assert lr_of[id(model.patch_embed.proj.weight)] < lr_of[id(model.blocks[-1].mlp.fc1.weight)] < 1.0
+    sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=1)
+    sched.step_update()
+    assert {id(p): g["lr"] for g in opt.param_groups for p in g["params"]} == pytest.approx(lr_of)
 
 
 def test_unknown_names_suggest():
     with pytest.raises(UserError, match="did you mean: adamw"):
         create_optimizer(nn.Linear(2, 2), name="adamww")
     with pytest.raises(UserError, match="unknown lr schedule 'cosin'; did you mean: cosine"):
-        _lrs("cosin", 2)
+        create_scheduler(_opt(), name="cosin", epochs=1, updates_per_epoch=1)
     with pytest.raises(UserError, match="unknown loss"):
         create_loss("cee")
     assert {"sgd", "adam", "adamw"} <= set(list_optimizers()) and "ce" in list_losses()
+    assert set(list_schedulers()) >= {"plateau", "multistep", "cosine", "cosine_restarts", "constant"}
 
 
 def test_label_smoothing_loss_matches_hand_formula():

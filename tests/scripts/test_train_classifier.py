@@ -167,3 +167,13 @@ def test_gradient_accumulation_matches_the_big_batch(toy_root, single_run, tmp_p
     hb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hb] == [h["step"] for h in ha] == [4, 8]  # optimizer updates, not batches
     np.testing.assert_allclose([h["lr"] for h in hb], [h["lr"] for h in ha], rtol=1e-9)
+
+
+def test_random_seed_is_recorded_and_reproduces(toy_root, tmp_path):
+    first = _train(toy_root, tmp_path / "a", "--train.seed", "random", "--train.epochs", "1")
+    seed = json.loads((tmp_path / "a/metrics.json").read_text())["seed"]
+    assert isinstance(seed, int) and f"random seed: {seed}" in first.stdout
+    assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["train"]["seed"] == seed
+    _train(toy_root, tmp_path / "b", "--train.seed", str(seed), "--train.epochs", "1")
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert (a["top1"], a["loss"]) == (b["top1"], b["loss"])

@@ -98,6 +98,9 @@ def test_yaml_syntax_error(toy_root, tmp_path):
     (("--train.batch_size", "0"), "train.batch_size must be >= 1"),
     (("--peft", "lora", "--model.strategy", "linear_probe"), "exclude each other"),
     (("--resume", "last", "--train.output_dir", ""), "needs --train.output_dir"),
+    (("--optim.scheduler", "plateau", "--data.val_fraction", "0"), "plateau needs a validation split"),
+    (("--optim.scheduler", "cosin"), "unknown lr schedule 'cosin'; did you mean: cosine"),
+    (("--optim.name", "adamm"), "unknown optimizer 'adamm'; did you mean: adam"),
 ])
 def test_impossible_values(toy_root, tmp_path, flags, needle):
     proc, line = _run(toy_root, tmp_path, *flags)

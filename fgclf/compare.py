@@ -1,0 +1,433 @@
+"""Compare groups of finished runs (repeated seeds or CV folds) against a baseline group.
+
+A group is a name and a list of run directories (globs allowed). For every metric each group gets
+a summary (mean, std, t and bootstrap intervals, :func:`fgclf.stats.summarize`); every other group
+is compared with the first one (the baseline) on paired runs:
+
+* runs are paired by ``seed`` (metrics.json ``seed``, else config.yaml ``run.seed``); a seed found
+  in one group only is listed and left out of the paired tests;
+* when the runs carry a ``fold`` key (k-fold CV) they are paired by fold (by seed and fold when a
+  group repeats a fold), and the Nadeau-Bengio corrected t-test is added, with ``n_train`` and
+  ``num_samples`` (the held-out fold) from metrics.json;
+* when both groups are a single run, McNemar's test compares their per-sample correctness on the
+  shared test set from predictions.npz.
+
+:func:`write_comparison` writes a summary directory: summary.md, summary.csv, summary.json and
+comparison.png.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from fgclf.errors import UserError
+from fgclf.stats import corrected_resampled_ttest, mcnemar, paired_ttest, summarize, wilcoxon_signed_rank
+from fgclf.utils import atomic_write_bytes, atomic_write_text
+
+DEFAULT_GROUP_METRICS = ["top1", "top5", "f1_macro", "balanced_accuracy", "auroc_macro", "loss"]
+SUMMARY_FIELDS = ["n", "mean", "std", "sem", "ci_lo", "ci_hi", "boot_lo", "boot_hi", "min", "max"]
+PAIR_FIELDS = ["n_pairs", "diff_vs_baseline", "diff_ci_lo", "diff_ci_hi", "p_ttest", "p_wilcoxon", "p_corrected"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory: its final metrics and the keys runs are paired on."""
+
+    path: Path
+    metrics: dict
+    seed: Optional[int]
+    fold: Optional[int]
+
+
+def expand_runs(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run directories from paths and glob patterns (``'runs/sweep/ce_*'``), sorted, deduplicated."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        text = str(pattern)
+        if any(ch in text for ch in "*?["):
+            paths = sorted(Path(p) for p in glob.glob(text) if Path(p).is_dir())
+            if not paths:
+                raise UserError(f"pattern '{text}' matches no run directory")
+        else:
+            paths = [Path(text)]
+        for path in paths:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                out.append(path)
+    return out
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return None if value is None or isinstance(value, bool) else int(value)
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read ``metrics.json`` (and the seed from ``config.yaml`` when metrics.json has none)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    if not (path / "metrics.json").is_file():
+        raise UserError(f"{path} has no metrics.json (not a finished run)")
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path / 'metrics.json'} is not valid JSON ({err})") from err
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path / 'metrics.json'} does not hold a JSON object")
+    seed = metrics.get("seed")
+    if seed is None and (path / "config.yaml").is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{path / 'config.yaml'} is not valid YAML ({err})") from err
+        run_info = config.get("run") if isinstance(config, dict) else None
+        seed = run_info.get("seed") if isinstance(run_info, dict) else None
+    return Run(path, metrics, _int_or_none(seed), _int_or_none(metrics.get("fold")))
+
+
+def metric_values(runs: Sequence[Run], metric: str) -> list[float]:
+    """``metric`` of every run as floats; a missing or non-numeric entry is a UserError."""
+    values = []
+    for run in runs:
+        if metric not in run.metrics:
+            numeric = sorted(k for k, v in run.metrics.items() if isinstance(v, (int, float)))
+            raise UserError(f"{run.path / 'metrics.json'} has no '{metric}' (numeric keys: {', '.join(numeric)})")
+        value = run.metrics[metric]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"'{metric}' of {run.path} is not a number ({value!r})")
+        values.append(float(value))
+    return values
+
+
+def _label(fields: Sequence[str], key: Sequence[Any]) -> str:
+    return " ".join(f"{f} {k}" for f, k in zip(fields, key))
+
+
+def pairing_fields(groups: Mapping[str, Sequence[Run]]) -> tuple[str, ...]:
+    """``("seed",)``, or ``("fold",)`` / ``("seed", "fold")`` when the runs are CV folds."""
+    runs = [run for rs in groups.values() for run in rs]
+    without = [run for run in runs if run.fold is None]
+    if len(without) == len(runs):
+        return ("seed",)
+    if without:
+        raise UserError(f"{without[0].path} has no 'fold' in metrics.json but other runs do; "
+                        "compare cross-validation runs only with cross-validation runs")
+    repeated = any(len({run.fold for run in rs}) < len(rs) for rs in groups.values())
+    return ("seed", "fold") if repeated else ("fold",)
+
+
+def pair_runs(base: Sequence[Run], other: Sequence[Run], *, by: Sequence[str], names: tuple[str, str]) -> dict:
+    """Match the runs of two groups on the fields ``by``.
+
+    Returns:
+        ``pairs`` (sorted list of ``(key, base_run, other_run)``) and ``unpaired`` (one dict per
+        run left out: group, run, key label, reason).
+    """
+    tables, unpaired = [], []
+    for group, runs in zip(names, (base, other)):
+        table: dict[tuple, Run] = {}
+        for run in runs:
+            key = tuple(getattr(run, f) for f in by)
+            if None in key:
+                unpaired.append({"group": group, "run": str(run.path), "key": None,
+                                 "reason": f"no {' and '.join(by)} recorded"})
+            elif key in table:
+                raise UserError(f"{table[key].path} and {run.path} of group '{group}' both have "
+                                f"{_label(by, key)}; cannot pair them")
+            else:
+                table[key] = run
+        tables.append(table)
+    shared = sorted(set(tables[0]) & set(tables[1]))
+    for group, table, other_name in ((names[0], tables[0], names[1]), (names[1], tables[1], names[0])):
+        for key in sorted(set(table) - set(shared)):
+            unpaired.append({"group": group, "run": str(table[key].path), "key": _label(by, key),
+                             "reason": f"{_label(by, key)} only in {group}, not in {other_name}"})
+    return {"pairs": [(key, tables[0][key], tables[1][key]) for key in shared], "unpaired": unpaired}
+
+
+def _cv_sizes(runs: Sequence[Run]) -> tuple[Optional[tuple[float, float]], Optional[str]]:
+    """Mean (n_train, n_test) of CV runs, or a note saying why the corrected test is skipped."""
+    for run in runs:
+        for key in ("n_train", "num_samples"):
+            value = run.metrics.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                return None, f"corrected t-test skipped: {run.path / 'metrics.json'} has no positive '{key}'"
+    n_train = float(np.mean([run.metrics["n_train"] for run in runs]))
+    n_test = float(np.mean([run.metrics["num_samples"] for run in runs]))
+    return (n_train, n_test), None
+
+
+def _compare_pair(base_name: str, base: Sequence[Run], name: str, runs: Sequence[Run], metrics: Sequence[str],
+                  fields: Sequence[str], confidence: float, notes: list[str]) -> dict:
+    """Paired tests of group ``name`` against the baseline (differences are group - baseline)."""
+    pairing = pair_runs(base, runs, by=fields, names=(base_name, name))
+    pairs = pairing["pairs"]
+    out = {"group": name, "baseline": base_name, "paired_by": list(fields), "n_pairs": len(pairs),
+           "paired_keys": [_label(fields, key) for key, _, _ in pairs], "unpaired": pairing["unpaired"],
+           "n_train": None, "n_test": None, "metrics": {}}
+    for item in pairing["unpaired"]:
+        notes.append(f"{name} vs {base_name}: {item['run']} left out of the paired tests ({item['reason']})")
+    if not pairs:
+        notes.append(f"{name} vs {base_name}: no shared {' and '.join(fields)}; no paired tests")
+        return out
+    sizes = None
+    if "fold" in fields:
+        sizes, why = _cv_sizes([run for _, a, b in pairs for run in (a, b)])
+        if why:
+            notes.append(f"{name} vs {base_name}: {why}")
+        else:
+            out["n_train"], out["n_test"] = sizes
+    for metric in metrics:
+        ours = metric_values([run for _, _, run in pairs], metric)
+        theirs = metric_values([run for _, run, _ in pairs], metric)
+        entry = {"ttest": paired_ttest(ours, theirs, confidence=confidence),
+                 "wilcoxon": wilcoxon_signed_rank(ours, theirs)}
+        if sizes:
+            entry["corrected_ttest"] = corrected_resampled_ttest(ours, theirs, n_train=sizes[0], n_test=sizes[1],
+                                                                 confidence=confidence)
+        out["metrics"][metric] = entry
+    return out
+
+
+def _load_predictions(run: Run) -> Optional[dict]:
+    path = run.path / "predictions.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            scores = data["logits"] if "logits" in data else data["probs"]
+            ids = np.asarray(data["image_ids"]).astype(np.str_) if "image_ids" in data else None
+            return {"labels": np.asarray(data["labels"]), "pred": np.asarray(scores).argmax(axis=1), "ids": ids}
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path} is not a readable predictions file ({err})") from err
+
+
+def mcnemar_runs(base: Run, other: Run, *, exact: Optional[bool] = None) -> Optional[dict]:
+    """McNemar's test of two runs' top-1 correctness on the same test set (``None``: no predictions).
+
+    Raises:
+        UserError: the two predictions.npz files hold different test sets (labels or image_ids).
+    """
+    pa, pb = _load_predictions(base), _load_predictions(other)
+    if pa is None or pb is None:
+        return None
+    where = f"{base.path} and {other.path} were not evaluated on the same test set"
+    if pa["labels"].shape != pb["labels"].shape:
+        raise UserError(f"{where}: {pa['labels'].size} vs {pb['labels'].size} samples")
+    if (pa["ids"] is None) != (pb["ids"] is None):
+        raise UserError(f"{where}: only one predictions.npz stores image_ids, so the sample order cannot be checked")
+    if pa["ids"] is not None and not np.array_equal(pa["ids"], pb["ids"]):
+        raise UserError(f"{where}: image_ids differ at {int(np.count_nonzero(pa['ids'] != pb['ids']))} samples")
+    if not np.array_equal(pa["labels"], pb["labels"]):
+        raise UserError(f"{where}: labels differ at {int(np.count_nonzero(pa['labels'] != pb['labels']))} samples")
+    result = mcnemar(pa["pred"] == pa["labels"], pb["pred"] == pb["labels"], exact=exact)
+    return {"baseline_run": str(base.path), "run": str(other.path), "ids_checked": pa["ids"] is not None, **result}
+
+
+def compare_groups(groups: Mapping[str, Sequence[str | os.PathLike]], metrics: Optional[Sequence[str]] = None, *,
+                   confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Summaries per group and metric, and paired tests of every group against the first one.
+
+    Args:
+        groups: group name -> run directories or glob patterns; the first group is the baseline.
+        metrics: metrics.json keys to compare; every run must have them. ``None``: those of
+            ``DEFAULT_GROUP_METRICS`` that every run has.
+        confidence: coverage of every interval.
+        n_boot: bootstrap resamples of the per-group mean.
+        seed: bootstrap seed.
+    Returns:
+        A JSON-able dict: ``baseline, metrics, confidence, n_boot, bootstrap_seed, paired_by,
+        groups`` (runs with seed/fold), ``summaries`` (one per metric x group), ``comparisons``
+        (one per non-baseline group), ``mcnemar`` (single-run groups) and ``notes``.
+    """
+    if not groups:
+        raise UserError("no groups to compare")
+    loaded = {}
+    for name, patterns in groups.items():
+        loaded[name] = [load_run(path) for path in expand_runs(patterns)]
+        if not loaded[name]:
+            raise UserError(f"group '{name}' has no run directories")
+    fields = pairing_fields(loaded)
+    names = list(loaded)
+    base = names[0]
+    notes: list[str] = []
+    if metrics is None:
+        every = [run for rs in loaded.values() for run in rs]
+        metrics = [m for m in DEFAULT_GROUP_METRICS if all(m in run.metrics for run in every)]
+        if not metrics:
+            raise UserError(f"the runs share none of {', '.join(DEFAULT_GROUP_METRICS)}; choose --metrics")
+    summaries = [{"metric": m, "group": g, **summarize(metric_values(loaded[g], m), confidence=confidence,
+                                                        n_boot=n_boot, seed=seed)}
+                 for m in metrics for g in names]
+    comparisons = [_compare_pair(base, loaded[base], g, loaded[g], metrics, fields, confidence, notes)
+                   for g in names[1:]]
+    tests = []
+    for g in names[1:]:
+        if len(loaded[base]) == 1 and len(loaded[g]) == 1:
+            res = mcnemar_runs(loaded[base][0], loaded[g][0])
+            if res is None:
+                notes.append(f"McNemar {g} vs {base} skipped: a run has no predictions.npz")
+            else:
+                tests.append({"group": g, "baseline": base, **res})
+                if not res["ids_checked"]:
+                    notes.append(f"McNemar {g} vs {base}: labels match; no image_ids stored, same order assumed")
+    return {"baseline": base, "metrics": list(metrics), "confidence": confidence, "n_boot": n_boot,
+            "bootstrap_seed": seed, "paired_by": list(fields),
+            "groups": {g: [{"run": str(r.path), "seed": r.seed, "fold": r.fold} for r in rs]
+                       for g, rs in loaded.items()},
+            "summaries": summaries, "comparisons": comparisons, "mcnemar": tests, "notes": notes}
+
+
+def _pair_row(result: dict, group: str, metric: str) -> list[Any]:
+    """The PAIR_FIELDS cells of one summary.csv row (blank for the baseline)."""
+    comp = next((c for c in result["comparisons"] if c["group"] == group), None)
+    if comp is None:
+        return [""] * len(PAIR_FIELDS)
+    entry = comp["metrics"].get(metric)
+    if entry is None:
+        return [comp["n_pairs"]] + [""] * (len(PAIR_FIELDS) - 1)
+    t, corrected = entry["ttest"], entry.get("corrected_ttest")
+    return [comp["n_pairs"], t["mean_diff"], t["ci_lo"], t["ci_hi"], t["p"], entry["wilcoxon"]["p"],
+            corrected["p"] if corrected else ""]
+
+
+def summary_csv(result: dict) -> str:
+    """summary.csv: one row per group x metric, with the paired columns against the baseline."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["group", "metric", *SUMMARY_FIELDS, *PAIR_FIELDS])
+    for s in result["summaries"]:
+        writer.writerow([s["group"], s["metric"], *(repr(s[f]) if isinstance(s[f], float) else s[f]
+                                                     for f in SUMMARY_FIELDS),
+                         *(repr(v) if isinstance(v, float) else v for v in _pair_row(result, s["group"], s["metric"]))])
+    return buf.getvalue()
+
+
+def plot_comparison(result: dict, path: str | os.PathLike) -> None:
+    """comparison.png: one panel per metric, a bar per group (mean, t-CI error bar) and run dots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics, groups = result["metrics"], list(result["groups"])
+    fig = Figure(figsize=(max(3.0, 0.8 * len(groups) + 1.5) * len(metrics), 3.8))
+    for index, metric in enumerate(metrics, start=1):
+        ax = fig.add_subplot(1, len(metrics), index)
+        rows = [s for s in result["summaries"] if s["metric"] == metric]
+        x = np.arange(len(rows))
+        means = np.array([s["mean"] for s in rows])
+        err = np.array([[s["mean"] - s["ci_lo"], s["ci_hi"] - s["mean"]] for s in rows]).T
+        ax.bar(x, means, yerr=np.nan_to_num(err), capsize=4, color="#9ecae1", edgecolor="#3182bd")
+        for i, s in enumerate(rows):
+            ax.plot(np.full(len(s["values"]), i), s["values"], "o", color="black", markersize=3, alpha=0.6)
+        ax.set_xticks(x, [s["group"] for s in rows], rotation=30, ha="right")
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"mean over runs, {result['confidence']:.0%} t-interval; dots: runs")
+    fig.tight_layout()
+    # the same Agg-canvas rendering as fgclf.report._save_figure, without importing torch through it
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _p(x: Optional[float]) -> str:
+    return "" if x is None else ("nan" if math.isnan(x) else f"{x:.3g}")
+
+
+def _comparison_lines(comp: dict, pct: str) -> list[str]:
+    """The summary.md section of one group against the baseline."""
+    by = " and ".join(comp["paired_by"])
+    lines = [f"### {comp['group']} - {comp['baseline']}", "",
+             f"Paired by {by}: {comp['n_pairs']} pair{'s' * (comp['n_pairs'] != 1)} "
+             f"({', '.join(comp['paired_keys']) or 'none'})."]
+    lines += [f"Left out: {u['run']} ({u['reason']})." for u in comp["unpaired"]]
+    if not comp["metrics"]:
+        return lines + [""]
+    if comp["n_pairs"] < 2:
+        lines += ["One pair: differences only, no paired test (it needs at least 2 pairs).", "",
+                  "| metric | difference |", "|---|---:|"]
+        lines += [f"| {m} | {e['ttest']['mean_diff']:+.4f} |" for m, e in comp["metrics"].items()]
+        return lines + [""]
+    cv = comp["n_train"] is not None
+    if cv:
+        lines.append(f"Folds share training data, so the plain paired t-test is too optimistic; the corrected "
+                     f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g}, n_test={comp['n_test']:g}.")
+    head = ["metric", "pairs", "mean diff", f"{pct} CI", "paired t p", "Wilcoxon p"] + (["corrected t p"] if cv else [])
+    lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    warnings = []
+    for metric, entry in comp["metrics"].items():
+        t, w = entry["ttest"], entry["wilcoxon"]
+        cells = [metric, str(t["n"]), f"{t['mean_diff']:+.4f}", f"[{_num(t['ci_lo'])}, {_num(t['ci_hi'])}]",
+                 _p(t["p"]), _p(w["p"]) + (" (!)" if w["warning"] else "")]
+        if cv:
+            cells.append(_p(entry["corrected_ttest"]["p"]))
+        lines.append("| " + " | ".join(cells) + " |")
+        if w["warning"] and w["warning"] not in warnings:
+            warnings.append(w["warning"])
+    return lines + [""] + [f"(!) {text}." for text in warnings] + [""]
+
+
+def format_markdown(result: dict) -> str:
+    """The text of summary.md: per-group summaries, paired comparisons, McNemar, notes, plot."""
+    pct = f"{result['confidence']:.0%}"
+    base = result["baseline"]
+    lines = [f"# Comparison of {len(result['groups'])} groups (baseline: {base})", ""]
+    for g, runs in result["groups"].items():
+        keys = [", ".join(f"{k} {r[k]}" for k in ("seed", "fold") if r[k] is not None) or "no seed" for r in runs]
+        lines.append(f"- **{g}**: {len(runs)} run{'s' * (len(runs) != 1)}: " + "; ".join(f"{Path(r['run']).name} ({k})"
+                                                                  for r, k in zip(runs, keys)))
+    lines += ["", f"Intervals are {pct} intervals of the mean over runs: Student t, and percentile bootstrap "
+              f"({result['n_boot']} resamples, seed {result['bootstrap_seed']}). Files: [summary.csv](summary.csv), "
+              "[summary.json](summary.json).", "", "## Per group", "",
+              f"| metric | group | n | mean ± std | {pct} t-CI | {pct} bootstrap CI | min | max |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in result["summaries"]:
+        lines.append(f"| {s['metric']} | {s['group']} | {s['n']} | {_num(s['mean'])} ± {_num(s['std'])} | "
+                     f"[{_num(s['ci_lo'])}, {_num(s['ci_hi'])}] | [{_num(s['boot_lo'])}, {_num(s['boot_hi'])}] | "
+                     f"{_num(s['min'])} | {_num(s['max'])} |")
+    if result["comparisons"]:
+        lines += ["", f"## Paired differences against {base} (group - baseline)", ""]
+        for comp in result["comparisons"]:
+            lines += _comparison_lines(comp, pct)
+    if result["mcnemar"]:
+        lines += ["## McNemar on the shared test set (top-1 correctness per sample)", "",
+                  f"b: {base} right, group wrong; c: group right, {base} wrong. Exact binomial test below 25 "
+                  "discordant samples, else chi-square with continuity correction.", "",
+                  "| group | samples | top1 baseline | top1 group | b | c | test | statistic | p |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for m in result["mcnemar"]:
+            lines.append(f"| {m['group']} | {m['n']} | {_num(m['acc_a'])} | {_num(m['acc_b'])} | {m['b']} | {m['c']} | "
+                         f"{'exact' if m['exact'] else 'chi-square'} | {m['statistic']:.4g} | {_p(m['p'])} |")
+        lines.append("")
+    if result["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in result["notes"]] + [""]
+    lines += ["![Means with t-intervals per metric](comparison.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(result: dict, output_dir: str | os.PathLike) -> Path:
+    """Write summary.json, summary.csv, comparison.png and summary.md into ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "summary.csv", summary_csv(result))
+    plot_comparison(result, out / "comparison.png")
+    atomic_write_text(out / "summary.md", format_markdown(result))
+    return out
