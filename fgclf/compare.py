@@ -232,7 +232,7 @@ def mcnemar_runs(base: Run, other: Run, *, exact: Optional[bool] = None) -> Opti
         raise UserError(f"{where}: image_ids differ at {int(np.count_nonzero(pa['ids'] != pb['ids']))} samples")
     if not np.array_equal(pa["labels"], pb["labels"]):
         raise UserError(f"{where}: labels differ at {int(np.count_nonzero(pa['labels'] != pb['labels']))} samples")
-    result = mcnemar(pa["pred"] == pa["labels"], pb["pred"] == pb["labels"], exact=exact)
+    result = mcnemar(pa["pred"] == pa["labels"], pb["pred"] == pa["labels"], exact=exact)
     return {"baseline_run": str(base.path), "run": str(other.path), "ids_checked": pa["ids"] is not None, **result}
 
 

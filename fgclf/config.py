@@ -34,6 +34,10 @@ class DataConfig:
         val_fraction: Fraction of train held out (stratified, seeded) when the dataset has no
             validation split; 0 evaluates on test each epoch instead.
         test_fraction: Fraction of train held out as test when the dataset has no test split.
+        num_folds: k-fold cross-validation: validate on fold ``fold`` of ``num_folds``
+            stratified folds of train instead of a ``val_fraction`` hold-out (0: off). The
+            test split is never touched.
+        fold: Which fold (0-based) validates when ``num_folds`` > 0.
         split_seed: Seed of that validation split (kept apart from the training seed, so that
             repeated seeds compare on the same split).
         train_aug: Train augmentation: ``none`` (eval transform) or ``basic`` (random resized
@@ -56,6 +60,8 @@ class DataConfig:
     bbox_crop: bool = False
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    num_folds: int = 0
+    fold: int = 0
     split_seed: int = 0
     train_aug: Literal["none", "basic"] = "basic"
     num_workers: int = 2

@@ -19,7 +19,8 @@ integer targets exactly ``F.cross_entropy(weight=w)``, i.e. ``sum_i w_{y_i} l_i 
 is the (i, c) term of the loss (for ``ce``, ``-t'_ic log p_ic`` with ``t'`` the smoothed target);
 this reduces to the integer rule for one-hot rows. (torch's own soft-target path divides by N instead; ours keeps
 one-hot and index targets identical.) With mixup, leave ``label_smoothing`` at 0 here: timm's
-``Mixup(label_smoothing=...)`` already smooths the targets it returns.
+``Mixup(label_smoothing=...)`` already smooths the targets it returns. Soft rows are not checked
+to sum to 1 (that would cost a device sync per step). float16/bfloat16 logits are reduced in float32.
 
 Regularisers are penalties added to the loss, separate from the optimizer's ``weight_decay``:
 ``create_regularizer("l1", weight=1e-5)(model)`` returns a scalar to add to the loss. Which to use:

@@ -161,7 +161,7 @@ def mcnemar(correct_a: ArrayLike, correct_b: ArrayLike, *, exact: Optional[bool]
     b = int(np.count_nonzero(x & ~y))
     c = int(np.count_nonzero(~x & y))
     if exact is None:
-        exact = b + c <= 25
+        exact = b + c < 25
     if b + c == 0:
         statistic, p = 0.0, 1.0
     elif exact:

@@ -92,7 +92,8 @@ def load_records_checked(cfg: TrainClassifierConfig):
     toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
                test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
     rec = fd.load_records(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
-                          test_fraction=d.test_fraction, split_seed=d.split_seed, toy_params=toy)
+                          test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
+                          toy_params=toy)
     bad = fd.find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
     if bad and not d.skip_bad_images:
         path, why = bad[0]
@@ -250,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": time.perf_counter() - start,
-                 "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params}
+                 "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params,
+                 "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+        if cfg.data.num_folds:
+            extra.update(fold=cfg.data.fold, num_folds=cfg.data.num_folds)
         metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
                                    history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
                                    image_ids=splits["test"].records.image_ids)

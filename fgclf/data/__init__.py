@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from fgclf.data.datasets import (ImageDataset, Records, find_bad_images, load_image, read_cub,
                                  read_hf, read_imagefolder, to_rgb)
-from fgclf.data.splits import assign_splits, split_summary, stratified_holdout
+from fgclf.data.splits import assign_splits, kfold_mask, split_summary, stratified_holdout
 from fgclf.data.toy import TOY_DEFAULTS, default_toy_root, ensure_toy_cub, generate_toy_cub
 from fgclf.data.transforms import create_transform, list_augmentations, resolve_input_config
 from fgclf.errors import UserError
@@ -30,7 +30,7 @@ def list_formats() -> list[str]:
 
 def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: bool = False,
                  val_fraction: float = 0.15, test_fraction: float = 0.2, split_seed: int = 0,
-                 toy_params: Optional[dict] = None) -> Records:
+                 num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None) -> Records:
     """Read a dataset and assign every image to ``train``, ``val`` or ``test``.
 
     Args:
@@ -38,7 +38,8 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         root: Dataset folder (HF: folder or hub name). ``toy`` generates into it (default: the
             fgclf cache) when it is missing or was made with other parameters.
         bbox_crop: Crop to ``bounding_boxes.txt`` (CUB/toy).
-        val_fraction, test_fraction, split_seed: see :func:`fgclf.data.splits.assign_splits`.
+        val_fraction, test_fraction, split_seed, num_folds, fold: see
+            :func:`fgclf.data.splits.assign_splits`.
         toy_params: Generator parameters for ``toy`` (see ``TOY_DEFAULTS``).
     """
     if format not in _READERS:
@@ -50,7 +51,8 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
     elif format != "hf" and not Path(root).is_dir():
         raise UserError(f"dataset folder does not exist: {root}")
     rec = _READERS[format](root, bbox_crop)
-    return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed)
+    return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed,
+                         num_folds=num_folds, fold=fold)
 
 
 def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: str = "train",
@@ -70,7 +72,7 @@ def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: st
 
 __all__ = [
     "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
-    "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "list_augmentations",
+    "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",
     "list_formats", "load_image", "load_records", "read_cub", "read_hf", "read_imagefolder",
     "resolve_input_config", "split_summary", "stratified_holdout", "to_rgb",
 ]

@@ -23,12 +23,37 @@ def stratified_holdout(labels: list[int], fraction: float, seed: int) -> np.ndar
     return mask
 
 
-def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, seed: int) -> Records:
+def kfold_mask(labels: list[int], *, num_folds: int, fold: int, seed: int) -> np.ndarray:
+    """Boolean mask of fold ``fold`` (0-based) among ``num_folds`` stratified, seeded folds.
+
+    The folds partition the items; each class is spread over the folds as evenly as
+    possible (sklearn's ``StratifiedKFold`` with shuffling).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if not 0 <= fold < num_folds:
+        raise UserError(f"data.fold must be in 0..{num_folds - 1}, got {fold}")
+    labels = np.asarray(labels)
+    smallest = np.bincount(labels).min() if len(labels) else 0
+    if num_folds < 2 or smallest < num_folds:
+        raise UserError(f"{num_folds}-fold cross-validation needs >= {max(num_folds, 2)} train images per class; "
+                        f"the smallest class has {smallest}")
+    folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[list(folds)[fold][1]] = True
+    return mask
+
+
+def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, seed: int,
+                  num_folds: int = 0, fold: int = 0) -> Records:
     """Return ``rec`` with every item in ``train``, ``val`` or ``test``.
 
     A dataset without a test split gets one (``test_fraction`` of train, stratified); one
     without a validation split gets ``val_fraction`` of the remaining train. The test split
     is drawn with ``seed`` and validation with ``seed + 1``, so they never depend on each other.
+    With ``num_folds`` > 0 the validation split is fold ``fold`` of a stratified k-fold of
+    train (a validation split the dataset ships is merged into train first); the test split
+    stays untouched.
     """
     splits = np.array(rec.splits, dtype=object)
     if not (splits == "test").any():
@@ -37,7 +62,12 @@ def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, se
         train = np.flatnonzero(splits == "train")
         pick = stratified_holdout([rec.labels[i] for i in train], test_fraction, seed)
         splits[train[pick]] = "test"
-    if not (splits == "val").any() and val_fraction > 0:
+    if num_folds:
+        splits[splits == "val"] = "train"
+        train = np.flatnonzero(splits == "train")
+        pick = kfold_mask([rec.labels[i] for i in train], num_folds=num_folds, fold=fold, seed=seed + 1)
+        splits[train[pick]] = "val"
+    elif not (splits == "val").any() and val_fraction > 0:
         train = np.flatnonzero(splits == "train")
         pick = stratified_holdout([rec.labels[i] for i in train], val_fraction, seed + 1)
         splits[train[pick]] = "val"

@@ -148,3 +148,19 @@ def test_find_bad_images(tmp_path):
     bad = dict(find_bad_images([str(p) for p in (good, trunc, empty, text)]))
     assert set(bad) == {str(trunc), str(empty), str(text)}
     assert bad[str(empty)] == "zero-byte file"
+
+
+def test_kfold_partitions_train_and_leaves_test_alone(tmp_path):
+    _folder(tmp_path / "b", splits=False)
+    base = dict(format="imagefolder", root=str(tmp_path / "b"), test_fraction=0.35, split_seed=3)
+    folds = [load_records(**base, num_folds=2, fold=k) for k in range(2)]
+    tests = [[i for i, s in zip(r.image_ids, r.splits) if s == "test"] for r in folds]
+    vals = [{i for i, s in zip(r.image_ids, r.splits) if s == "val"} for r in folds]
+    assert tests[0] == tests[1]  # the test split does not depend on the fold
+    assert vals[0].isdisjoint(vals[1]) and len(vals[0] | vals[1]) == 8  # the folds cover train exactly
+    labels = dict(zip(folds[0].image_ids, folds[0].labels))
+    assert sorted(labels[i] for i in vals[0]) == [0, 0, 1, 1]  # stratified
+    with pytest.raises(UserError, match="data.fold must be in 0..1"):
+        load_records(**base, num_folds=2, fold=2)
+    with pytest.raises(UserError, match="needs >= 5 train images per class"):
+        load_records(**base, num_folds=5, fold=0)
