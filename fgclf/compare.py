@@ -35,7 +35,8 @@ from fgclf.utils import atomic_write_bytes, atomic_write_text
 
 DEFAULT_GROUP_METRICS = ["top1", "top5", "f1_macro", "balanced_accuracy", "auroc_macro", "loss"]
 SUMMARY_FIELDS = ["n", "mean", "std", "sem", "ci_lo", "ci_hi", "boot_lo", "boot_hi", "min", "max"]
-PAIR_FIELDS = ["n_pairs", "diff_vs_baseline", "diff_ci_lo", "diff_ci_hi", "p_ttest", "p_wilcoxon", "p_corrected"]
+PAIR_FIELDS = ["n_pairs", "diff_vs_baseline", "diff_ci_lo", "diff_ci_hi", "p_ttest", "p_wilcoxon",
+               "corrected_ci_lo", "corrected_ci_hi", "p_corrected"]
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,15 @@ def _cv_sizes(runs: Sequence[Run]) -> tuple[Optional[tuple[float, float]], Optio
 def _compare_pair(base_name: str, base: Sequence[Run], name: str, runs: Sequence[Run], metrics: Sequence[str],
                   fields: Sequence[str], confidence: float, notes: list[str]) -> dict:
     """Paired tests of group ``name`` against the baseline (differences are group - baseline)."""
-    pairing = pair_runs(base, runs, by=fields, names=(base_name, name))
+    if len(base) == len(runs) == 1:  # two single runs: their difference (McNemar tests it), seeds aside
+        pairing = {"pairs": [((), base[0], runs[0])], "unpaired": []}
+        fields = []
+    else:
+        pairing = pair_runs(base, runs, by=fields, names=(base_name, name))
     pairs = pairing["pairs"]
     out = {"group": name, "baseline": base_name, "paired_by": list(fields), "n_pairs": len(pairs),
            "paired_keys": [_label(fields, key) for key, _, _ in pairs], "unpaired": pairing["unpaired"],
            "n_train": None, "n_test": None, "metrics": {}}
-    for item in pairing["unpaired"]:
-        notes.append(f"{name} vs {base_name}: {item['run']} left out of the paired tests ({item['reason']})")
     if not pairs:
         notes.append(f"{name} vs {base_name}: no shared {' and '.join(fields)}; no paired tests")
         return out
@@ -232,7 +235,7 @@ def mcnemar_runs(base: Run, other: Run, *, exact: Optional[bool] = None) -> Opti
         raise UserError(f"{where}: image_ids differ at {int(np.count_nonzero(pa['ids'] != pb['ids']))} samples")
     if not np.array_equal(pa["labels"], pb["labels"]):
         raise UserError(f"{where}: labels differ at {int(np.count_nonzero(pa['labels'] != pb['labels']))} samples")
-    result = mcnemar(pa["pred"] == pa["labels"], pb["pred"] == pa["labels"], exact=exact)
+    result = mcnemar(pa["pred"] == pa["labels"], pb["pred"] == pb["labels"], exact=exact)
     return {"baseline_run": str(base.path), "run": str(other.path), "ids_checked": pa["ids"] is not None, **result}
 
 
@@ -298,9 +301,9 @@ def _pair_row(result: dict, group: str, metric: str) -> list[Any]:
     entry = comp["metrics"].get(metric)
     if entry is None:
         return [comp["n_pairs"]] + [""] * (len(PAIR_FIELDS) - 1)
-    t, corrected = entry["ttest"], entry.get("corrected_ttest")
+    t, corrected = entry["ttest"], entry.get("corrected_ttest") or {}
     return [comp["n_pairs"], t["mean_diff"], t["ci_lo"], t["ci_hi"], t["p"], entry["wilcoxon"]["p"],
-            corrected["p"] if corrected else ""]
+            *(corrected.get(k, "") for k in ("ci_lo", "ci_hi", "p"))]
 
 
 def summary_csv(result: dict) -> str:
@@ -354,14 +357,16 @@ def _p(x: Optional[float]) -> str:
 def _comparison_lines(comp: dict, pct: str) -> list[str]:
     """The summary.md section of one group against the baseline."""
     by = " and ".join(comp["paired_by"])
-    lines = [f"### {comp['group']} - {comp['baseline']}", "",
-             f"Paired by {by}: {comp['n_pairs']} pair{'s' * (comp['n_pairs'] != 1)} "
-             f"({', '.join(comp['paired_keys']) or 'none'})."]
+    lines = [f"### {comp['group']} - {comp['baseline']}", ""]
+    if by:
+        lines.append(f"Paired by {by}: {comp['n_pairs']} pair{'s' * (comp['n_pairs'] != 1)} "
+                     f"({', '.join(comp['paired_keys']) or 'none'}).")
     lines += [f"Left out: {u['run']} ({u['reason']})." for u in comp["unpaired"]]
     if not comp["metrics"]:
         return lines + [""]
     if comp["n_pairs"] < 2:
-        lines += ["One pair: differences only, no paired test (it needs at least 2 pairs).", "",
+        lines += ["One run each: differences only (a paired test needs at least 2 pairs; McNemar below "
+                  "tests top-1 per sample)." if not by else "One pair: differences only, no paired test.", "",
                   "| metric | difference |", "|---|---:|"]
         lines += [f"| {m} | {e['ttest']['mean_diff']:+.4f} |" for m, e in comp["metrics"].items()]
         return lines + [""]
@@ -369,12 +374,14 @@ def _comparison_lines(comp: dict, pct: str) -> list[str]:
     if cv:
         lines.append(f"Folds share training data, so the plain paired t-test is too optimistic; the corrected "
                      f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g}, n_test={comp['n_test']:g}.")
-    head = ["metric", "pairs", "mean diff", f"{pct} CI", "paired t p", "Wilcoxon p"] + (["corrected t p"] if cv else [])
+    head = ["metric", "pairs", "mean diff", f"{pct} CI" + (" (corrected)" if cv else ""), "paired t p",
+            "Wilcoxon p"] + (["corrected t p"] if cv else [])
     lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     warnings = []
     for metric, entry in comp["metrics"].items():
         t, w = entry["ttest"], entry["wilcoxon"]
-        cells = [metric, str(t["n"]), f"{t['mean_diff']:+.4f}", f"[{_num(t['ci_lo'])}, {_num(t['ci_hi'])}]",
+        ci = entry["corrected_ttest"] if cv else t
+        cells = [metric, str(t["n"]), f"{t['mean_diff']:+.4f}", f"[{_num(ci['ci_lo'])}, {_num(ci['ci_hi'])}]",
                  _p(t["p"]), _p(w["p"]) + (" (!)" if w["warning"] else "")]
         if cv:
             cells.append(_p(entry["corrected_ttest"]["p"]))

@@ -120,6 +120,37 @@ class LoraConfig:
 
 
 @dataclass
+class LossConfig:
+    """The training loss and explicit regularisers (options left null keep the loss's default).
+
+    Args:
+        name: ``ce``, ``label_smoothing`` (ce with 0.1 smoothing), ``focal`` or
+            ``soft_target_ce`` (used with mixup/cutmix).
+        label_smoothing: Smoothing of ``ce`` / ``label_smoothing`` (null: the loss default).
+        gamma: Focusing parameter of ``focal`` (null: 2).
+        alpha: Class weights of ``focal``: one value or one per class (null: none).
+        class_balance: Weight classes from their train counts: ``effective`` (Cui et al.
+            2019, with ``class_balance_beta``), ``inverse`` (1/count) or ``none``.
+        class_balance_beta: Beta of the effective-number weighting.
+        regularizer: Penalty added to the loss: ``l1``, ``l2`` or ``lp`` (with ``reg_p``;
+            ``inf`` bounds the largest weight). Separate from ``optim.weight_decay``, which
+            is the usual (decoupled, for AdamW) L2; use this for L1/sparsity or other p.
+        reg_weight: Weight of that penalty.
+        reg_p: The p of ``lp`` (>= 1 or ``inf``).
+    """
+
+    name: str = "ce"
+    label_smoothing: Optional[float] = None
+    gamma: Optional[float] = None
+    alpha: Optional[Union[float, list[float]]] = None
+    class_balance: Literal["none", "effective", "inverse"] = "none"
+    class_balance_beta: float = 0.999
+    regularizer: Optional[str] = None
+    reg_weight: float = 0.0
+    reg_p: Optional[Union[float, str]] = None
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule (schedule lengths are in epochs).
 
@@ -171,7 +202,6 @@ class TrainConfig:
         eval_batch_size: Global evaluation batch size (null: same as batch_size).
         grad_accum_steps: Micro-batches accumulated per optimizer update.
         clip_grad_norm: Clip the gradient norm to this value (null: no clipping).
-        label_smoothing: Label smoothing of the cross-entropy loss.
         seed: Random seed, or ``random`` to draw one (printed and recorded in the run
             directory, so the run can be repeated exactly).
         output_dir: Run directory; null makes ``runs/<name>``.
@@ -190,7 +220,6 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     grad_accum_steps: int = 1
     clip_grad_norm: Optional[float] = None
-    label_smoothing: float = 0.0
     seed: Union[int, Literal["random"]] = 42
     output_dir: Optional[str] = None
     name: Optional[str] = None
@@ -216,6 +245,7 @@ class TrainClassifierConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -80,7 +80,8 @@ def _debug_kill(global_step: int) -> None:
 def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
                     state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
                     progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
-                    on_update: Optional[Callable[[TrainState], None]] = None) -> dict:
+                    on_update: Optional[Callable[[TrainState], None]] = None,
+                    regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> dict:
     """One pass over ``loader`` (already prepared, possibly skipping finished batches).
 
     Returns:
@@ -95,6 +96,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
         with accelerator.accumulate(model):
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
+            if regularizer is not None:  # explicit L1/Lp penalty (not the optimizer's weight decay)
+                loss = loss + regularizer(model)
             accelerator.backward(loss)
             if accelerator.sync_gradients and clip_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
@@ -155,7 +158,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         epochs: int, state: TrainState, checkpointer, run_dir: str | Path, num_classes: int,
         metric: str = "top1", patience: int = 0, min_delta: float = 0.0,
         clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
-        progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None) -> TrainState:
+        progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
+        regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> TrainState:
     """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
 
     The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
@@ -178,7 +182,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
         record = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
                                  clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
-                                 train_mode=train_mode, on_update=on_update)
+                                 train_mode=train_mode, on_update=on_update, regularizer=regularizer)
         state.epoch += 1
         state.step_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.global_step, **record}

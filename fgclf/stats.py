@@ -23,7 +23,8 @@ from scipy import stats as _st
 
 ArrayLike = Sequence[float] | np.ndarray
 
-__all__ = ["summarize", "paired_ttest", "wilcoxon_signed_rank", "mcnemar", "corrected_resampled_ttest"]
+__all__ = ["summarize", "bootstrap_mean_interval", "paired_ttest", "wilcoxon_signed_rank", "mcnemar",
+           "corrected_resampled_ttest"]
 
 
 def _as_1d(values: ArrayLike, name: str = "values") -> np.ndarray:

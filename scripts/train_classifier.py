@@ -47,7 +47,6 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
         (0 <= d.test_fraction < 1, "data.test_fraction must be in [0, 1)"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
-        (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (not (cfg.peft != "none" and cfg.model.strategy == "linear_probe"),
          "--peft and model.strategy=linear_probe exclude each other (PEFT already freezes the body)"),
         (cfg.resume is None or cfg.resume == "last" or Path(cfg.resume).exists(),
@@ -56,11 +55,13 @@ def validate(cfg: TrainClassifierConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    from fgclf.losses import list_losses, list_regularizers
     from fgclf.optim import list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
 
     for kind, name, known in (("optimizer", o.name.lower(), list_optimizers()),
-                              ("lr schedule", o.scheduler, list_schedulers())):
+                              ("lr schedule", o.scheduler, list_schedulers()), ("loss", cfg.loss.name, list_losses()),
+                              ("regularizer", cfg.loss.regularizer or "l2", list_regularizers())):
         if name not in known:
             raise UserError(unknown_name_message(kind, name, known))
 
@@ -155,6 +156,25 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
     return model, train_mode, model_kwargs, peft_meta, count_parameters(model)
 
 
+def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes: int):
+    """The loss with only the options the user set, and the optional weight penalty."""
+    import numpy as np
+
+    from fgclf.losses import class_balanced_weights, create_loss, create_regularizer
+
+    lc = cfg.loss
+    kwargs = {k: v for k, v in (("label_smoothing", lc.label_smoothing), ("gamma", lc.gamma),
+                                ("alpha", lc.alpha)) if v is not None}
+    if lc.class_balance != "none":
+        counts = np.bincount(train_labels, minlength=num_classes)
+        kwargs["class_weights"] = class_balanced_weights(counts, beta=lc.class_balance_beta, kind=lc.class_balance)
+    regularizer = None
+    if lc.regularizer:
+        reg_kwargs = {"weight": lc.reg_weight, **({"p": lc.reg_p} if lc.reg_p is not None else {})}
+        regularizer = create_regularizer(lc.regularizer, **reg_kwargs)
+    return create_loss(lc.name, **kwargs), regularizer
+
+
 @script_main
 def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- config
@@ -167,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from fgclf import checkpoint as ck
     from fgclf.engine import TrainState, evaluate, fit
-    from fgclf.losses import create_loss
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
@@ -227,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                                  milestones=o.milestones, gamma=o.gamma, restart_epochs=o.restart_epochs,
                                  restart_mult=o.restart_mult, plateau_patience=o.plateau_patience,
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
-    loss_fn = create_loss("ce", label_smoothing=t.label_smoothing)
+    loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
+                                      len(class_names))
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
     accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
     val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
@@ -244,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 state=state, checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names),
                 metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                 min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode)
+                checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode,
+                regularizer=regularizer)
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
     out = evaluate(accelerator, model, test_loader, loss_fn=loss_fn, progress=t.progress, desc="test")

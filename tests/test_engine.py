@@ -74,3 +74,26 @@ def test_gradient_clipping_limits_the_update_norm():
                     clip_grad_norm=1e-3, progress=False)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_regularizer_gradient_is_added_to_the_loss():
+    """One SGD step with an L1 penalty equals the hand step: -lr * (dCE/dθ + w * sign(θ))."""
+    from fgclf.engine import train_one_epoch
+    from fgclf.losses import create_regularizer
+
+    torch.manual_seed(0)
+    acc = create_accelerator(log_with=None)
+    model = nn.Linear(5, 3)
+    data = _problem(10)
+    ref = nn.Linear(5, 3)
+    ref.load_state_dict(model.state_dict())
+    nn.CrossEntropyLoss()(ref(data.tensors[0]), data.tensors[1]).backward()
+    expected_w = ref.weight.detach() - 0.1 * (ref.weight.grad + 0.5 * torch.sign(ref.weight.detach()))
+    expected_b = ref.bias.detach() - 0.1 * ref.bias.grad  # biases are not penalised
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=1)
+    model, opt, loader = acc.prepare(model, opt, DataLoader(data, batch_size=10))
+    train_one_epoch(acc, model, loader, opt, sched, nn.CrossEntropyLoss(), state=TrainState(), progress=False,
+                    regularizer=create_regularizer("l1", weight=0.5))
+    torch.testing.assert_close(model.weight.detach(), expected_w)
+    torch.testing.assert_close(model.bias.detach(), expected_b)

@@ -175,6 +175,9 @@ def test_mcnemar_for_single_runs(tmp_path, b, c, exact):
     assert (res["b"], res["c"], res["exact"], res["n"]) == (b, c, exact, b + c + 53)
     assert res["statistic"] == pytest.approx(ref.statistic) and res["p"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert "McNemar" in (out / "summary.md").read_text()
+    comp = json.loads((out / "summary.json").read_text())["comparisons"][0]  # seeds 0 and 1: still compared
+    assert comp["paired_by"] == [] and comp["n_pairs"] == 1
+    assert comp["metrics"]["top1"]["ttest"]["mean_diff"] == pytest.approx(-(b - c) / (b + c + 53))
 
 
 @pytest.mark.parametrize("damage,needle", [("ids", "image_ids differ"), ("labels", "labels differ"),
@@ -259,6 +262,9 @@ def test_cv_folds_pair_by_fold_with_corrected_ttest(tmp_path, capsys):
     assert entry["corrected_ttest"]["p"] > entry["ttest"]["p"]
     rows = {(r["group"], r["metric"]): r for r in csv.DictReader((out / "summary.csv").open())}
     assert float(rows["focal", "top1"]["p_corrected"]) == pytest.approx(entry["corrected_ttest"]["p"])
+    half = st.t.ppf(0.975, 4) * abs(d.mean() / t)
+    assert float(rows["focal", "top1"]["corrected_ci_lo"]) == pytest.approx(d.mean() - half, rel=1e-9)
+    assert float(rows["focal", "top1"]["corrected_ci_hi"]) == pytest.approx(d.mean() + half, rel=1e-9)
     assert "Nadeau & Bengio" in capsys.readouterr().out
 
 

@@ -177,3 +177,14 @@ def test_random_seed_is_recorded_and_reproduces(toy_root, tmp_path):
     _train(toy_root, tmp_path / "b", "--train.seed", str(seed), "--train.epochs", "1")
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
     assert (a["top1"], a["loss"]) == (b["top1"], b["loss"])
+
+
+def test_loss_options_reach_the_loss(toy_root, single_run, tmp_path):
+    """focal with gamma=0 is cross-entropy: the run reproduces the ce run."""
+    _train(toy_root, tmp_path / "focal0", "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01",
+           "--loss.name", "focal", "--loss.gamma", "0")
+    a = json.loads((single_run / "metrics.json").read_text())
+    b = json.loads((tmp_path / "focal0/metrics.json").read_text())
+    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    cfg = yaml.safe_load((tmp_path / "focal0/config.yaml").read_text())
+    assert cfg["loss"]["name"] == "focal" and cfg["loss"]["gamma"] == 0
