@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from fgclf.data.transforms import AugmentConfig
 from fgclf.errors import UserError
 
 
@@ -40,8 +41,9 @@ class DataConfig:
         fold: Which fold (0-based) validates when ``num_folds`` > 0.
         split_seed: Seed of that validation split (kept apart from the training seed, so that
             repeated seeds compare on the same split).
-        train_aug: Train augmentation: ``none`` (eval transform) or ``basic`` (random resized
-            crop + horizontal flip).
+        aug: Train augmentation: a preset (``aug.preset``: none, basic, strong, randaugment,
+            trivialaugment, autoaugment, augmix) and parts that override it (``aug.rotation``,
+            ``aug.gaussian_noise``, ``aug.random_erasing``, ...).
         num_workers: DataLoader worker processes per training process.
         verify_images: ``full`` decodes every image before training so a corrupt file stops
             the run at once; ``header`` only opens them; ``none`` skips the check.
@@ -63,7 +65,7 @@ class DataConfig:
     num_folds: int = 0
     fold: int = 0
     split_seed: int = 0
-    train_aug: Literal["none", "basic"] = "basic"
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 2
     verify_images: Literal["full", "header", "none"] = "full"
     skip_bad_images: bool = False
@@ -85,7 +87,10 @@ class ModelConfig:
         weights: Local weight file (.safetensors/.pth) to load instead of the hub's.
         drop_rate: Dropout before the classifier (null: the model's default).
         drop_path_rate: Stochastic depth rate (null: the model's default).
+        attn_drop_rate: Attention-weight dropout of ViT-style models (null: the model's
+            default; models without attention reject it).
         strategy: ``full`` trains every parameter; ``linear_probe`` freezes all but the head.
+        freeze_bn: Keep BatchNorm running statistics frozen (eval mode) while training.
         head_init: ``zero`` starts a pretrained model's new classifier at zero (BiT's recipe);
             ``default`` keeps timm's random init. Models without pretrained weights always
             keep the default.
@@ -97,7 +102,9 @@ class ModelConfig:
     weights: Optional[str] = None
     drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
+    attn_drop_rate: Optional[float] = None
     strategy: Literal["full", "linear_probe"] = "full"
+    freeze_bn: bool = False
     head_init: Literal["zero", "default"] = "zero"
     trust_remote_code: bool = False
 
@@ -148,6 +155,23 @@ class LossConfig:
     regularizer: Optional[str] = None
     reg_weight: float = 0.0
     reg_p: Optional[Union[float, str]] = None
+
+
+@dataclass
+class MixupConfig:
+    """Batch-level mixing (timm's Mixup/CutMix); the loss then sees soft targets.
+
+    Args:
+        alpha: Mixup Beta(alpha, alpha) (0: off).
+        cutmix_alpha: CutMix Beta(alpha, alpha) (0: off).
+        prob: Probability of mixing a batch.
+        switch_prob: Probability of CutMix instead of Mixup when both are on.
+    """
+
+    alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
 
 
 @dataclass
@@ -213,6 +237,7 @@ class TrainConfig:
         checkpoint_every_steps: Also write ``last`` every this many updates (0: epoch ends).
         mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
         progress: Show tqdm progress bars (main process only).
+        tta_flip: Evaluate on the average of the image's and its mirror image's logits.
     """
 
     epochs: int = 5
@@ -230,6 +255,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     progress: bool = True
+    tta_flip: bool = False
 
 
 @dataclass
@@ -246,6 +272,7 @@ class TrainClassifierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fgclf.data.mixup import tta_flip_logits
 from fgclf.metrics import compute_metrics
 from fgclf.report import append_jsonl
 
@@ -81,7 +82,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                     state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
                     progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
                     on_update: Optional[Callable[[TrainState], None]] = None,
-                    regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> dict:
+                    regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+                    mixup: Optional[Callable] = None) -> dict:
     """One pass over ``loader`` (already prepared, possibly skipping finished batches).
 
     Returns:
@@ -93,6 +95,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
                disable=not (progress and accelerator.is_local_main_process))
     for images, labels in bar:
+        if mixup is not None:  # soft targets from then on; every loss accepts them
+            images, labels = mixup(images, labels)
         with accelerator.accumulate(model):
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
@@ -128,7 +132,7 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
 
 @torch.no_grad()
 def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Module] = None,
-             progress: bool = False, desc: str = "eval") -> EvalOutput:
+             progress: bool = False, desc: str = "eval", tta_flip: bool = False) -> EvalOutput:
     """Logits and labels of every sample in ``loader``, gathered from all processes.
 
     ``gather_for_metrics`` drops the samples that distributed samplers duplicate to even out
@@ -138,7 +142,7 @@ def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Modu
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False,
                                disable=not (progress and accelerator.is_local_main_process)):
-        logits = model(images).float()
+        logits = (tta_flip_logits(model, images) if tta_flip else model(images)).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
@@ -159,7 +163,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         metric: str = "top1", patience: int = 0, min_delta: float = 0.0,
         clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
         progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
-        regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> TrainState:
+        regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, mixup: Optional[Callable] = None,
+        tta_flip: bool = False) -> TrainState:
     """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
 
     The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
@@ -182,12 +187,14 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
         record = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
                                  clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
-                                 train_mode=train_mode, on_update=on_update, regularizer=regularizer)
+                                 train_mode=train_mode, on_update=on_update, regularizer=regularizer,
+                                 mixup=mixup)
         state.epoch += 1
         state.step_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.global_step, **record}
         if val_loader is not None:
-            out = evaluate(accelerator, model, val_loader, loss_fn=loss_fn, progress=progress, desc="val")
+            out = evaluate(accelerator, model, val_loader, loss_fn=loss_fn, progress=progress, desc="val",
+                           tta_flip=tta_flip)
             scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
             record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
                            **{f"val/{k}": v for k, v in scores.items()}})

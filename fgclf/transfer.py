@@ -9,22 +9,30 @@ from fgclf.errors import UserError
 from fgclf.models._checkpoint import classifier_names
 
 
-def apply_strategy(model: nn.Module, strategy: str) -> Callable[[nn.Module], None]:
+def _bn_eval(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def apply_strategy(model: nn.Module, strategy: str, *, freeze_bn: bool = False) -> Callable[[nn.Module], None]:
     """Freeze parameters for ``strategy`` and return the function that puts the model in train mode.
 
     ``full`` trains everything. ``linear_probe`` trains only the classifier and keeps the
     frozen body (BatchNorm statistics, dropout) in eval mode, so the features stay exactly
-    the pretrained ones.
+    the pretrained ones. ``freeze_bn`` keeps every BatchNorm's running statistics fixed
+    (its affine parameters still train under ``full``).
     """
     if strategy == "full":
-        return lambda m: m.train()
+        def train_full(m: nn.Module) -> None:
+            m.train()
+            if freeze_bn:
+                _bn_eval(m)
+        return train_full
     if strategy != "linear_probe":
         raise UserError(f"unknown strategy '{strategy}'; known: full, linear_probe")
     heads = classifier_names(model)
-    head_modules = []
-    for name, module in model.named_modules():
-        if name in heads:
-            head_modules.append(module)
+    head_modules = [module for name, module in model.named_modules() if name in heads]
     if not head_modules:
         raise UserError(f"linear_probe: no classifier module named {heads} in {type(model).__name__}")
     for p in model.parameters():

@@ -116,7 +116,7 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
     d = cfg.data
     image_size = d.image_size or (d.toy_image_size if d.format == "toy" else None)
     data_cfg = fd.resolve_input_config(resolve_data_config(model), image_size)
-    train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.train_aug)
+    train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.aug)
     eval_tf = fd.create_transform(data_cfg, is_training=False)
     splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf)
               for s in ("train", "val", "test")}
@@ -140,12 +140,13 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
     from fgclf.transfer import apply_strategy, init_head
 
     m = cfg.model
-    model_kwargs = {k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate)) if v is not None}
+    model_kwargs = {k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
+                                      ("attn_drop_rate", m.attn_drop_rate)) if v is not None}
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
     if m.pretrained or m.weights:
         init_head(model, m.head_init)
-    train_mode = apply_strategy(model, m.strategy)
+    train_mode = apply_strategy(model, m.strategy, freeze_bn=m.freeze_bn)
     peft_meta = None
     if cfg.peft != "none":
         lc = cfg.lora
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
-    from fgclf.data import split_summary
+    from fgclf.data import create_mixup, split_summary
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
     t = cfg.train
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                                  milestones=o.milestones, gamma=o.gamma, restart_epochs=o.restart_epochs,
                                  restart_mult=o.restart_mult, plateau_patience=o.plateau_patience,
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
+    mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
+                         switch_prob=cfg.mixup.switch_prob, num_classes=len(class_names))
     loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
                                       len(class_names))
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
@@ -265,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                 metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                 min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
                 checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode,
-                regularizer=regularizer)
+                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip)
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
-    out = evaluate(accelerator, model, test_loader, loss_fn=loss_fn, progress=t.progress, desc="test")
+    out = evaluate(accelerator, model, test_loader, loss_fn=loss_fn, progress=t.progress, desc="test",
+                   tta_flip=t.tta_flip)
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": time.perf_counter() - start,

@@ -45,7 +45,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert load_config(TrainClassifierConfig, tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+EXPERIMENTS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
+SWEEPS = sorted((REPO / "configs").glob("sweep_*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_documents_its_command(path):
     text = path.read_text()
     assert "accelerate launch" in text.split("\n\n")[0] or text.startswith("#"), "header comment with the command"
@@ -67,3 +71,17 @@ def test_every_accelerate_config_loads(path):
     assert "accelerate launch" in path.read_text().split("compute_environment")[0]
     cfg = ClusterConfig.from_yaml_file(str(path))
     assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "fp16", "bf16")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_plan_expands_into_valid_runs(path, tmp_path):
+    """Every run of a shipped sweep parses as a train_classifier command line."""
+    from fgclf.sweep import expand, load_plan
+
+    assert "python scripts/sweep.py" in path.read_text().split("\nname:")[0]
+    plan = load_plan(path)
+    runs = expand(plan, tmp_path)
+    assert len(runs) == len({r.run_dir for r in runs}) >= 2
+    for run in runs:
+        cfg = parse_config(TrainClassifierConfig, ["--config", str(REPO / plan["base"]), *run.flags()])
+        assert cfg.train.seed == run.seed

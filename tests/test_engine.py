@@ -97,3 +97,17 @@ def test_regularizer_gradient_is_added_to_the_loss():
                     regularizer=create_regularizer("l1", weight=0.5))
     torch.testing.assert_close(model.weight.detach(), expected_w)
     torch.testing.assert_close(model.bias.detach(), expected_b)
+
+
+def test_freeze_bn_keeps_running_statistics():
+    from fgclf.transfer import apply_strategy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    before = model[1].running_mean.clone()
+    apply_strategy(model, "full", freeze_bn=True)(model)
+    model(torch.randn(4, 3, 8, 8) + 5)
+    assert torch.equal(model[1].running_mean, before) and model[0].training and not model[1].training
+    apply_strategy(model, "full")(model)
+    model(torch.randn(4, 3, 8, 8) + 5)
+    assert not torch.equal(model[1].running_mean, before)

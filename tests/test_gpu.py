@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_mixed_precision_matches_fp32(toy_root, tmp_path, precision):
     """Autocast training on the GPU lands within a few points of the fp32 run (same seed, data)."""
     base = ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS, "--train.epochs", "3",
-            "--data.train_aug", "none", "--optim.lr", "0.01"]
+            "--data.aug.preset", "none", "--optim.lr", "0.01"]
     ref = run_script("train_classifier.py", [*base, "--train.output_dir", str(tmp_path / "fp32"),
                                              "--train.mixed_precision", "no"])
     amp = run_script("train_classifier.py", [*base, "--train.output_dir", str(tmp_path / precision),

@@ -12,7 +12,9 @@ from fgclf.data.datasets import (ImageDataset, Records, find_bad_images, load_im
                                  read_hf, read_imagefolder, to_rgb)
 from fgclf.data.splits import assign_splits, kfold_mask, split_summary, stratified_holdout
 from fgclf.data.toy import TOY_DEFAULTS, default_toy_root, ensure_toy_cub, generate_toy_cub
-from fgclf.data.transforms import create_transform, list_augmentations, resolve_input_config
+from fgclf.data.mixup import MixupCutmix, create_mixup, tta_flip_logits
+from fgclf.data.transforms import (AugmentConfig, create_transform, list_augmentations, list_auto_augment_policies,
+                                   register_augmentation, resolve_augment, resolve_input_config)
 from fgclf.errors import UserError
 
 _READERS = {
@@ -71,7 +73,8 @@ def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: st
 
 
 __all__ = [
-    "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
+    "AugmentConfig", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
+    "resolve_augment", "tta_flip_logits", "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
     "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",
     "list_formats", "load_image", "load_records", "read_cub", "read_hf", "read_imagefolder",
     "resolve_input_config", "split_summary", "stratified_holdout", "to_rgb",

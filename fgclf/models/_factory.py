@@ -24,6 +24,8 @@ with the head reset when the file's class count differs from ``num_classes``.
 """
 from __future__ import annotations
 
+import re
+
 import importlib
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,18 @@ def create_model(name: str, *, num_classes: int | None, pretrained: bool = False
     """
     kwargs = {k: v for k, v in dict(kwargs, drop_rate=drop_rate, drop_path_rate=drop_path_rate).items()
               if v is not None}
+    try:
+        return _create(name, num_classes, pretrained, weights, trust_remote_code, kwargs)
+    except TypeError as e:  # timm passes unknown options to the model class, which rejects them
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if match is None:
+            raise
+        raise UserError(f"model '{name}' does not take the option {match.group(1)} "
+                        f"(e.g. attn_drop_rate needs an attention model such as a ViT)") from None
+
+
+def _create(name: str, num_classes: int | None, pretrained: bool, weights: str | None, trust_remote_code: bool,
+            kwargs: dict[str, Any]) -> nn.Module:
     if name.startswith("file:"):
         if weights is not None:
             raise UserError(f"'{name}' already holds weights; do not also pass weights={weights}")

@@ -169,3 +169,10 @@ def test_hub_needs_trust_flag():
         create_model("hub:pytorch/vision:resnet18", num_classes=3)
     with pytest.raises(UserError, match=r"hub:owner/repo\[:ref\]:entry"):
         create_model("hub:resnet18", num_classes=3, trust_remote_code=True)
+
+
+def test_attention_dropout_reaches_vit_and_is_refused_by_convnets():
+    model = create_model("test_vit", num_classes=3, attn_drop_rate=0.3)
+    assert {blk.attn.attn_drop.p for blk in model.blocks} == {0.3}
+    with pytest.raises(UserError, match="does not take the option attn_drop_rate"):
+        create_model("test_efficientnet", num_classes=3, attn_drop_rate=0.3)

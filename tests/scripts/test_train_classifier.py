@@ -27,7 +27,7 @@ def _train(toy_root: Path, out: Path, *extra: str, nproc: int = 1, launch: bool 
 @pytest.fixture(scope="module")
 def single_run(toy_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "single"
-    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none",
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none",
            "--optim.lr", "0.01", launch=True)
     return out
 
@@ -66,7 +66,7 @@ def test_metrics_json_equals_sklearn_from_predictions(single_run: Path):
 def test_two_processes_match_one(toy_root, single_run: Path, tmp_path):
     """DDP over 2 gloo processes with the same global batch gives the single-process numbers."""
     out = tmp_path / "ddp"
-    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01", nproc=2)
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01", nproc=2)
     one = json.loads((single_run / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     assert two["num_samples"] == one["num_samples"] == 20
@@ -157,7 +157,7 @@ def test_peft_lora_run_trains_adapters_and_exports_merged(toy_root, tmp_path):
 def test_gradient_accumulation_matches_the_big_batch(toy_root, single_run, tmp_path):
     """batch 4 x 2 accumulated micro-batches = batch 8 (GroupNorm model, no augmentation)."""
     out = tmp_path / "accum"
-    _train(toy_root, out, "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01",
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--train.batch_size", "4", "--train.grad_accum_steps", "2", "--train.eval_batch_size", "8")
     a = json.loads((single_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
@@ -181,10 +181,38 @@ def test_random_seed_is_recorded_and_reproduces(toy_root, tmp_path):
 
 def test_loss_options_reach_the_loss(toy_root, single_run, tmp_path):
     """focal with gamma=0 is cross-entropy: the run reproduces the ce run."""
-    _train(toy_root, tmp_path / "focal0", "--train.epochs", "2", "--data.train_aug", "none", "--optim.lr", "0.01",
+    _train(toy_root, tmp_path / "focal0", "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--loss.name", "focal", "--loss.gamma", "0")
     a = json.loads((single_run / "metrics.json").read_text())
     b = json.loads((tmp_path / "focal0/metrics.json").read_text())
     assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     cfg = yaml.safe_load((tmp_path / "focal0/config.yaml").read_text())
     assert cfg["loss"]["name"] == "focal" and cfg["loss"]["gamma"] == 0
+
+
+def test_tta_flip_averages_image_and_mirror(toy_root, tmp_path):
+    import torch
+
+    from fgclf.data import create_dataset, create_transform
+    from fgclf.models import create_model
+
+    out = tmp_path / "tta"
+    _train(toy_root, out, "--train.epochs", "1", "--train.tta_flip", "true")
+    best = out / "checkpoints" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
+    ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
+                        transform=create_transform(meta["data_config"], is_training=False))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        expected = ((model(x) + model(x.flip(-1))) / 2).numpy()
+    np.testing.assert_allclose(np.load(out / "predictions.npz")["logits"], expected, atol=1e-4)
+
+
+def test_mixup_with_probability_zero_is_plain_training(toy_root, single_run, tmp_path):
+    """The soft-target path: mixup on but never firing reproduces the integer-label run."""
+    _train(toy_root, tmp_path / "mix0", "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
+           "--mixup.alpha", "0.4", "--mixup.prob", "0.0")
+    a = json.loads((single_run / "metrics.json").read_text())
+    b = json.loads((tmp_path / "mix0/metrics.json").read_text())
+    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)

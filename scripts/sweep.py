@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Run a sweep plan (variants x seeds x folds) and write the statistical comparison.
+
+    python scripts/sweep.py configs/sweep_toy_tricks.yaml              # run (skips finished runs)
+    python scripts/sweep.py configs/sweep_toy_tricks.yaml --dry-run    # print the commands only
+    python scripts/sweep.py configs/sweep_toy_tricks.yaml --output-dir runs/my_sweep
+
+Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
+run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
+arguments; the summary (mean, std, t and bootstrap intervals per variant, paired tests
+against the first variant) lands in <output-dir>/comparison/ as summary.md/.csv/.json and
+comparison.png. Re-running skips finished runs and resumes interrupted ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fgclf.runtime import script_main  # noqa: E402
+from fgclf.sweep import execute, expand, load_plan, status  # noqa: E402
+
+
+@script_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", type=Path, help="sweep plan YAML")
+    parser.add_argument("--output-dir", type=Path, help="default: runs/<plan name>")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
+    parser.add_argument("--metrics", nargs="+", help="metrics to compare (default: the standard set)")
+    args = parser.parse_args(argv)
+
+    plan = load_plan(args.plan)
+    out = args.output_dir or Path("runs") / plan["name"]
+    runs = expand(plan, out)
+    print(f"sweep {plan['name']}: {len(runs)} runs in {out}", flush=True)
+    failed = execute(plan, runs, repo=REPO, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    from fgclf.compare import compare_groups, format_markdown, write_comparison
+
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        if status(run) == "done":
+            groups.setdefault(run.variant, []).append(str(run.run_dir))
+    if groups:
+        result = compare_groups(groups, args.metrics)
+        write_comparison(result, out / "comparison")
+        print(format_markdown(result))
+        print(f"comparison written to {out / 'comparison'}")
+    if failed:
+        print(f"error: {len(failed)} of {len(runs)} runs failed: " + ", ".join(str(r.run_dir) for r in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A tiny sweep (2 variants x 2 seeds, one epoch) end to end: its report equals the runs it summarises."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY_ARGS, run_script
+from scipy import stats
+
+from fgclf.errors import UserError
+from fgclf.sweep import expand, load_plan
+
+
+def _plan(tmp_path: Path, toy_root: Path) -> Path:
+    flags = dict(zip(TINY_ARGS[::2], TINY_ARGS[1::2]))
+    settings = {k.lstrip("-"): v for k, v in flags.items()}
+    settings.update({"data.format": "cub", "data.root": str(toy_root), "train.epochs": 1, "optim.lr": 0.01})
+    plan = {"name": "tiny", "launch": ["--config_file", "accelerate_configs/cpu.yaml"], "seeds": [1, 2],
+            "set": settings, "variants": {"ce": {}, "smooth": {"loss.name": "label_smoothing"}}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_tiny_sweep_report_matches_its_runs(toy_root, tmp_path):
+    plan, out = _plan(tmp_path, toy_root), tmp_path / "sweep"
+    proc = run_script("sweep.py", [str(plan), "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "comparison" / "summary.json").read_text())
+    top1 = {v: [json.loads((out / v / f"seed{s}" / "metrics.json").read_text())["top1"] for s in (1, 2)]
+            for v in ("ce", "smooth")}
+    rows = {(r["group"], r["metric"]): r for r in summary["summaries"]}
+    for variant, values in top1.items():
+        assert rows[(variant, "top1")]["mean"] == pytest.approx(np.mean(values))
+        assert rows[(variant, "top1")]["std"] == pytest.approx(np.std(values, ddof=1), nan_ok=True)
+    diff = np.subtract(top1["smooth"], top1["ce"])
+    comp = summary["comparisons"][0]["metrics"]["top1"]
+    assert comp["ttest"]["mean_diff"] == pytest.approx(diff.mean())
+    if np.std(diff) > 0:
+        assert comp["ttest"]["p"] == pytest.approx(stats.ttest_rel(top1["smooth"], top1["ce"]).pvalue)
+    assert (out / "comparison" / "comparison.png").exists() and (out / "comparison" / "summary.md").exists()
+    again = run_script("sweep.py", [str(plan), "--output-dir", str(out)])  # finished runs are skipped
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 4
+
+
+def test_plan_expansion_and_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("seeds: [1, 2]\nfolds: 3\ngrid: {optim.name: [sgd, adam], loss.name: [ce]}\n")
+    runs = expand(load_plan(path), tmp_path / "out")
+    assert len(runs) == 2 * 2 * 3
+    assert {r.variant for r in runs} == {"name-sgd_name-ce", "name-adam_name-ce"}
+    assert runs[0].overrides["data.num_folds"] == 3 and {r.fold for r in runs} == {0, 1, 2}
+    assert runs[0].run_dir == tmp_path / "out" / "name-sgd_name-ce" / "seed1_fold0"
+    path.write_text("seedz: [1]\n")
+    with pytest.raises(UserError, match="unknown key"):
+        load_plan(path)
