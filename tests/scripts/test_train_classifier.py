@@ -122,8 +122,8 @@ def test_existing_run_directory_is_not_overwritten(toy_root, single_run):
     assert (single_run / "metrics.json").read_bytes() == before
 
 
-def _export_logits(run_dir: Path, toy_root: Path) -> np.ndarray:
-    """Logits of ``file:<run>/checkpoints/best`` on the run's test split, computed here from scratch."""
+def _export_model_and_test_images(run_dir: Path, toy_root: Path):
+    """``file:<run>/checkpoints/best`` and the run's test images, built here from scratch."""
     import torch
 
     from fgclf.data import create_dataset, create_transform
@@ -134,8 +134,21 @@ def _export_logits(run_dir: Path, toy_root: Path) -> np.ndarray:
     model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
     ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
                         transform=create_transform(meta["data_config"], is_training=False))
+    return model, torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def _export_logits(run_dir: Path, toy_root: Path) -> np.ndarray:
+    import torch
+
+    model, x = _export_model_and_test_images(run_dir, toy_root)
     with torch.no_grad():
-        return torch.cat([model(torch.stack([ds[i][0] for i in range(len(ds))]))]).numpy()
+        return model(x).numpy()
+
+
+def _assert_same_test_result(run_a: Path, run_b: Path) -> None:
+    a = json.loads((run_a / "metrics.json").read_text())
+    b = json.loads((run_b / "metrics.json").read_text())
+    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
 def test_best_export_reproduces_the_test_predictions(single_run, toy_root):
@@ -183,9 +196,7 @@ def test_loss_options_reach_the_loss(toy_root, single_run, tmp_path):
     """focal with gamma=0 is cross-entropy: the run reproduces the ce run."""
     _train(toy_root, tmp_path / "focal0", "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--loss.name", "focal", "--loss.gamma", "0")
-    a = json.loads((single_run / "metrics.json").read_text())
-    b = json.loads((tmp_path / "focal0/metrics.json").read_text())
-    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    _assert_same_test_result(single_run, tmp_path / "focal0")
     cfg = yaml.safe_load((tmp_path / "focal0/config.yaml").read_text())
     assert cfg["loss"]["name"] == "focal" and cfg["loss"]["gamma"] == 0
 
@@ -193,17 +204,9 @@ def test_loss_options_reach_the_loss(toy_root, single_run, tmp_path):
 def test_tta_flip_averages_image_and_mirror(toy_root, tmp_path):
     import torch
 
-    from fgclf.data import create_dataset, create_transform
-    from fgclf.models import create_model
-
     out = tmp_path / "tta"
     _train(toy_root, out, "--train.epochs", "1", "--train.tta_flip", "true")
-    best = out / "checkpoints" / "best"
-    meta = json.loads((best / "config.json").read_text())
-    model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
-    ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
-                        transform=create_transform(meta["data_config"], is_training=False))
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    model, x = _export_model_and_test_images(out, toy_root)
     with torch.no_grad():
         expected = ((model(x) + model(x.flip(-1))) / 2).numpy()
     np.testing.assert_allclose(np.load(out / "predictions.npz")["logits"], expected, atol=1e-4)
@@ -213,6 +216,4 @@ def test_mixup_with_probability_zero_is_plain_training(toy_root, single_run, tmp
     """The soft-target path: mixup on but never firing reproduces the integer-label run."""
     _train(toy_root, tmp_path / "mix0", "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--mixup.alpha", "0.4", "--mixup.prob", "0.0")
-    a = json.loads((single_run / "metrics.json").read_text())
-    b = json.loads((tmp_path / "mix0/metrics.json").read_text())
-    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    _assert_same_test_result(single_run, tmp_path / "mix0")
