@@ -139,3 +139,30 @@ class Checkpointer:
             return False
         target.load_state_dict(load_file(str(path), device="cpu"), strict=True)
         return True
+
+
+def load_adapter_model(ckpt_dir: str | Path) -> nn.Module:
+    """Rebuild a PEFT run's model from its base weights plus the saved adapter (``best/``).
+
+    The base comes from the recorded ``model_name`` / ``base`` settings (the same pretrained or
+    local weights the run started from); the adapter file holds the adapter and the new head.
+    ``--model.name file:DIR`` loads the merged export instead; both give the same outputs.
+    """
+    from safetensors.torch import load_file
+
+    from fgclf.models import apply_peft, create_model
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = json.loads((ckpt_dir / "config.json").read_text())
+    peft_cfg, base = meta.get("peft"), meta.get("base") or {}
+    if not peft_cfg or not (ckpt_dir / ADAPTER_NAME).is_file():
+        raise UserError(f"{ckpt_dir} holds no PEFT adapter; load it with --model.name file:{ckpt_dir}")
+    model = create_model(base.get("model_name", meta["model_name"]), num_classes=meta["num_classes"],
+                         pretrained=base.get("pretrained", False), weights=base.get("weights"),
+                         **meta.get("model_kwargs", {}))
+    model = apply_peft(model, method=peft_cfg["method"], r=peft_cfg["r"], alpha=peft_cfg["alpha"],
+                       dropout=peft_cfg["dropout"], target_modules=peft_cfg["target_modules"])
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(ckpt_dir / ADAPTER_NAME), device="cpu"))
+    return model.eval()

@@ -89,12 +89,15 @@ class ModelConfig:
         drop_path_rate: Stochastic depth rate (null: the model's default).
         attn_drop_rate: Attention-weight dropout of ViT-style models (null: the model's
             default; models without attention reject it).
-        strategy: ``full`` trains every parameter; ``linear_probe`` freezes all but the head.
+        strategy: ``full`` trains every parameter; ``partial:N`` freezes the stem and the first
+            N stages (timm's stage grouping); ``linear_probe`` freezes all but the head.
         freeze_bn: Keep BatchNorm running statistics frozen (eval mode) while training.
         head_init: ``zero`` starts a pretrained model's new classifier at zero (BiT's recipe);
             ``default`` keeps timm's random init. Models without pretrained weights always
             keep the default.
         trust_remote_code: Allow ``hub:owner/repo:entry`` models that run downloaded code.
+        kwargs: More keyword arguments for ``timm.create_model`` (e.g. ``{img_size: 64}``),
+            recorded in the checkpoint so exports rebuild the same model.
     """
 
     name: str = "tf_efficientnet_lite0.pypi_in1k"
@@ -103,10 +106,11 @@ class ModelConfig:
     drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
     attn_drop_rate: Optional[float] = None
-    strategy: Literal["full", "linear_probe"] = "full"
+    strategy: str = "full"
     freeze_bn: bool = False
     head_init: Literal["zero", "default"] = "zero"
     trust_remote_code: bool = False
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -9,28 +9,58 @@ from fgclf.errors import UserError
 from fgclf.models._checkpoint import classifier_names
 
 
-def _bn_eval(model: nn.Module) -> None:
+def _frozen_bn_eval(model: nn.Module, *, all_bn: bool) -> None:
+    """BatchNorm layers without trainable parameters (or all, with ``all_bn``) to eval mode."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+            if all_bn or not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def stage_groups(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names per stage from timm's ``group_matcher``: 0 = stem, then stages, last = head."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise UserError(f"partial fine-tuning needs a timm model with stages; {type(model).__name__} has none")
+    return group_parameters(model, model.group_matcher(coarse=True))
+
+
+def _freeze_first_stages(model: nn.Module, n: int) -> None:
+    groups = stage_groups(model)
+    stages = len(groups) - 2  # without stem and head
+    if not 0 <= n <= stages:
+        raise UserError(f"partial:{n}: {type(model).__name__} has {stages} stages; use partial:0..{stages}")
+    frozen = {name for gid, names in groups.items() if gid <= n for name in names}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def apply_strategy(model: nn.Module, strategy: str, *, freeze_bn: bool = False) -> Callable[[nn.Module], None]:
     """Freeze parameters for ``strategy`` and return the function that puts the model in train mode.
 
-    ``full`` trains everything. ``linear_probe`` trains only the classifier and keeps the
-    frozen body (BatchNorm statistics, dropout) in eval mode, so the features stay exactly
-    the pretrained ones. ``freeze_bn`` keeps every BatchNorm's running statistics fixed
-    (its affine parameters still train under ``full``).
+    ``full`` trains everything. ``partial:N`` freezes the stem and the first ``N`` stages
+    (timm's stage grouping, so it works for ResNet, EfficientNet, ConvNeXt and ViT blocks
+    alike) and keeps their BatchNorm layers in eval mode. ``linear_probe`` trains only the
+    classifier and keeps the whole body (BatchNorm statistics, dropout) in eval mode, so the
+    features stay exactly the pretrained ones. ``freeze_bn`` keeps every BatchNorm's running
+    statistics fixed.
     """
-    if strategy == "full":
-        def train_full(m: nn.Module) -> None:
+    if strategy == "full" or strategy.startswith("partial:"):
+        if strategy != "full":
+            try:
+                n = int(strategy.split(":", 1)[1])
+            except ValueError:
+                raise UserError(f"strategy '{strategy}': expected partial:N with a whole number N") from None
+            _freeze_first_stages(model, n)
+
+        def train_mode_full(m: nn.Module) -> None:
             m.train()
-            if freeze_bn:
-                _bn_eval(m)
-        return train_full
+            _frozen_bn_eval(m, all_bn=freeze_bn)
+        return train_mode_full
     if strategy != "linear_probe":
-        raise UserError(f"unknown strategy '{strategy}'; known: full, linear_probe")
+        raise UserError(f"unknown strategy '{strategy}'; known: full, partial:N, linear_probe")
     heads = classifier_names(model)
     head_modules = [module for name, module in model.named_modules() if name in heads]
     if not head_modules:

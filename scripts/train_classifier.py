@@ -140,8 +140,8 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
     from fgclf.transfer import apply_strategy, init_head
 
     m = cfg.model
-    model_kwargs = {k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
-                                      ("attn_drop_rate", m.attn_drop_rate)) if v is not None}
+    model_kwargs = {**m.kwargs, **{k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
+                                                     ("attn_drop_rate", m.attn_drop_rate)) if v is not None}}
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
     if m.pretrained or m.weights:
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
             "model_kwargs": model_kwargs, "peft": peft_meta,
+            "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
+                     "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None},
             "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
                             if k in data_cfg}}
     checkpointer = ck.Checkpointer(accelerator, run_dir, meta=meta)

@@ -111,3 +111,32 @@ def test_freeze_bn_keeps_running_statistics():
     apply_strategy(model, "full")(model)
     model(torch.randn(4, 3, 8, 8) + 5)
     assert not torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("name,n", [("resnet18", 2), ("test_vit", 1), ("tf_efficientnet_lite0", 3)])
+def test_partial_freezes_stem_and_first_stages(name, n):
+    import timm
+    from timm.models import group_parameters
+
+    from fgclf.transfer import apply_strategy
+
+    model = timm.create_model(name, num_classes=4)
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    train_mode = apply_strategy(model, f"partial:{n}")
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {k for gid, names in groups.items() if gid <= n for k in names}
+    assert all(p.requires_grad for k, p in model.named_parameters() if k.startswith(("fc.", "head.", "classifier.")))
+    train_mode(model)
+    for module in model.modules():  # frozen BatchNorm layers keep their statistics
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.training == any(p.requires_grad for p in module.parameters())
+
+
+def test_partial_out_of_range_is_a_user_error():
+    import timm
+
+    from fgclf.errors import UserError
+    from fgclf.transfer import apply_strategy
+
+    with pytest.raises(UserError, match="resnet has 4 stages|ResNet has 4 stages"):
+        apply_strategy(timm.create_model("resnet18", num_classes=4), "partial:7")
