@@ -31,6 +31,7 @@ from typing import Any, Optional
 import yaml
 
 from fgclf.errors import UserError
+from fgclf.utils import atomic_write_json
 
 _PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script"}
 
@@ -115,6 +116,9 @@ def run_command(plan: dict, run: PlannedRun, repo: Path) -> list[str]:
     return cmd
 
 
+PLAN_FILE = "sweep_run.json"
+
+
 def status(run: PlannedRun) -> str:
     """``done`` (metrics.json), ``partial`` (a resumable checkpoint) or ``todo``."""
     if (run.run_dir / "metrics.json").is_file():
@@ -124,12 +128,30 @@ def status(run: PlannedRun) -> str:
     return "todo"
 
 
+def check_unchanged(plan: dict, runs: list[PlannedRun]) -> None:
+    """Refuse to reuse a finished or partial run that was started with other settings.
+
+    Each run folder records the base config and overrides it was launched with; a plan edited
+    since then would otherwise mix old and new settings in one comparison.
+    """
+    for run in runs:
+        record = run.run_dir / PLAN_FILE
+        if status(run) == "todo" or not record.is_file():
+            continue
+        before = json.loads(record.read_text())
+        now = {"base": plan.get("base"), "overrides": run.overrides}
+        if before != now:
+            raise UserError(f"{run.run_dir} was run with other settings ({before['overrides']}); the plan now says "
+                            f"{run.overrides}. Delete that folder or choose another --output-dir")
+
+
 def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = False) -> list[PlannedRun]:
     """Run what is not finished, one after another; returns the runs that failed.
 
     A run folder left without any checkpoint (a run that failed before its first epoch
     ended) holds nothing to keep and is started again from scratch.
     """
+    check_unchanged(plan, runs)
     failed = []
     for k, run in enumerate(runs, 1):
         state = status(run)
@@ -143,6 +165,8 @@ def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = F
             continue
         if state == "todo" and run.run_dir.exists():
             shutil.rmtree(run.run_dir)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.run_dir / PLAN_FILE, {"base": plan.get("base"), "overrides": run.overrides})
         proc = subprocess.run(cmd, cwd=repo)
         if proc.returncode != 0:
             print(f"{label}: FAILED with exit status {proc.returncode}", file=sys.stderr, flush=True)

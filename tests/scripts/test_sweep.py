@@ -57,3 +57,22 @@ def test_plan_expansion_and_errors(tmp_path):
     path.write_text("seedz: [1]\n")
     with pytest.raises(UserError, match="unknown key"):
         load_plan(path)
+
+
+def test_edited_plan_does_not_reuse_runs_made_with_other_settings(tmp_path):
+    import json as _json
+
+    from fgclf.sweep import PLAN_FILE, check_unchanged
+
+    path = tmp_path / "p.yaml"
+    path.write_text("seeds: [1]\nset: {train.epochs: 6}\n")
+    plan = load_plan(path)
+    (run,) = expand(plan, tmp_path / "out")
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "metrics.json").write_text("{}")
+    (run.run_dir / PLAN_FILE).write_text(_json.dumps({"base": None, "overrides": run.overrides}))
+    check_unchanged(plan, [run])  # same settings: reused
+    path.write_text("seeds: [1]\nset: {train.epochs: 4}\n")
+    plan = load_plan(path)
+    with pytest.raises(UserError, match="was run with other settings"):
+        check_unchanged(plan, expand(plan, tmp_path / "out"))
