@@ -8,7 +8,9 @@ is compared with the first one (the baseline) on paired runs:
   in one group only is listed and left out of the paired tests;
 * when the runs carry a ``fold`` key (k-fold CV) they are paired by fold (by seed and fold when a
   group repeats a fold), and the Nadeau-Bengio corrected t-test is added, with ``n_train`` and
-  ``num_samples`` (the held-out fold) from metrics.json;
+  ``num_samples`` from metrics.json. Each fold's model is scored on the shared, untouched test
+  split (the fold only changes which training images validate), so ``n_test`` is the test
+  size and the correction, derived for disjoint test folds, is approximate;
 * when both groups are a single run, McNemar's test compares their per-sample correctness on the
   shared test set from predictions.npz.
 

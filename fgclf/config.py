@@ -33,7 +33,8 @@ class DataConfig:
             (for ``toy`` data, the images' own size).
         bbox_crop: Crop each image to its bounding box first (CUB layout only).
         val_fraction: Fraction of train held out (stratified, seeded) when the dataset has no
-            validation split; 0 evaluates on test each epoch instead.
+            validation split; 0 trains on all of it, without validation (no early stopping
+            or plateau schedule; the last epoch is the one tested).
         test_fraction: Fraction of train held out as test when the dataset has no test split.
         num_folds: k-fold cross-validation: validate on fold ``fold`` of ``num_folds``
             stratified folds of train instead of a ``val_fraction`` hold-out (0: off). The
@@ -239,6 +240,8 @@ class TrainConfig:
         early_stopping_min_delta: Smallest change that counts as an improvement.
         log_every: Log the running train loss every this many updates.
         checkpoint_every_steps: Also write ``last`` every this many updates (0: epoch ends).
+            Resuming from such a mid-epoch checkpoint continues with the same batches but not
+            the same random augmentations; epoch-end checkpoints resume exactly.
         mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
         progress: Show tqdm progress bars (main process only).
         tta_flip: Evaluate on the average of the image's and its mirror image's logits.

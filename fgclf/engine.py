@@ -7,8 +7,6 @@ DeepSpeed and FSDP. ``fit`` adds per-epoch validation, early stopping, checkpoin
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +21,9 @@ from fgclf.data.mixup import tta_flip_logits
 from fgclf.metrics import compute_metrics
 from fgclf.report import append_jsonl
 
-KILL_ENV = "FGCLF_DEBUG_KILL_AT_STEP"  # tests: SIGKILL this process after that optimizer update
+# validation/test loss is plain cross-entropy whatever the training criterion (label smoothing,
+# focal, class weights), so runs with different losses report comparable numbers
+EVAL_LOSS = nn.CrossEntropyLoss()
 
 
 @dataclass
@@ -72,12 +72,6 @@ def _memory_mb() -> float:
         return float("nan")
 
 
-def _debug_kill(global_step: int) -> None:
-    target = os.environ.get(KILL_ENV)
-    if target and int(target) == global_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
                     state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
                     progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
@@ -87,8 +81,9 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     """One pass over ``loader`` (already prepared, possibly skipping finished batches).
 
     Returns:
-        ``{"train_loss", "lr", "samples", "epoch_time"}``; the loss is the mean over all
-        processes and batches of this epoch.
+        ``{"train_loss", "lr", "samples", "epoch_time"}``: the loss (including any
+        ``regularizer`` penalty) averaged over all processes and batches of this epoch, and the
+        number of training samples seen by all processes together.
     """
     (train_mode or (lambda m: m.train()))(model)
     start, loss_sum, batches, samples = time.perf_counter(), None, 0, 0
@@ -123,9 +118,9 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                                  "train/lr": optimizer.param_groups[0]["lr"]}, step=state.global_step)
             if on_update is not None:
                 on_update(state)
-            _debug_kill(state.global_step)
     bar.close()
     mean_loss = accelerator.reduce(loss_sum / max(batches, 1), "mean").item() if batches else float("nan")
+    samples = int(accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item())
     return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
             "epoch_time": time.perf_counter() - start}
 
@@ -164,7 +159,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
         progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
         regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, mixup: Optional[Callable] = None,
-        tta_flip: bool = False) -> TrainState:
+        tta_flip: bool = False, callbacks: tuple[Callable[[TrainState], None], ...] = ()) -> TrainState:
     """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
 
     The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
@@ -178,6 +173,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
     def on_update(st: TrainState) -> None:
         if checkpoint_every_steps and st.global_step % checkpoint_every_steps == 0:
             checkpointer.save_last(st)
+        for callback in callbacks:
+            callback(st)
 
     while state.epoch < epochs and not state.stopped_early:
         loader = train_loader
@@ -193,7 +190,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         state.step_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.global_step, **record}
         if val_loader is not None:
-            out = evaluate(accelerator, model, val_loader, loss_fn=loss_fn, progress=progress, desc="val",
+            out = evaluate(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
                            tta_flip=tta_flip)
             scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
             record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),

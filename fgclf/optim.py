@@ -77,8 +77,8 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
             if params:
                 scale = group.get("lr_scale", 1.0) * (head_lr_scale if is_head else 1.0)
                 split.append({**group, "params": params, "lr_scale": scale, "lr": lr * scale})
-    kwargs = {"momentum": momentum} if name.lower() in ("sgd", "nesterov", "momentum", "sgdp", "lars") else {}
-    return create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+    # timm hands momentum only to the optimizers that have one
+    return create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 # ----------------------------------------------------------------------------- schedule shapes
@@ -185,9 +185,6 @@ class Scheduler:
                     self.plateau_scale *= self.gamma
                     self.bad_epochs = 0
         self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("updates", "epochs", "plateau_scale", "best", "bad_epochs")}

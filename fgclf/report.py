@@ -283,10 +283,11 @@ def write_evaluation(run_dir: str | os.PathLike, *, logits: Any, labels: Any, cl
     result["confusion_matrix"] = cm.tolist()
 
     # NaN (e.g. auroc_macro with a single class present) is written as JSON's NaN extension.
-    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2, default=_to_builtin) + "\n")
     _save_predictions(run_dir, logits_np, labels_np, names, image_ids)
     save_confusion_matrix(cm, names, run_dir)
     save_per_class(rows, run_dir)
     has_curves = plot_curves(history, run_dir / "curves.png") if history else False
     atomic_write_text(run_dir / "report.md", _report_markdown(run_dir, result, rows, has_curves))
+    # written last: a finished metrics.json means every other result file is complete
+    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2, default=_to_builtin) + "\n")
     return result

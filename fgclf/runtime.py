@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 from fgclf.errors import UserError
 
 
-def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None, log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
+def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None,
+                       log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
     """An ``Accelerator`` whose data loaders split the *global* batch across processes.
 
     ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
@@ -43,24 +44,30 @@ def set_run_dir(accelerator, run_dir: Path) -> None:
 
 
 def broadcast_from_main(accelerator, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on the main process only and hand its result (or its UserError) to every process.
+    """Run ``fn`` on the main process only and hand its result (or its error) to every process.
 
-    Without this a UserError on the main process would leave the others waiting forever at
-    the next collective call.
+    Without this an error on the main process would leave the others waiting forever at the
+    next collective call. A UserError is raised as such everywhere; any other exception keeps
+    its traceback on the main process and becomes a RuntimeError on the others.
     """
-    result, error = None, None
+    result, error, exc = None, None, None
     if accelerator.is_main_process:
         try:
             result = fn()
         except UserError as err:
-            error = str(err)
+            error = ("user", str(err))
+        except Exception as err:  # noqa: BLE001 - re-raised below on every process
+            error, exc = ("bug", f"{type(err).__name__}: {err}"), err
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        payload = broadcast_object_list([result, error], from_process=0)
-        result, error = payload
+        result, error = broadcast_object_list([result, error], from_process=0)
     if error is not None:
-        raise UserError(error)
+        if error[0] == "user":
+            raise UserError(error[1])
+        if exc is not None:
+            raise exc
+        raise RuntimeError(f"the main process failed: {error[1]}")
     return result
 
 

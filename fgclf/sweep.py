@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import yaml
 
+from fgclf.checkpoint_paths import find_last
 from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json
 
@@ -67,8 +68,12 @@ def load_plan(path: str | Path) -> dict:
     if unknown:
         raise UserError(f"unknown key(s) in sweep plan {path}: {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(sorted(_PLAN_KEYS))}")
-    if "base" in plan and not Path(plan["base"]).is_file():
-        raise UserError(f"sweep plan {path}: base config not found: {plan['base']}")
+    if "base" in plan:  # relative to the current folder, else to the plan's folder or its parent
+        found = next((c for c in (Path(plan["base"]), path.parent / plan["base"], path.parent.parent / plan["base"])
+                      if c.is_file()), None)
+        if found is None:
+            raise UserError(f"sweep plan {path}: base config not found: {plan['base']}")
+        plan["base"] = str(found.resolve())  # runs start in the repository, not here
     plan.setdefault("name", path.stem)
     plan.setdefault("seeds", [0])
     if not plan["seeds"]:
@@ -89,8 +94,8 @@ def _variants(plan: dict) -> dict[str, dict]:
 
 
 def expand(plan: dict, out_dir: str | Path) -> list[PlannedRun]:
-    """Every run of the plan, in order: variant, then seed, then fold."""
-    out_dir = Path(out_dir)
+    """Every run of the plan, in order: variant, then seed, then fold (absolute run folders)."""
+    out_dir = Path(out_dir).resolve()
     folds = int(plan.get("folds") or 0)
     runs = []
     for name, overrides in _variants(plan).items():
@@ -111,7 +116,7 @@ def run_command(plan: dict, run: PlannedRun, repo: Path) -> list[str]:
     if plan.get("base"):
         cmd += ["--config", str(plan["base"])]
     cmd += [*run.flags(), "--train.output_dir", str(run.run_dir), "--train.progress", "false"]
-    if (run.run_dir / "checkpoints" / "last").is_dir():
+    if find_last(run.run_dir) is not None:
         cmd += ["--resume", "last"]
     return cmd
 
@@ -123,7 +128,7 @@ def status(run: PlannedRun) -> str:
     """``done`` (metrics.json), ``partial`` (a resumable checkpoint) or ``todo``."""
     if (run.run_dir / "metrics.json").is_file():
         return "done"
-    if (run.run_dir / "checkpoints" / "last").is_dir():
+    if find_last(run.run_dir) is not None:
         return "partial"
     return "todo"
 

@@ -78,6 +78,23 @@ def apply_strategy(model: nn.Module, strategy: str, *, freeze_bn: bool = False) 
     return train_mode
 
 
+def head_is_new(model: nn.Module, *, name: str, pretrained: bool, weights: str | None, num_classes: int) -> bool:
+    """Whether ``create_model`` gave ``model`` a freshly initialised classifier.
+
+    True for pretrained timm/offline weights with another class count than theirs (1000), and
+    for a weight file or ``file:`` export whose stored head is missing or of another size;
+    False for random models (nothing is pretrained) and for loaded heads of the right size,
+    which must keep their trained values.
+    """
+    from fgclf.models._checkpoint import head_size_in, read_checkpoint_config, read_weights
+
+    if name.startswith("file:"):
+        return read_checkpoint_config(name[len("file:"):])["num_classes"] != num_classes
+    if weights is not None:
+        return head_size_in(read_weights(weights), model) != num_classes
+    return pretrained and num_classes != 1000
+
+
 def init_head(model: nn.Module, how: str = "zero") -> None:
     """Re-initialise the classifier of a pretrained body.
 

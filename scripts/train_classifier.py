@@ -21,7 +21,9 @@ Flags: ``--help`` lists all; precedence is defaults < ``--config`` YAML < CLI fl
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
+from fgclf.checkpoint_paths import find_last  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
                            prepare_run_dir, script_main, set_run_dir, shutdown)
@@ -59,7 +62,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
     from fgclf.optim import list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
 
-    for kind, name, known in (("optimizer", o.name.lower(), list_optimizers()),
+    from fgclf.metrics import list_metrics
+
+    for kind, name, known in (("early_stopping_metric", t.early_stopping_metric, ["loss", *list_metrics()]),
+                              ("optimizer", o.name.lower(), list_optimizers()),
                               ("lr schedule", o.scheduler, list_schedulers()), ("loss", cfg.loss.name, list_losses()),
                               ("regularizer", cfg.loss.regularizer or "l2", list_regularizers())):
         if name not in known:
@@ -73,12 +79,39 @@ def resolve_resume(cfg: TrainClassifierConfig) -> tuple[str | None, Path | None]
     if cfg.resume == "last":
         if not cfg.train.output_dir:
             raise UserError("--resume last needs --train.output_dir (the run directory to continue)")
-        return cfg.train.output_dir, Path(cfg.train.output_dir) / "checkpoints" / "last"
+        return cfg.train.output_dir, find_last(cfg.train.output_dir) or Path(cfg.train.output_dir) / "checkpoints/last"
     path = Path(cfg.resume)
-    if (path / "checkpoints" / "last").is_dir():
-        return cfg.train.output_dir or str(path), path / "checkpoints" / "last"
+    if find_last(path) is not None:
+        return cfg.train.output_dir or str(path), find_last(path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return cfg.train.output_dir or (str(run_dir) if run_dir else None), path
+
+
+# settings that may differ between a run and its --resume (they do not change the result)
+_RESUME_FREE = {"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers", "data.verify_images"}
+
+
+def check_resume_config(cfg: TrainClassifierConfig, run_dir: Path) -> int:
+    """Refuse a --resume whose settings differ from the run's config.yaml; return its seed."""
+    from fgclf.config import load_config, to_dict
+
+    saved = load_config(TrainClassifierConfig, run_dir / "config.yaml")
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {f"{prefix}{k}": v})
+        return out
+
+    now, before = flat(to_dict(cfg)), flat(to_dict(saved))
+    if now.get("train.seed") == "random":
+        now["train.seed"] = before.get("train.seed")
+    changed = sorted(k for k in set(now) | set(before) if k not in _RESUME_FREE and now.get(k) != before.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise UserError(f"--resume with other settings than the run in {run_dir} ({detail}); "
+                        "resume with the original command, or start a new run")
+    return int(before["train.seed"])
 
 
 def load_records_checked(cfg: TrainClassifierConfig):
@@ -137,15 +170,19 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
 def build_model(cfg: TrainClassifierConfig, num_classes: int):
     """Backbone from the model factory, then the transfer strategy or PEFT adapters."""
     from fgclf.models import apply_peft, count_parameters, create_model
-    from fgclf.transfer import apply_strategy, init_head
+    from fgclf.transfer import apply_strategy, head_is_new, init_head
 
     m = cfg.model
     model_kwargs = {**m.kwargs, **{k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
                                                      ("attn_drop_rate", m.attn_drop_rate)) if v is not None}}
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
-    if m.pretrained or m.weights:
-        init_head(model, m.head_init)
+    if m.name.startswith("file:"):  # an export of this run must rebuild the same architecture
+        from fgclf.models import read_checkpoint_config
+
+        model_kwargs = {**read_checkpoint_config(m.name[len("file:"):])["model_kwargs"], **model_kwargs}
+    if head_is_new(model, name=m.name, pretrained=m.pretrained, weights=m.weights, num_classes=num_classes):
+        init_head(model, m.head_init)  # never touches a trained head loaded from a file
     train_mode = apply_strategy(model, m.strategy, freeze_bn=m.freeze_bn)
     peft_meta = None
     if cfg.peft != "none":
@@ -155,6 +192,18 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
         peft_meta = {"method": cfg.peft, "r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout,
                      "target_modules": lc.target_modules}
     return model, train_mode, model_kwargs, peft_meta, count_parameters(model)
+
+
+def debug_callbacks() -> tuple:
+    """Test hook: ``FGCLF_DEBUG_KILL_AT_STEP=N`` SIGKILLs this process right after update N."""
+    target = os.environ.get("FGCLF_DEBUG_KILL_AT_STEP")
+    if not target:
+        return ()
+
+    def kill(state) -> None:
+        if state.global_step == int(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return (kill,)
 
 
 def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes: int):
@@ -187,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     from fgclf import checkpoint as ck
-    from fgclf.engine import TrainState, evaluate, fit
+    from fgclf.engine import EVAL_LOSS, TrainState, evaluate, fit
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
@@ -196,15 +245,18 @@ def main(argv: list[str] | None = None) -> int:
 
     t = cfg.train
     accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision)
-    if t.batch_size % accelerator.num_processes:
-        raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {accelerator.num_processes} processes")
-    if t.seed == "random":  # drawn on the main process, shared, printed and recorded
-        t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
-        accelerator.print(f"random seed: {t.seed}")
-    set_seed(t.seed)
+    for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
+        if value % accelerator.num_processes:
+            raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
+    if resume_dir is not None:  # same settings as the run being continued, including its seed
+        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir))
+    elif t.seed == "random":  # drawn on the main process, shared, printed and recorded
+        t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
+        accelerator.print(f"random seed: {t.seed}")
+    set_seed(t.seed)
     # ---------------------------------------------------------------- data + model
     records, bad = broadcast_from_main(accelerator, lambda: load_records_checked(cfg))
     class_names = records.class_names
@@ -270,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                 min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
                 checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode,
-                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip)
+                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip, callbacks=debug_callbacks())
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
-    out = evaluate(accelerator, model, test_loader, loss_fn=loss_fn, progress=t.progress, desc="test",
+    out = evaluate(accelerator, model, test_loader, loss_fn=EVAL_LOSS, progress=t.progress, desc="test",
                    tta_flip=t.tta_flip)
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,

@@ -140,3 +140,24 @@ def test_partial_out_of_range_is_a_user_error():
 
     with pytest.raises(UserError, match="resnet has 4 stages|ResNet has 4 stages"):
         apply_strategy(timm.create_model("resnet18", num_classes=4), "partial:7")
+
+
+def test_head_init_only_touches_new_heads(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from fgclf.models import create_model, save_pretrained
+    from fgclf.transfer import head_is_new
+
+    trained = timm.create_model("test_efficientnet", num_classes=4)
+    save_pretrained(trained, tmp_path / "export", model_name="test_efficientnet", num_classes=4,
+                    class_names=list("abcd"))
+    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_model(f"file:{tmp_path / 'export'}", num_classes=4)
+    assert not head_is_new(model, name=f"file:{tmp_path / 'export'}", pretrained=True, weights=None, num_classes=4)
+    assert head_is_new(model, name=f"file:{tmp_path / 'export'}", pretrained=True, weights=None, num_classes=5)
+    w = str(tmp_path / "w.safetensors")
+    assert not head_is_new(model, name="test_efficientnet", pretrained=True, weights=w, num_classes=4)
+    assert head_is_new(model, name="test_efficientnet", pretrained=True, weights=w, num_classes=3)
+    assert head_is_new(model, name="tf_efficientnet_lite0.pypi_in1k", pretrained=True, weights=None, num_classes=12)
+    assert not head_is_new(model, name="resnet18", pretrained=False, weights=None, num_classes=12)

@@ -246,8 +246,13 @@ def read_hf(name_or_dir: str) -> Records:
     if image_col is None or label_col is None:
         raise UserError(f"HF dataset {name_or_dir!r} needs an image and a label column")
     first = dsd[next(iter(dsd))]
-    feature = first.features[label_col]
-    class_names = list(getattr(feature, "names", None) or sorted({str(v) for v in first[label_col]}))
+    names = getattr(first.features[label_col], "names", None)
+    if names:  # a ClassLabel: its integer ids are the labels
+        class_names, to_index = list(names), int
+    else:  # plain values (strings, or ints not numbered 0..N-1): sorted by value, then numbered
+        values = sorted({v for ds in dsd.values() for v in ds[label_col]})
+        index = {v: i for i, v in enumerate(values)}
+        class_names, to_index = [str(v) for v in values], index.__getitem__
     # one concatenated table with a split column, so items are row indices
     parts, rec = [], Records([], [], [], [], class_names)
     offset = 0
@@ -259,7 +264,7 @@ def read_hf(name_or_dir: str) -> Records:
             {image_col: "image", label_col: "label"}))
         for i, label in enumerate(ds[label_col]):
             rec.items.append(offset + i)
-            rec.labels.append(int(label))
+            rec.labels.append(to_index(label))
             rec.image_ids.append(f"{split_name}/{i}")
             rec.splits.append(split)
         offset += len(ds)

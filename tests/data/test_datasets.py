@@ -164,3 +164,19 @@ def test_kfold_partitions_train_and_leaves_test_alone(tmp_path):
         load_records(**base, num_folds=2, fold=2)
     with pytest.raises(UserError, match="needs >= 5 train images per class"):
         load_records(**base, num_folds=5, fold=0)
+
+
+def test_hf_plain_labels_are_numbered_by_sorted_value(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    img = Image.new("RGB", (4, 4))
+    table = {"image": [img] * 4, "label": [10, 2, 10, 7]}  # ints, not 0..N-1, not a ClassLabel
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(table),
+                                "test": datasets.Dataset.from_dict({"image": [img], "label": [7]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dsd)
+    rec = read_hf("someone/some-dataset")
+    assert rec.class_names == ["2", "7", "10"]  # numeric order, not "10" < "2"
+    assert rec.labels == [2, 0, 2, 1, 1]
+    words = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [img] * 2, "label": ["wren", "auk"]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: words)
+    rec = read_hf("someone/words")
+    assert rec.class_names == ["auk", "wren"] and rec.labels == [1, 0]

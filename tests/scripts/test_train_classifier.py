@@ -103,16 +103,23 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(toy_root, tmp_path):
     assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_resume_with_other_class_count_is_refused(toy_root, single_run, tmp_path):
+def test_resume_refuses_other_class_count_and_other_settings(toy_root, tmp_path):
+    import shutil
+
     from fgclf.data import generate_toy_cub
 
-    other = generate_toy_cub(tmp_path / "five", num_classes=5, train_per_class=4, test_per_class=2,
-                             image_size=32, seed=1)
-    proc = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(other), *TINY_ARGS,
-                                              "--train.output_dir", str(single_run), "--resume", "last"])
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(toy_root, data)
+    _train(data, out, "--train.epochs", "1")
+    changed = _train(data, out, "--train.epochs", "1", "--optim.lr", "0.5", "--resume", "last", check=False)
+    assert changed.returncode == 2
+    assert "--resume with other settings" in last_error_line(changed) and "optim.lr" in last_error_line(changed)
+    shutil.rmtree(data)  # the dataset behind the same path now has 5 classes
+    generate_toy_cub(data, num_classes=5, train_per_class=4, test_per_class=2, image_size=32, seed=1)
+    proc = _train(data, out, "--train.epochs", "1", "--resume", "last", check=False)
     assert proc.returncode == 2
     assert "classifier size is 4 there but 5 in this run" in last_error_line(proc)
-    assert (single_run / "metrics.json").exists()  # nothing already written was lost
+    assert (out / "metrics.json").exists()  # nothing already written was lost
 
 
 def test_existing_run_directory_is_not_overwritten(toy_root, single_run):
