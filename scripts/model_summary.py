@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fgclf.errors import UserError  # noqa: E402
@@ -33,7 +35,8 @@ from fgclf.transfer import apply_strategy  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18", help="any create_model name (timm, offline, file:DIR)")
     p.add_argument("--num-classes", type=int, default=200)
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the model's)")
@@ -43,7 +46,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8, help="PEFT rank")
     p.add_argument("--strategy", choices=["full", "linear_probe"], default="full")
     p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
-    p.add_argument("--precision", choices=list(PRECISION_BYTES), default="fp32", help="for the estimate (--measure runs fp32)")
+    p.add_argument("--precision", choices=list(PRECISION_BYTES), default="fp32",
+                   help="for the estimate (--measure runs fp32)")
     p.add_argument("--rows", choices=ROW_MODES, default="leaf", help="leaf modules, or torchsummary's rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--measure", action="store_true", help="also run real steps and measure the peak")
@@ -60,6 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError("--peft and --strategy linear_probe exclude each other (PEFT already freezes the body)")
     if args.batch_size < 1 or args.num_classes < 1:
         raise UserError("--batch-size and --num-classes must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here")
 
     # ---- model: factory, then the transfer strategy or PEFT, as train_classifier.py does
     model = create_model(args.model, num_classes=args.num_classes, pretrained=args.pretrained)

@@ -9,6 +9,7 @@ Public API::
     read_checkpoint_config(dir)
     apply_peft(model, *, method="lora", r=8, alpha=16, dropout=0.0, target_modules=None)
     default_target_modules(model), list_peft_methods()
+    summarize_model, format_summary, estimate_training_memory, measure_training_memory  # accounting
     OFFLINE_PRETRAINED
 """
 from fgclf.models._checkpoint import read_checkpoint_config, save_pretrained
@@ -17,9 +18,12 @@ from fgclf.models._factory import (
 )
 from fgclf.models._offline import OFFLINE_PRETRAINED
 from fgclf.models._peft import apply_peft, default_target_modules, list_peft_methods
+from fgclf.models._summary import (ModelSummary, estimate_training_memory, format_memory, format_summary,
+                                   measure_training_memory, summarize_model)
 
 __all__ = [
-    "OFFLINE_PRETRAINED", "apply_peft", "check_model_name", "count_parameters", "create_model",
+    "ModelSummary", "estimate_training_memory", "format_memory", "format_summary", "measure_training_memory",
+    "summarize_model", "OFFLINE_PRETRAINED", "apply_peft", "check_model_name", "count_parameters", "create_model",
     "default_target_modules", "list_models", "list_peft_methods", "read_checkpoint_config",
     "resolve_data_config", "save_pretrained", "unwrap_model",
 ]
