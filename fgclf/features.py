@@ -110,7 +110,7 @@ class ProbeTrainConfig:
 
 
 def _probe_optim() -> OptimConfig:
-    return OptimConfig(name="adamw", lr=1e-2, weight_decay=1e-4, scheduler="cosine")
+    return OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine")
 
 
 @dataclass
@@ -446,7 +446,8 @@ def fit_head(head: ProbeHead, train: FeatureSet, val: Optional[FeatureSet], *, o
             on_epoch(record)
         if stopped:
             break
-    head.load_state_dict(best_state)
+    if best_state is not None:  # None only when every validation value was NaN: keep the last weights
+        head.load_state_dict(best_state)
     return FitResult(best_epoch, best, len(history), stopped, history)
 
 

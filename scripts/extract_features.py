@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fgclf.config import parse_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.features import META_NAME, ExtractConfig, features_path  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
                            script_main, shutdown)
-# TODO(lead): load_records_checked belongs in fgclf (it only reads cfg.data); import it from there
-from train_classifier import load_records_checked  # noqa: E402
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -77,15 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"batch_size {cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
     out = Path(broadcast_from_main(accelerator, lambda: str(output_dir(cfg))))
     # ---------------------------------------------------------------- data + model
-    records, bad = broadcast_from_main(accelerator, lambda: load_records_checked(cfg))
+    records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     set_seed(cfg.seed)
     m = cfg.model
     model = create_model(m.name, num_classes=0, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **m.kwargs).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    image_size = cfg.data.image_size or (cfg.data.toy_image_size if cfg.data.format == "toy" else None)
-    data_cfg = fd.resolve_input_config(resolve_data_config(model), image_size)
+    data_cfg = fd.input_config_for(cfg.data, resolve_data_config(model))
     eval_tf = fd.create_transform(data_cfg, is_training=False)
     splits = {s: fd.create_dataset(records=records, split=s, transform=eval_tf) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:

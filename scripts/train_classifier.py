@@ -114,31 +114,6 @@ def check_resume_config(cfg: TrainClassifierConfig, run_dir: Path) -> int:
     return int(before["train.seed"])
 
 
-def load_records_checked(cfg: TrainClassifierConfig):
-    """Read the dataset, assign splits and decode-check every image (main process).
-
-    Returns the records (unreadable images dropped when ``skip_bad_images``) and the list of
-    ``(path, reason)`` for the images that were dropped.
-    """
-    from fgclf import data as fd
-
-    d = cfg.data
-    toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
-               test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
-    rec = fd.load_records(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
-                          test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
-                          toy_params=toy)
-    bad = fd.find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
-    if bad and not d.skip_bad_images:
-        path, why = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"unreadable image {path}: {why}{more}; fix it or pass --data.skip_bad_images true")
-    if bad:
-        bad_set = {p for p, _ in bad}
-        rec = rec.select([item not in bad_set for item in rec.items])
-    return rec, bad
-
-
 def build_loaders(cfg: TrainClassifierConfig, records, model):
     """Transforms from the model's data config, one dataset per split, unprepared loaders."""
     import torch
@@ -147,8 +122,7 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
     from fgclf.models import resolve_data_config
 
     d = cfg.data
-    image_size = d.image_size or (d.toy_image_size if d.format == "toy" else None)
-    data_cfg = fd.resolve_input_config(resolve_data_config(model), image_size)
+    data_cfg = fd.input_config_for(d, resolve_data_config(model))
     train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.aug)
     eval_tf = fd.create_transform(data_cfg, is_training=False)
     splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf)
@@ -232,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     validate(cfg)
     output_dir, resume_dir = resolve_resume(cfg)
     # ---------------------------------------------------------------- accelerator
-    import torch
     from accelerate.utils import set_seed
 
     from fgclf import checkpoint as ck
@@ -240,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
+    from fgclf import data as fd
     from fgclf.data import create_mixup, split_summary
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
@@ -258,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"random seed: {t.seed}")
     set_seed(t.seed)
     # ---------------------------------------------------------------- data + model
-    records, bad = broadcast_from_main(accelerator, lambda: load_records_checked(cfg))
+    records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     class_names = records.class_names
     if "val" not in records.splits:
         for needs_val, what in ((cfg.optim.scheduler == "plateau", "optim.scheduler=plateau"),

@@ -89,8 +89,8 @@ def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                            if k in ("epoch", "train_loss", "val/loss", "val/top1", "lr")), flush=True)
 
-    result = fit_head(head, train, val, optimizer=optimizer, scheduler=scheduler, epochs=t.epochs, batch_size=t.batch_size,
-                      metric=t.early_stopping_metric, patience=t.early_stopping_patience,
+    result = fit_head(head, train, val, optimizer=optimizer, scheduler=scheduler, epochs=t.epochs,
+                      batch_size=t.batch_size, metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                       min_delta=t.early_stopping_min_delta, seed=t.seed, on_epoch=on_epoch)
     return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                   "stopped_early": result.stopped_early}
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = write_evaluation(run_dir, logits=logits, labels=test.labels, class_names=class_names,
                                history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
                                image_ids=np.array(test.image_ids, dtype=np.str_))
-    print(format_metrics_table(metrics, title=f"test metrics ({run_dir}; features {features_path(cfg.features, 'test')})"))
+    print(format_metrics_table(metrics, title=f"test metrics ({run_dir}; {features_path(cfg.features, 'test')})"))
     return 0
 
 

@@ -57,6 +57,36 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
                          num_folds=num_folds, fold=fold)
 
 
+def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
+    """:func:`load_records` from a :class:`fgclf.config.DataConfig`, then decode-check every image.
+
+    Returns the records (unreadable images dropped when ``d.skip_bad_images``) and the list
+    of ``(path, reason)`` of the images that were dropped; without that flag the first
+    unreadable image is a UserError naming it.
+    """
+    toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
+               test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
+    rec = load_records(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
+                       test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
+                       toy_params=toy)
+    bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
+    if bad and not d.skip_bad_images:
+        path, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"unreadable image {path}: {why}{more}; fix it or pass --data.skip_bad_images true")
+    if bad:
+        bad_set = {p for p, _ in bad}
+        rec = rec.select([item not in bad_set for item in rec.items])
+    return rec, bad
+
+
+def input_config_for(d, model_data_config: dict) -> dict:
+    """The model's data config at the run's image size: ``d.image_size``, else (toy data) the
+    generated images' own size, else the model's pretrained input size."""
+    image_size = d.image_size or (d.toy_image_size if d.format == "toy" else None)
+    return resolve_input_config(model_data_config, image_size)
+
+
 def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: str = "train",
                    transform: Optional[Callable] = None, records: Optional[Records] = None,
                    **kwargs) -> ImageDataset:
@@ -76,6 +106,6 @@ __all__ = [
     "AugmentConfig", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
     "resolve_augment", "tta_flip_logits", "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
     "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",
-    "list_formats", "load_image", "load_records", "read_cub", "read_hf", "read_imagefolder",
+    "input_config_for", "list_formats", "load_image", "load_records", "load_records_from_config", "read_cub", "read_hf", "read_imagefolder",
     "resolve_input_config", "split_summary", "stratified_holdout", "to_rgb",
 ]
