@@ -59,3 +59,25 @@ def last_error_line(proc: subprocess.CompletedProcess) -> str:
     """The ``error: ...`` line a script printed (or the stderr tail when there is none)."""
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     return lines[-1] if lines else proc.stderr[-2000:]
+
+
+def assert_metrics_match_sklearn(run_dir: Path, *, num_classes: int, num_samples: int):
+    """metrics.json equals scikit-learn recomputed from predictions.npz (1e-6); returns the npz."""
+    import json
+
+    import numpy as np
+    from sklearn import metrics as skm
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    npz = np.load(run_dir / "predictions.npz")
+    y, probs = npz["labels"], npz["probs"]
+    pred = probs.argmax(1)
+    labels = range(num_classes)
+    assert m["num_samples"] == len(y) == num_samples  # every test image exactly once
+    assert abs(m["top1"] - skm.accuracy_score(y, pred)) < 1e-6
+    p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=labels, zero_division=0)
+    assert abs(m["precision_macro"] - p) < 1e-6 and abs(m["recall_macro"] - r) < 1e-6
+    assert abs(m["f1_macro"] - f) < 1e-6
+    assert abs(m["auroc_macro"] - skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")) < 1e-6
+    assert np.array_equal(np.array(m["confusion_matrix"]), skm.confusion_matrix(y, pred, labels=labels))
+    return npz

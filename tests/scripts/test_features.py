@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, last_error_line, run_script
-from sklearn import metrics as skm
+from conftest import REPO, assert_metrics_match_sklearn, last_error_line, run_script
 
 # a tiny GroupNorm model at 32 px; batch 8 leaves a short last batch in every split
 EXTRACT_ARGS = ["--data.format", "cub", "--model.name", "test_efficientnet_gn", "--model.pretrained", "false",
@@ -191,20 +190,10 @@ def test_probe_run_directory(probe_runs, features_dir):
 
 def test_probe_metrics_json_equals_sklearn_from_predictions(probe_runs, features_dir):
     for run in probe_runs.values():
-        m = json.loads((run / "metrics.json").read_text())
-        npz = np.load(run / "predictions.npz")
-        y, probs = npz["labels"], npz["probs"]
-        pred = probs.argmax(1)
-        assert m["num_samples"] == len(y) == 20
-        assert abs(m["top1"] - skm.accuracy_score(y, pred)) < 1e-6
-        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=range(4), zero_division=0)
-        assert abs(m["precision_macro"] - p) < 1e-6 and abs(m["recall_macro"] - r) < 1e-6
-        assert abs(m["f1_macro"] - f) < 1e-6
-        assert abs(m["auroc_macro"] - skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")) < 1e-6
-        assert np.array_equal(np.array(m["confusion_matrix"]), skm.confusion_matrix(y, pred, labels=range(4)))
+        npz = assert_metrics_match_sklearn(run, num_classes=4, num_samples=20)
         test = _load_split(features_dir, "test")
         assert list(npz["image_ids"]) == test.image_ids
-        np.testing.assert_array_equal(y, test.labels)
+        np.testing.assert_array_equal(npz["labels"], test.labels)
 
 
 def test_saved_head_reproduces_the_test_predictions(probe_runs, features_dir):

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_ARGS, last_error_line, run_script
-from sklearn import metrics as skm
+from conftest import TINY_ARGS, assert_metrics_match_sklearn, last_error_line, run_script
 
 
 def _train(toy_root: Path, out: Path, *extra: str, nproc: int = 1, launch: bool = False, env=None, check=True):
@@ -47,17 +46,7 @@ def test_run_directory_layout(single_run: Path):
 
 
 def test_metrics_json_equals_sklearn_from_predictions(single_run: Path):
-    m = json.loads((single_run / "metrics.json").read_text())
-    npz = np.load(single_run / "predictions.npz")
-    y, probs = npz["labels"], npz["probs"]
-    pred = probs.argmax(1)
-    assert m["num_samples"] == len(y) == 20  # every test image exactly once
-    assert abs(m["top1"] - skm.accuracy_score(y, pred)) < 1e-6
-    p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=range(4), zero_division=0)
-    assert abs(m["precision_macro"] - p) < 1e-6 and abs(m["recall_macro"] - r) < 1e-6
-    assert abs(m["f1_macro"] - f) < 1e-6
-    assert abs(m["auroc_macro"] - skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")) < 1e-6
-    assert np.array_equal(np.array(m["confusion_matrix"]), skm.confusion_matrix(y, pred, labels=range(4)))
+    npz = assert_metrics_match_sklearn(single_run, num_classes=4, num_samples=20)
     # the predictions are the test split, in the order recorded in splits.json
     splits = json.loads((single_run / "splits.json").read_text())
     assert list(npz["image_ids"]) == splits["test"]
