@@ -14,8 +14,13 @@ is compared with the first one (the baseline) on paired runs:
 * when both groups are a single run, McNemar's test compares their per-sample correctness on the
   shared test set from predictions.npz.
 
-:func:`write_comparison` writes a summary directory: summary.md, summary.csv, summary.json and
-comparison.png.
+Every group also gets its cost (:func:`run_costs`): trainable parameters, seconds per epoch
+(median over a run's epochs, then mean over runs), training seconds, peak process memory, and
+the size of ``checkpoints/best`` and of the weights file a user must keep beside the public
+backbone (the adapter of a PEFT run, the head of a cached-feature probe, else the whole model).
+
+:func:`write_comparison` writes a summary directory: summary.md, summary.csv, costs.csv,
+summary.json and comparison.png.
 """
 from __future__ import annotations
 
@@ -98,6 +103,68 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         run_info = config.get("run") if isinstance(config, dict) else None
         seed = run_info.get("seed") if isinstance(run_info, dict) else None
     return Run(path, metrics, _int_or_none(seed), _int_or_none(metrics.get("fold")))
+
+
+# the trained weights of a run's best/ checkpoint, smallest first: a PEFT adapter or a probe head
+# needs the public backbone beside it; model.safetensors is the whole model
+WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors", "model.safetensors")
+COST_FIELDS = ["trainable_params", "epoch_seconds", "train_seconds", "peak_memory_mb", "best_mb", "weights_mb",
+               "weights_file"]
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_costs(run_dir: str | os.PathLike) -> dict:
+    """What one finished run cost; an entry is None where the run did not record it.
+
+    Returns:
+        ``trainable_params`` (metrics.json ``parameters.trainable``), ``epoch_seconds`` (median
+        ``epoch_time`` of metrics.jsonl), ``train_seconds`` (metrics.json), ``peak_memory_mb``
+        (largest ``memory_mb`` of metrics.jsonl: peak RSS on CPU, peak CUDA allocation on a GPU),
+        ``best_mb`` (every file under checkpoints/best), ``weights_mb`` and ``weights_file``
+        (the first of :data:`WEIGHT_FILES` found there), in MiB.
+    """
+    path = Path(run_dir)
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    history = []
+    if (path / "metrics.jsonl").is_file():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: the others still count
+                continue
+    times = [float(h["epoch_time"]) for h in history if isinstance(h.get("epoch_time"), (int, float))]
+    memory = [float(h["memory_mb"]) for h in history if isinstance(h.get("memory_mb"), (int, float))]
+    params = metrics.get("parameters")
+    best = path / "checkpoints" / "best"
+    weights = next((best / name for name in WEIGHT_FILES if (best / name).is_file()), None)
+    mib = 2.0 ** 20
+    return {"trainable_params": params.get("trainable") if isinstance(params, dict) else None,
+            "epoch_seconds": float(np.median(times)) if times else None,
+            "train_seconds": metrics.get("train_seconds"),
+            "peak_memory_mb": max(memory) if memory else None,
+            "best_mb": _dir_bytes(best) / mib if best.is_dir() else None,
+            "weights_mb": weights.stat().st_size / mib if weights is not None else None,
+            "weights_file": weights.name if weights is not None else None}
+
+
+def group_costs(runs: Sequence[Run]) -> dict:
+    """:func:`run_costs` over a group: means over runs (max for memory); None when no run has it."""
+    costs = [run_costs(run.path) for run in runs]
+    out: dict[str, Any] = {"n": len(runs)}
+    for key in COST_FIELDS:
+        values = [c[key] for c in costs if c[key] is not None]
+        if key == "weights_file":
+            out[key] = "/".join(sorted(set(values))) or None
+        elif not values:
+            out[key] = None
+        elif key == "peak_memory_mb":
+            out[key] = max(values)
+        else:
+            out[key] = float(np.mean(values))
+    return out
 
 
 def metric_values(runs: Sequence[Run], metric: str) -> list[float]:
@@ -292,7 +359,8 @@ def compare_groups(groups: Mapping[str, Sequence[str | os.PathLike]], metrics: O
             "bootstrap_seed": seed, "paired_by": list(fields),
             "groups": {g: [{"run": str(r.path), "seed": r.seed, "fold": r.fold} for r in rs]
                        for g, rs in loaded.items()},
-            "summaries": summaries, "comparisons": comparisons, "mcnemar": tests, "notes": notes}
+            "summaries": summaries, "comparisons": comparisons, "mcnemar": tests,
+            "costs": {g: group_costs(rs) for g, rs in loaded.items()}, "notes": notes}
 
 
 def _pair_row(result: dict, group: str, metric: str) -> list[Any]:
@@ -393,6 +461,34 @@ def _comparison_lines(comp: dict, pct: str) -> list[str]:
     return lines + [""] + [f"(!) {text}." for text in warnings] + [""]
 
 
+def _cost_lines(costs: Mapping[str, dict]) -> list[str]:
+    def cell(value: Any, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    lines = ["## Cost per group", "",
+             "Means over the group's runs (peak memory: the largest). Seconds per epoch: each run's median epoch. "
+             "Peak memory: process peak RSS on CPU (interpreter and libraries included), peak CUDA allocation on a "
+             "GPU. Weights: the file to keep beside the public backbone (adapter, probe head) or the whole model.",
+             "", "| group | trainable params | s/epoch | train s | peak memory MiB | best/ MiB | weights MiB (file) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for g, c in costs.items():
+        weights = f"{cell(c['weights_mb'], '.2f')} ({c['weights_file']})" if c["weights_file"] else ""
+        lines.append(f"| {g} | {cell(c['trainable_params'], ',.0f')} | {cell(c['epoch_seconds'], '.2f')} | "
+                     f"{cell(c['train_seconds'], '.0f')} | {cell(c['peak_memory_mb'], ',.0f')} | "
+                     f"{cell(c['best_mb'], '.2f')} | {weights} |")
+    return lines + [""]
+
+
+def costs_csv(result: dict) -> str:
+    """costs.csv: one row per group with :data:`COST_FIELDS`."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["group", "n", *COST_FIELDS])
+    for g, c in (result.get("costs") or {}).items():
+        writer.writerow([g, c["n"], *("" if c[k] is None else c[k] for k in COST_FIELDS)])
+    return buf.getvalue()
+
+
 def format_markdown(result: dict) -> str:
     """The text of summary.md: per-group summaries, paired comparisons, McNemar, notes, plot."""
     pct = f"{result['confidence']:.0%}"
@@ -425,6 +521,8 @@ def format_markdown(result: dict) -> str:
             lines.append(f"| {m['group']} | {m['n']} | {_num(m['acc_a'])} | {_num(m['acc_b'])} | {m['b']} | {m['c']} | "
                          f"{'exact' if m['exact'] else 'chi-square'} | {m['statistic']:.4g} | {_p(m['p'])} |")
         lines.append("")
+    if result.get("costs"):
+        lines += _cost_lines(result["costs"])
     if result["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in result["notes"]] + [""]
     lines += ["![Means with t-intervals per metric](comparison.png)"]
@@ -432,11 +530,12 @@ def format_markdown(result: dict) -> str:
 
 
 def write_comparison(result: dict, output_dir: str | os.PathLike) -> Path:
-    """Write summary.json, summary.csv, comparison.png and summary.md into ``output_dir``."""
+    """Write summary.json, summary.csv, costs.csv, comparison.png and summary.md into ``output_dir``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "summary.csv", summary_csv(result))
+    atomic_write_text(out / "costs.csv", costs_csv(result))
     plot_comparison(result, out / "comparison.png")
     atomic_write_text(out / "summary.md", format_markdown(result))
     return out

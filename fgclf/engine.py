@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from fgclf.data.mixup import tta_flip_logits
 from fgclf.metrics import compute_metrics
 from fgclf.report import append_jsonl
+from fgclf.utils import peak_memory_mb
 
 # validation/test loss is plain cross-entropy whatever the training criterion (label smoothing,
 # focal, class weights), so runs with different losses report comparable numbers
@@ -59,17 +60,6 @@ class EvalOutput:
     logits: np.ndarray
     labels: np.ndarray
     loss: float
-
-
-def _memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except Exception:  # pragma: no cover - non-POSIX
-        return float("nan")
 
 
 def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
@@ -213,7 +203,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             checkpointer.save_best(model, state)
         watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
         scheduler.step_epoch(watched)
-        record["memory_mb"] = _memory_mb()
+        record["memory_mb"] = peak_memory_mb()
         if accelerator.is_main_process:
             append_jsonl(history_path, record)
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)

@@ -96,6 +96,7 @@ class ProbeTrainConfig:
         early_stopping_patience: Epochs without improvement before stopping (0: never stop).
         early_stopping_min_delta: Smallest change that counts as an improvement.
         log_every: Print a progress line every this many epochs.
+        progress: Print the progress lines at all.
     """
 
     epochs: int = 300
@@ -107,6 +108,7 @@ class ProbeTrainConfig:
     early_stopping_patience: int = 30
     early_stopping_min_delta: float = 0.0
     log_every: int = 50
+    progress: bool = True
 
 
 def _probe_optim() -> OptimConfig:

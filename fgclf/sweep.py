@@ -11,11 +11,20 @@ A plan file::
     variants:                              # one factor at a time; the first is the baseline
       ce: {}
       focal: {loss.name: focal}
+      probe:                               # a variant may run another script, base config or launch
+        script: scripts/train_probe.py
+        base: null
+        features: "{out}/features"        # "{out}" is the sweep's output folder
     grid:                                  # or/and: the product of these lists
       optim.name: [sgd, adamw]
+    prepare:                               # steps run once, in order, before the runs
+      features:
+        script: scripts/extract_features.py
+        args: {output_dir: "{out}/features", overwrite: true}
 
 Each run is ``<out>/<variant>/seed<S>[_fold<F>]``; a finished run (``metrics.json``) is
-skipped, an interrupted one (``checkpoints/last``) is resumed.
+skipped, an interrupted one (``checkpoints/last``) is resumed. A prepare step that finished
+(``<out>/.prepare/<name>.json``, written after it exits with 0) with the same command is skipped.
 """
 from __future__ import annotations
 
@@ -34,7 +43,10 @@ from fgclf.checkpoint_paths import find_last
 from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json
 
-_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script"}
+_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare"}
+# keys of a variant that choose how it runs rather than a flag of the script
+_RUN_KEYS = ("script", "base", "launch")
+_PREPARE_KEYS = {"script", "launch", "args"}
 
 
 @dataclass
@@ -46,13 +58,23 @@ class PlannedRun:
     fold: Optional[int]
     run_dir: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # script/base/launch chosen by the variant
 
     def flags(self) -> list[str]:
-        """CLI flags for train_classifier.py (dotted keys; non-strings as JSON)."""
-        out = []
-        for key, value in self.overrides.items():
-            out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-        return out
+        """CLI flags for the script (dotted keys; non-strings as JSON)."""
+        return _flags(self.overrides)
+
+
+def _flags(mapping: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in mapping.items():
+        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return out
+
+
+def _fill(value: Any, out_dir: Path) -> Any:
+    """Replace ``{out}`` in string values with the sweep's output folder."""
+    return value.replace("{out}", str(out_dir)) if isinstance(value, str) else value
 
 
 def load_plan(path: str | Path) -> dict:
@@ -68,17 +90,29 @@ def load_plan(path: str | Path) -> dict:
     if unknown:
         raise UserError(f"unknown key(s) in sweep plan {path}: {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(sorted(_PLAN_KEYS))}")
-    if "base" in plan:  # relative to the current folder, else to the plan's folder or its parent
-        found = next((c for c in (Path(plan["base"]), path.parent / plan["base"], path.parent.parent / plan["base"])
-                      if c.is_file()), None)
-        if found is None:
-            raise UserError(f"sweep plan {path}: base config not found: {plan['base']}")
-        plan["base"] = str(found.resolve())  # runs start in the repository, not here
+    if plan.get("base"):
+        plan["base"] = _resolve_base(path, plan["base"])
+    for name, variant in (plan.get("variants") or {}).items():
+        if isinstance(variant, dict) and variant.get("base"):
+            variant["base"] = _resolve_base(path, variant["base"])
+    for name, step in (plan.get("prepare") or {}).items():
+        if not isinstance(step, dict) or "script" not in step or set(step) - _PREPARE_KEYS:
+            raise UserError(f"sweep plan {path}: prepare step '{name}' needs 'script' and may have "
+                            f"{', '.join(sorted(_PREPARE_KEYS - {'script'}))} only")
     plan.setdefault("name", path.stem)
     plan.setdefault("seeds", [0])
     if not plan["seeds"]:
         raise UserError(f"sweep plan {path}: seeds must list at least one seed")
     return plan
+
+
+def _resolve_base(plan_path: Path, base: str) -> str:
+    """A config path relative to the current folder, else to the plan's folder or its parent."""
+    found = next((c for c in (Path(base), plan_path.parent / base, plan_path.parent.parent / base) if c.is_file()),
+                 None)
+    if found is None:
+        raise UserError(f"sweep plan {plan_path}: base config not found: {base}")
+    return str(found.resolve())  # runs start in the repository, not here
 
 
 def _variants(plan: dict) -> dict[str, dict]:
@@ -101,20 +135,31 @@ def expand(plan: dict, out_dir: str | Path) -> list[PlannedRun]:
     for name, overrides in _variants(plan).items():
         for seed in plan["seeds"]:
             for fold in (range(folds) if folds else [None]):
-                extra = {**(plan.get("set") or {}), **overrides, "train.seed": int(seed)}
+                settings = {k: _fill(overrides[k], out_dir) for k in _RUN_KEYS if k in overrides}
+                flags = {k: v for k, v in overrides.items() if k not in _RUN_KEYS}
+                extra = {**(plan.get("set") or {}), **flags, "train.seed": int(seed)}
+                if "base" in settings or "script" in settings:  # another script: the plan's `set` may not apply
+                    extra = {**flags, "train.seed": int(seed)}
+                extra = {k: _fill(v, out_dir) for k, v in extra.items()}
                 if fold is not None:
                     extra.update({"data.num_folds": folds, "data.fold": fold})
                 sub = f"seed{seed}" + (f"_fold{fold}" if fold is not None else "")
-                runs.append(PlannedRun(name, int(seed), fold, out_dir / name / sub, extra))
+                runs.append(PlannedRun(name, int(seed), fold, out_dir / name / sub, extra, settings))
     return runs
+
+
+def _setting(plan: dict, run: PlannedRun, key: str, default: Any = None) -> Any:
+    return run.settings[key] if key in run.settings else plan.get(key, default)
 
 
 def run_command(plan: dict, run: PlannedRun, repo: Path) -> list[str]:
     """``python -m accelerate.commands.launch <launch args> scripts/train_classifier.py ...``."""
-    script = repo / plan.get("script", "scripts/train_classifier.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, plan.get("launch") or []), str(script)]
-    if plan.get("base"):
-        cmd += ["--config", str(plan["base"])]
+    script = repo / _setting(plan, run, "script", "scripts/train_classifier.py")
+    launch = _setting(plan, run, "launch") or []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, launch), str(script)]
+    base = _setting(plan, run, "base")
+    if base:
+        cmd += ["--config", str(base)]
     cmd += [*run.flags(), "--train.output_dir", str(run.run_dir), "--train.progress", "false"]
     if find_last(run.run_dir) is not None:
         cmd += ["--resume", "last"]
@@ -144,10 +189,47 @@ def check_unchanged(plan: dict, runs: list[PlannedRun]) -> None:
         if status(run) == "todo" or not record.is_file():
             continue
         before = json.loads(record.read_text())
-        now = {"base": plan.get("base"), "overrides": run.overrides}
+        now = _record(plan, run)
         if before != now:
             raise UserError(f"{run.run_dir} was run with other settings ({before['overrides']}); the plan now says "
                             f"{run.overrides}. Delete that folder or choose another --output-dir")
+
+
+def _record(plan: dict, run: PlannedRun) -> dict:
+    """What a run folder was made with (compared before it is reused)."""
+    record = {"base": _setting(plan, run, "base"), "overrides": run.overrides}
+    for key in ("script", "launch"):
+        if key in run.settings:
+            record[key] = run.settings[key]
+    return record
+
+
+def prepare(plan: dict, out_dir: str | Path, *, repo: Path, dry_run: bool = False) -> None:
+    """Run the plan's ``prepare`` steps (skipping those already done with the same command)."""
+    out_dir = Path(out_dir).resolve()
+    for name, step in (plan.get("prepare") or {}).items():
+        args = step.get("args") or {}
+        args = _flags({k: _fill(v, out_dir) for k, v in args.items()}) if isinstance(args, dict) else \
+            [str(_fill(a, out_dir)) for a in args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, step.get("launch") or plan.get("launch")
+                                                                          or []), str(repo / step["script"]), *args]
+        marker = out_dir / ".prepare" / f"{name}.json"
+        recorded = cmd[3:]  # without the interpreter path
+        if marker.is_file():
+            before = json.loads(marker.read_text())
+            if before.get("command") == recorded:
+                print(f"prepare {name}: done, skipped", flush=True)
+                continue
+            raise UserError(f"prepare step '{name}' ran before with another command ({' '.join(before['command'])}); "
+                            f"delete {marker} to run it again")
+        print(f"prepare {name}: running: {' '.join(cmd)}", flush=True)
+        if dry_run:
+            continue
+        proc = subprocess.run(cmd, cwd=repo)
+        if proc.returncode != 0:
+            raise UserError(f"prepare step '{name}' failed with exit status {proc.returncode}")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"command": recorded})
 
 
 def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = False) -> list[PlannedRun]:
@@ -171,7 +253,7 @@ def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = F
         if state == "todo" and run.run_dir.exists():
             shutil.rmtree(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.run_dir / PLAN_FILE, {"base": plan.get("base"), "overrides": run.overrides})
+        atomic_write_json(run.run_dir / PLAN_FILE, _record(plan, run))
         proc = subprocess.run(cmd, cwd=repo)
         if proc.returncode != 0:
             print(f"{label}: FAILED with exit status {proc.returncode}", file=sys.stderr, flush=True)

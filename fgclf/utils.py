@@ -83,3 +83,21 @@ def package_versions(names: tuple[str, ...] = ("fgclf", "torch", "torchvision", 
 
     out["python"] = platform.python_version()
     return out
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far, MiB: CUDA peak allocated on a GPU, else peak RSS.
+
+    Peak RSS includes the interpreter and libraries (several hundred MiB for torch), so compare
+    it between runs of the same script rather than reading it as the model's footprint.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")

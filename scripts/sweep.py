@@ -9,7 +9,9 @@ Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: 
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
 arguments; the summary (mean, std, t and bootstrap intervals per variant, paired tests
 against the first variant) lands in <output-dir>/comparison/ as summary.md/.csv/.json and
-comparison.png. Re-running skips finished runs and resumes interrupted ones.
+comparison.png. Re-running skips finished runs and resumes interrupted ones. Runs go seed by
+seed (every variant's seed 1, then seed 2, ...), so a sweep stopped half-way is still a
+paired comparison on the seeds it finished.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fgclf.runtime import script_main  # noqa: E402
-from fgclf.sweep import execute, expand, load_plan, status  # noqa: E402
+from fgclf.sweep import execute, expand, load_plan, prepare, status  # noqa: E402
 
 
 @script_main
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir or Path("runs") / plan["name"]
     runs = expand(plan, out)
     print(f"sweep {plan['name']}: {len(runs)} runs in {out}", flush=True)
-    failed = execute(plan, runs, repo=REPO, dry_run=args.dry_run)
+    prepare(plan, out, repo=REPO, dry_run=args.dry_run)
+    # seed-major order: a sweep stopped half-way has every variant on its first seeds
+    order = sorted(runs, key=lambda r: (plan["seeds"].index(r.seed), -1 if r.fold is None else r.fold))
+    failed = execute(plan, order, repo=REPO, dry_run=args.dry_run)
     if args.dry_run:
         return 0
     from fgclf.compare import compare_groups, format_markdown, write_comparison

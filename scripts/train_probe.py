@@ -65,6 +65,7 @@ def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run
     from fgclf.features import ProbeHead, fit_head
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import append_jsonl
+    from fgclf.utils import peak_memory_mb
 
     t, o = cfg.train, cfg.optim
     train, val = sets["train"], sets.get("val")
@@ -84,8 +85,9 @@ def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
 
     def on_epoch(record: dict) -> None:
+        record["memory_mb"] = peak_memory_mb()
         append_jsonl(run_dir / "metrics.jsonl", record)
-        if record["epoch"] % max(t.log_every, 1) == 0 or record["epoch"] == t.epochs:
+        if t.progress and (record["epoch"] % max(t.log_every, 1) == 0 or record["epoch"] == t.epochs):
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                            if k in ("epoch", "train_loss", "val/loss", "val/top1", "lr")), flush=True)
 
@@ -104,6 +106,7 @@ def train_sklearn_head(cfg: ProbeConfig, sets: dict, num_classes: int, run_dir: 
     from fgclf.features import fit_sklearn_head, predict_logits
     from fgclf.metrics import compute_metrics
     from fgclf.report import append_jsonl
+    from fgclf.utils import peak_memory_mb
 
     start = time.perf_counter()
     train, val = sets["train"], sets.get("val")
@@ -119,6 +122,7 @@ def train_sklearn_head(cfg: ProbeConfig, sets: dict, num_classes: int, run_dir: 
         record.update({f"val/{k}": v for k, v in compute_metrics(val_logits, val.labels,
                                                                  num_classes=num_classes).items()})
     record["epoch_time"] = time.perf_counter() - start
+    record["memory_mb"] = peak_memory_mb()
     append_jsonl(run_dir / "metrics.jsonl", record)
     if head.sklearn_iterations >= cfg.sklearn_max_iter:
         print(f"warning: LogisticRegression stopped at sklearn_max_iter={cfg.sklearn_max_iter} without converging")

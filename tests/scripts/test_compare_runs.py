@@ -287,3 +287,49 @@ def test_cv_runs_mixed_with_plain_runs_are_refused(tmp_path, capsys):
     plain = make_run(tmp_path / "plain", seed=0, top1=0.7)
     assert run_main("--group", "ce", *ce, "--group", "plain", plain, "--output-dir", tmp_path / "cmp") == 2
     assert "has no 'fold'" in capsys.readouterr().err
+
+
+def _with_costs(path: Path, *, trainable: int, epoch_times, memory, train_seconds: float, files: dict) -> Path:
+    """Add what run_costs reads to a run made by make_run: parameters, metrics.jsonl, best/ files."""
+    m = json.loads((path / "metrics.json").read_text())
+    m.update({"parameters": {"total": 10 * trainable, "trainable": trainable}, "train_seconds": train_seconds})
+    (path / "metrics.json").write_text(json.dumps(m))
+    lines = [json.dumps({"epoch": i + 1, "epoch_time": t, "memory_mb": mem}) for i, (t, mem) in
+             enumerate(zip(epoch_times, memory))]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"epoch\": 9, \"epoch_ti")  # a cut last line
+    best = path / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    for name, size in files.items():
+        (best / name).write_bytes(b"x" * size)
+    return path
+
+
+def test_costs_per_group_from_the_run_files(tmp_path):
+    from fgclf.compare import compare_groups, costs_csv, format_markdown
+
+    mib = 2 ** 20
+    full = [_with_costs(make_run(tmp_path / f"full{s}", seed=s, top1=0.5), trainable=1000, epoch_times=[3.0, 1.0, 2.0],
+                        memory=[100.0, 300.0, 200.0], train_seconds=6.0 + s,
+                        files={"model.safetensors": 4 * mib, "config.json": mib // 2}) for s in (1, 2)]
+    lora = [_with_costs(make_run(tmp_path / f"lora{s}", seed=s, top1=0.4), trainable=10, epoch_times=[5.0, 7.0],
+                        memory=[50.0, 90.0 * s], train_seconds=12.0,
+                        files={"model.safetensors": 4 * mib, "adapter_model.safetensors": mib // 4}) for s in (1, 2)]
+    result = compare_groups({"full": [str(p) for p in full], "lora": [str(p) for p in lora]}, ["top1"])
+    c = result["costs"]
+    assert c["full"] == {"n": 2, "trainable_params": 1000.0, "epoch_seconds": 2.0, "train_seconds": 7.5,
+                         "peak_memory_mb": 300.0, "best_mb": 4.5, "weights_mb": 4.0, "weights_file": "model.safetensors"}
+    assert c["lora"]["epoch_seconds"] == 6.0 and c["lora"]["peak_memory_mb"] == 180.0
+    assert c["lora"]["weights_mb"] == 0.25 and c["lora"]["weights_file"] == "adapter_model.safetensors"
+    assert c["lora"]["best_mb"] == 4.25
+    text = format_markdown(result)
+    assert "| lora | 10 | 6.00 | 12 | 180 | 4.25 | 0.25 (adapter_model.safetensors) |" in text
+    rows = list(csv.DictReader(costs_csv(result).splitlines()))
+    assert [r["group"] for r in rows] == ["full", "lora"] and float(rows[0]["best_mb"]) == 4.5
+
+
+def test_costs_missing_records_stay_blank(tmp_path):
+    from fgclf.compare import run_costs
+
+    run = make_run(tmp_path / "bare", seed=1, top1=0.5)
+    assert run_costs(run) == {"trainable_params": None, "epoch_seconds": None, "train_seconds": None,
+                              "peak_memory_mb": None, "best_mb": None, "weights_mb": None, "weights_file": None}

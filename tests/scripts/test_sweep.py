@@ -76,3 +76,53 @@ def test_edited_plan_does_not_reuse_runs_made_with_other_settings(tmp_path):
     plan = load_plan(path)
     with pytest.raises(UserError, match="was run with other settings"):
         check_unchanged(plan, expand(plan, tmp_path / "out"))
+
+
+def test_variant_may_choose_script_base_and_launch(tmp_path):
+    from fgclf.sweep import run_command
+
+    (tmp_path / "base.yaml").write_text("train: {epochs: 1}\n")
+    (tmp_path / "other.yaml").write_text("train: {epochs: 2}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": "base.yaml", "seeds": [3], "launch": ["--config_file", "a.yaml"], "set": {"train.epochs": 5},
+        "variants": {"plain": {},
+                     "other": {"base": "other.yaml", "optim.lr": 0.1},
+                     "probe": {"script": "scripts/train_probe.py", "base": None, "features": "{out}/feats",
+                               "launch": ["--num_processes", "1"]}}}))
+    plan = load_plan(path)
+    runs = {r.variant: r for r in expand(plan, tmp_path / "out")}
+    out = (tmp_path / "out").resolve()
+    repo = Path("/repo")
+    plain = run_command(plan, runs["plain"], repo)
+    assert plain[3:] == ["--config_file", "a.yaml", "/repo/scripts/train_classifier.py", "--config",
+                         str((tmp_path / "base.yaml").resolve()), "--train.epochs", "5", "--train.seed", "3",
+                         "--train.output_dir", str(out / "plain" / "seed3"), "--train.progress", "false"]
+    other = run_command(plan, runs["other"], repo)  # another base: the plan's `set` is not applied
+    assert other[other.index("--config") + 1] == str((tmp_path / "other.yaml").resolve())
+    assert "--train.epochs" not in other and other[other.index("--optim.lr") + 1] == "0.1"
+    probe = run_command(plan, runs["probe"], repo)
+    assert probe[3:6] == ["--num_processes", "1", "/repo/scripts/train_probe.py"] and "--config" not in probe
+    assert probe[probe.index("--features") + 1] == str(out / "feats")
+
+
+def test_prepare_step_runs_once_and_refuses_a_changed_command(tmp_path):
+    from fgclf.sweep import prepare
+
+    script = tmp_path / "repo" / "scripts" / "touch.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import sys, pathlib\na = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n"
+                      "p = pathlib.Path(a['--output_dir']); p.mkdir(parents=True)\n(p / 'n').write_text(a['--n'])\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"prepare": {"feats": {"script": "scripts/touch.py", "launch": ["--num_processes", "1"],
+                                                          "args": {"output_dir": "{out}/f", "n": 7}}}}))
+    out = tmp_path / "out"
+    prepare(load_plan(path), out, repo=tmp_path / "repo")
+    assert (out / "f" / "n").read_text() == "7"
+    prepare(load_plan(path), out, repo=tmp_path / "repo")  # done: not run again (mkdir would fail)
+    path.write_text(path.read_text().replace("n: 7", "n: 8"))
+    with pytest.raises(UserError, match="ran before with another command"):
+        prepare(load_plan(path), out, repo=tmp_path / "repo")
+    path.write_text(yaml.safe_dump({"prepare": {"feats": {"args": {}}}}))
+    with pytest.raises(UserError, match="needs 'script'"):
+        load_plan(path)
