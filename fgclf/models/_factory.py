@@ -14,6 +14,9 @@ Model name grammar (``name`` argument of :func:`create_model`):
     An fgclf export directory (``DIR/config.json`` + ``DIR/model.safetensors``, written by
     :func:`save_pretrained`). The architecture is rebuilt from the stored name and kwargs and the
     weights load strictly; a different ``num_classes`` keeps the body and resets the classifier.
+``tv:resnet50`` (any ``torchvision.models.list_models()`` classifier)
+    A torchvision model behind timm's contract (``fgclf.models._torchvision``); ``pretrained=True``
+    loads torchvision's DEFAULT ImageNet weights (downloaded; offline that is a UserError).
 ``hub:owner/repo[:ref]:entry``
     A ``torch.hub`` entry point. It runs code from the internet, so it needs
     ``trust_remote_code=True`` (CLI ``--model.trust_remote_code true``).
@@ -43,6 +46,7 @@ from fgclf.models._offline import OFFLINE_PRETRAINED, create_offline_model
 from fgclf.registry import unknown_name_message
 
 _TIMM_SOURCES = ("hf-hub:", "local-dir:")
+TV_PREFIX = "tv:"
 _OFFLINE_HINT = ("pass --model.weights PATH or use an offline model such as "
                  "tf_efficientnet_lite0.pypi_in1k")
 
@@ -90,6 +94,8 @@ def _create(name: str, num_classes: int | None, pretrained: bool, weights: str |
         return _create_from_dir(name[len("file:"):], num_classes, kwargs)
     if name.startswith("hub:"):
         return _create_from_hub(name[len("hub:"):], num_classes, pretrained, trust_remote_code, kwargs)
+    if name.startswith(TV_PREFIX):
+        return _create_torchvision(name, num_classes, pretrained, weights, kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights is not None:
@@ -111,9 +117,47 @@ def _create(name: str, num_classes: int | None, pretrained: bool, weights: str |
         raise UserError(f"timm has no pretrained weights for '{name}'; {_OFFLINE_HINT}") from None
 
 
+def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, weights: str | None,
+                        kwargs: dict[str, Any]) -> nn.Module:
+    """``tv:<arch>``; a local weight file (torchvision's or an fgclf wrapper's keys) loads into it."""
+    from fgclf.models._torchvision import create_torchvision_model
+
+    if weights is None:
+        return create_torchvision_model(name, num_classes=num_classes, pretrained=pretrained, kwargs=kwargs)
+    model = create_torchvision_model(name, num_classes=None, pretrained=False, kwargs=kwargs)
+    state = read_weights(weights)
+    if not any(k.startswith(("body.", "head.")) for k in state):  # torchvision's own keys: map to the wrapper
+        head_name = _torchvision_head_name(name, kwargs)
+        state = {(f"head.{k[len(head_name) + 1:]}" if k.startswith(head_name + ".") else f"body.{k}"): v
+                 for k, v in state.items()}
+    file_classes = head_size_in(state, model)
+    if file_classes is not None and file_classes != model.num_classes:
+        model.reset_classifier(file_classes)
+    load_weights_into(model, state, source=str(weights))
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _torchvision_head_name(name: str, kwargs: dict[str, Any]) -> str:
+    from torchvision import models
+
+    from fgclf.models._torchvision import PREFIX, _last_linear
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("drop_rate", "drop_path_rate")}
+    return _last_linear(models.get_model(name[len(PREFIX):], weights=None, **kwargs))[0]
+
+
 def check_model_name(name: str) -> None:
-    """Raise a UserError with close matches unless ``name`` is a timm (or offline) model name."""
+    """Raise a UserError with close matches unless ``name`` is a timm, offline or torchvision name."""
     if name in OFFLINE_PRETRAINED or name.startswith(_TIMM_SOURCES):
+        return
+    if name.startswith(TV_PREFIX):
+        from fgclf.models._torchvision import list_torchvision_models
+
+        known = list_torchvision_models()
+        if name not in known:
+            raise UserError(unknown_name_message("torchvision model", name, known))
         return
     if any(c in name for c in "/\\:"):
         raise UserError(f"model name '{name}' looks like a path or repo; use file:DIR for an fgclf "
@@ -208,11 +252,14 @@ def _fit_classifier(model: nn.Module, num_classes: int, *, what: str) -> None:
 
 
 def list_models(filter: str = "", pretrained: bool = False) -> list[str]:
-    """timm model names matching ``filter`` (fnmatch wildcards) plus fgclf's offline names."""
+    """timm model names matching ``filter`` (fnmatch wildcards), fgclf's offline names and ``tv:`` names."""
     import fnmatch
+
+    from fgclf.models._torchvision import list_torchvision_models
 
     names = set(timm.list_models(filter, pretrained=pretrained))
     names.update(n for n in OFFLINE_PRETRAINED if not filter or fnmatch.fnmatch(n, filter))
+    names.update(n for n in list_torchvision_models() if not filter or fnmatch.fnmatch(n, filter))
     return sorted(names)
 
 

@@ -3,7 +3,10 @@
 ``apply_peft(model, method="lora")`` freezes the backbone, adds adapters to the modules named by
 ``target_modules`` (default: :func:`default_target_modules`, chosen per model family) and keeps
 the classifier fully trainable (``modules_to_save``). Methods come from a registry
-(``list_peft_methods()``): ``lora``, ``dora`` (LoRA with weight decomposition) and ``ia3``.
+(``list_peft_methods()``): ``lora``, ``dora`` (LoRA with weight decomposition), ``loha`` and
+``lokr`` (LyCORIS Hadamard / Kronecker products) and ``ia3``. After wrapping, one eval forward
+pass on a dummy image checks that every adapter runs (a parent that reads ``.weight`` directly,
+as torchvision's Swin attention does, would silently bypass it).
 
 Target names follow peft's rule: a name matches a module whose full name equals it or ends with
 ``"." + name`` (so ``"attn.qkv"`` matches ``blocks.3.attn.qkv``).
@@ -37,6 +40,22 @@ def _dora_config(targets: list[str], save: list[str], r: int, alpha: int, dropou
 
     return peft.LoraConfig(target_modules=targets, modules_to_save=save, r=r, lora_alpha=alpha,
                            lora_dropout=dropout, use_dora=True)
+
+
+@PEFT_METHODS.register("loha")
+def _loha_config(targets: list[str], save: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    # LyCORIS low-rank Hadamard product; dropout applies to the adapter's rank dimension
+    return peft.LoHaConfig(target_modules=targets, modules_to_save=save, r=r, alpha=alpha, rank_dropout=dropout)
+
+
+@PEFT_METHODS.register("lokr")
+def _lokr_config(targets: list[str], save: list[str], r: int, alpha: int, dropout: float):
+    import peft
+
+    # LyCORIS low-rank Kronecker product
+    return peft.LoKrConfig(target_modules=targets, modules_to_save=save, r=r, alpha=alpha, rank_dropout=dropout)
 
 
 @PEFT_METHODS.register("ia3")
@@ -84,12 +103,21 @@ def _mlp_targets(names: list[str]) -> list[str]:
 
 def _resnet_targets(names: list[str]) -> list[str]:
     # full names: a bare "conv1" would also catch the stem conv
-    return [n for n in names if re.fullmatch(r"layer\d+\.\d+\.conv\d+", n)]
+    return [n for n in names if re.fullmatch(r"(?:.+\.)?layer\d+\.\d+\.conv\d+", n)]  # timm or tv: body.layer1...
 
 
 def _linear_fallback(model: nn.Module, names: list[str]) -> list[str]:
-    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # nn.MultiheadAttention reads out_proj.weight directly: an adapter there would never run
+    inside_mha = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in inside_mha}
     return [n for n in names if n in linear]
+
+
+def _pointwise_fallback(model: nn.Module, names: list[str]) -> list[str]:
+    # 1x1 convolutions (expansion/projection of MBConv blocks in torchvision's EfficientNet/MobileNet)
+    pointwise = {n for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1}
+    return [n for n in names if n in pointwise]
 
 
 # Tried in order; the first family that yields targets wins.
@@ -102,7 +130,9 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
     ViT-like (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), EfficientNet/MobileNet
     (``conv_pw``, ``conv_pwl``), ConvNeXt (``mlp.fc1``, ``mlp.fc2``), ResNet (the convs inside
-    ``layerN`` blocks, by full name), otherwise every ``nn.Linear`` except the classifier.
+    ``layerN`` blocks, by full name), otherwise the longer list of: every ``nn.Linear`` except the
+    classifier (and ``nn.MultiheadAttention.out_proj``, which that module bypasses), or every 1x1
+    convolution (torchvision's MobileNet/EfficientNet blocks).
 
     Raises:
         UserError: nothing adaptable was found.
@@ -115,7 +145,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
         targets = family(names)
         if targets:
             return targets
-    targets = _linear_fallback(model, names)
+    targets = max(_linear_fallback(model, names), _pointwise_fallback(model, names), key=len)  # tie: Linear
     if not targets:
         raise UserError(f"no default PEFT targets for {type(model).__name__}; pass target_modules")
     return targets
@@ -167,6 +197,36 @@ def apply_peft(model: nn.Module, *, method: str = "lora", r: int = 8, alpha: int
     save = [h for h in classifier_names(model) if _has_parameters(model, h)]
     config = make_config(targets, save, r, alpha, dropout)
     try:
-        return peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # peft's message for unsupported layers / bad combinations
         raise UserError(f"cannot apply {method} to {type(model).__name__}: {str(e)[:300]}") from None
+    _check_adapters_run(wrapped, method)
+    return wrapped
+
+
+def _check_adapters_run(model: nn.Module, method: str) -> None:
+    """UserError when an adapted layer's forward never runs in a forward pass of the model."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        return  # no known input size: nothing to probe with
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    seen: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.add(name)) for name, m in layers.items()]
+    was_training = model.training
+    try:
+        param = next(model.parameters())
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    unused = sorted(set(layers) - seen)
+    if unused:
+        raise UserError(f"{method} adapters on {len(unused)} module(s) never run in the model's forward pass (its code "
+                        f"reads their weights directly), e.g. {', '.join(unused[:3])}; choose other target_modules")

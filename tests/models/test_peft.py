@@ -13,7 +13,7 @@ from fgclf.models import (
     resolve_data_config,
 )
 
-ADAPTER_MARK = {"lora": "lora_", "dora": "lora_", "ia3": "ia3_l"}
+ADAPTER_MARK = {"lora": "lora_", "dora": "lora_", "ia3": "ia3_l", "loha": "hada_", "lokr": "lokr_"}
 
 
 def _x(size: int = 48) -> torch.Tensor:
@@ -67,7 +67,7 @@ def test_lora_counts_trainables_and_identity_at_init(name, size, expected):
     assert resolve_data_config(pm) == resolve_data_config(reference)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "lokr"])
 def test_backward_changes_only_trainable_params(method):
     torch.manual_seed(0)
     base = create_model("test_efficientnet", num_classes=3)
@@ -144,3 +144,37 @@ def test_peft_export_merges_into_plain_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(_x()), pm(_x()), rtol=1e-4, atol=1e-5)
     assert any("lora_" in n for n, _ in pm.named_parameters())  # the original keeps its adapters
+
+
+def test_every_registered_method_is_tested():
+    assert set(list_peft_methods()) == set(ADAPTER_MARK)
+
+
+class _ReadsWeightDirectly(nn.Module):
+    """A block whose parent calls F.linear on the child's weight (as torchvision's Swin attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+
+
+class _Net(nn.Module):
+    pretrained_cfg = {"input_size": (8,), "classifier": "head"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.fc = _ReadsWeightDirectly(), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(self.block(x)))
+
+
+def test_adapters_that_never_run_are_refused():
+    with pytest.raises(UserError, match="never run.*block.qkv"):
+        apply_peft(_Net(), target_modules=["qkv"])
+    pm = apply_peft(_Net(), target_modules=["fc"])  # a layer called through its forward is fine
+    assert count_parameters(pm)["trainable"] == 8 * 8 + 8 * 8 + 2 * 8 + 2
