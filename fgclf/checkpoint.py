@@ -3,12 +3,17 @@
 Layout::
 
     checkpoints/last/   state/ (accelerate: model, optimizer, scheduler, RNG per process),
-                        trainer_state.json, config.json
+                        trainer_state.json, config.json, frozen.json (when frozen parameters are left out)
     checkpoints/best/   model.safetensors + config.json (an export: ``--model.name file:DIR`` loads it;
                         PEFT is merged), adapter_model.safetensors (PEFT runs), trainer_state.json
 
 Each is written under a temporary name and renamed into place only when complete, so a kill
 at any moment leaves the previous complete checkpoint readable.
+
+When part of the model is frozen (PEFT, linear probe, ``partial:N``) ``last/`` holds only the
+trainable parameters and the buffers (:meth:`Checkpointer.skip_frozen`): the frozen weights are
+rebuilt from the run's base model at resume, and ``frozen.json`` records their checksum so a
+resume on other base weights is refused instead of silently mixing two models.
 """
 from __future__ import annotations
 
@@ -26,6 +31,23 @@ from fgclf.utils import atomic_write_json, replace_dir
 # config.json keys that must match for a checkpoint to be resumed or loaded into this run
 _COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
 ADAPTER_NAME = "adapter_model.safetensors"
+FROZEN_NAME = "frozen.json"
+
+
+def frozen_checksum(named_params) -> dict:
+    """Count, sum and sum of squares (float64) of the given parameters: a cheap identity check."""
+    total, s1, s2, names = 0, 0.0, 0.0, 0
+    for _, p in sorted(named_params, key=lambda item: item[0]):
+        d = p.detach().double()
+        total, s1, s2, names = total + d.numel(), s1 + d.sum().item(), s2 + (d * d).sum().item(), names + 1
+    return {"tensors": names, "numel": total, "sum": s1, "sum_sq": s2}
+
+
+def _same_checksum(a: dict, b: dict) -> bool:
+    import math
+
+    return (a["tensors"] == b["tensors"] and a["numel"] == b["numel"]
+            and all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-6) for k in ("sum", "sum_sq")))
 
 
 class Checkpointer:
@@ -42,6 +64,35 @@ class Checkpointer:
         self.accelerator = accelerator
         self.dir = Path(run_dir) / "checkpoints"
         self.meta = meta
+        self._frozen: Optional[set[str]] = None  # parameter names left out of last/
+        self._frozen_sum: Optional[dict] = None
+        self._model: Optional[nn.Module] = None
+
+    def skip_frozen(self, model: nn.Module) -> bool:
+        """Leave ``model``'s frozen parameters out of ``last/`` (call once, after ``prepare``).
+
+        Returns False (and changes nothing) when nothing is frozen or the model is sharded by
+        DeepSpeed/FSDP, whose engines write their own checkpoints.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP,
+                                                 DistributedType.MEGATRON_LM):
+            return False
+        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        if not frozen:
+            return False
+        self._frozen = {n for n, _ in frozen}
+        self._frozen_sum = frozen_checksum(frozen)
+        self._model = model
+
+        def drop_frozen(models, weights, output_dir) -> None:
+            if len(weights) != 1:
+                raise RuntimeError(f"skip_frozen expects one prepared model, accelerate saves {len(weights)}")
+            weights[0] = {k: v for k, v in weights[0].items() if k not in self._frozen}
+
+        self.accelerator.register_save_state_pre_hook(drop_frozen)
+        return True
 
     @property
     def last(self) -> Path:
@@ -68,6 +119,8 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
             atomic_write_json(tmp / "config.json", self.meta)
+            if self._frozen is not None:
+                atomic_write_json(tmp / FROZEN_NAME, {"parameters": len(self._frozen), "checksum": self._frozen_sum})
             replace_dir(tmp, self.last)
         self.accelerator.wait_for_everyone()
 
@@ -117,8 +170,30 @@ class Checkpointer:
         if not (ckpt_dir / "trainer_state.json").is_file():
             raise UserError(f"no resumable checkpoint at {ckpt_dir} (missing trainer_state.json)")
         self.check_compatible(ckpt_dir)
-        self.accelerator.load_state(str(ckpt_dir / "state"))
+        if (ckpt_dir / FROZEN_NAME).is_file():
+            self._check_frozen(ckpt_dir)
+            self.accelerator.load_state(str(ckpt_dir / "state"), strict=False)  # frozen keys: kept from the base
+        else:
+            self.accelerator.load_state(str(ckpt_dir / "state"))
         return TrainState(**json.loads((ckpt_dir / "trainer_state.json").read_text()))
+
+    def _check_frozen(self, ckpt_dir: Path) -> None:
+        """A trainable-only checkpoint loads only onto the same frozen base, with every other key."""
+        from safetensors import safe_open
+
+        saved = json.loads((ckpt_dir / FROZEN_NAME).read_text())
+        if self._frozen is None or not _same_checksum(saved["checksum"], self._frozen_sum):
+            raise UserError(f"cannot resume from {ckpt_dir}: it holds only the trained parameters, and this run's "
+                            "frozen base weights differ from those it was trained on (other pretrained weights, "
+                            "--model.weights file or strategy)")
+        path = ckpt_dir / "state" / "model.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+        expected = set(self._model.state_dict()) - self._frozen
+        if keys != expected:
+            missing = sorted(expected - keys)[:3]
+            raise UserError(f"cannot resume from {ckpt_dir}: its model state does not match this model "
+                            f"(missing e.g. {missing}, unexpected e.g. {sorted(keys - expected)[:3]})")
 
     def load_best_weights(self, model: nn.Module) -> bool:
         """Load the ``best`` weights into the (unwrapped) model; False when there are none."""

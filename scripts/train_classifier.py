@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                                       len(class_names))
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
     accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
+    checkpointer.skip_frozen(model)  # last/ keeps what training changes; frozen weights come from the base
     val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
     # ---------------------------------------------------------------- loop
