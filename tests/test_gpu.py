@@ -26,3 +26,16 @@ def test_mixed_precision_matches_fp32(toy_root, tmp_path, precision):
     assert f"mixed_precision: {precision}" in cfg and "cuda" in cfg
     assert b["num_samples"] == a["num_samples"]
     assert abs(a["loss"] - b["loss"]) < 0.05 * max(1.0, a["loss"])
+
+
+@pytest.mark.parametrize("name,batch", [("resnet18", 16), ("resnet18", 64), ("vit_tiny_patch16_224", 16),
+                                        ("vit_tiny_patch16_224", 64)])
+def test_cuda_memory_estimate_within_25_percent(name, batch):
+    """The training-memory estimate against torch.cuda.max_memory_allocated of real steps."""
+    from fgclf.models import create_model, format_memory, measure_training_memory
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=200).cuda()
+    result = measure_training_memory(model, input_size=(3, 224, 224), batch_size=batch)
+    assert result["device"].startswith("cuda")
+    assert 0.75 <= result["ratio"] <= 1.25, format_memory(result["estimate"], result)
