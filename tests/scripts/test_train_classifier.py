@@ -213,3 +213,21 @@ def test_mixup_with_probability_zero_is_plain_training(toy_root, single_run, tmp
     _train(toy_root, tmp_path / "mix0", "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--mixup.alpha", "0.4", "--mixup.prob", "0.0")
     _assert_same_test_result(single_run, tmp_path / "mix0")
+
+
+def test_torchvision_model_linear_probe_end_to_end(toy_root, tmp_path):
+    """tv:resnet18 trains through the same script; only the head changes; the export reloads."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fgclf.models import create_model
+
+    out = tmp_path / "tv"
+    _train(toy_root, out, "--model.name", "tv:resnet18", "--model.strategy", "linear_probe", "--train.epochs", "1",
+           "--optim.lr", "0.01")
+    assert_metrics_match_sklearn(out, num_classes=4, num_samples=20)
+    torch.manual_seed(42)  # the run's seed: the same random body
+    start = create_model("tv:resnet18", num_classes=4)
+    trained = load_file(str(out / "checkpoints/best/model.safetensors"))
+    changed = {k for k, v in start.state_dict().items() if not torch.equal(v, trained[k])}
+    assert changed == {"head.weight", "head.bias"}
