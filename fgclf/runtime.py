@@ -103,6 +103,51 @@ def prepare_run_dir(output_dir: Optional[str], name: Optional[str], *, default_n
     return path
 
 
+def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> tuple[Optional[str], Optional[Path]]:
+    """(run directory, checkpoint dir) for ``--resume`` = ``last`` | a run dir | a checkpoint dir."""
+    from fgclf.checkpoint_paths import find_last
+
+    if resume is None:
+        return output_dir, None
+    if resume == "last":
+        if not output_dir:
+            raise UserError("--resume last needs --train.output_dir (the run directory to continue)")
+        return output_dir, find_last(output_dir) or Path(output_dir) / "checkpoints/last"
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"--resume: no such checkpoint or run directory: {resume}")
+    if find_last(path) is not None:
+        return output_dir or str(path), find_last(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return output_dir or (str(run_dir) if run_dir else None), path
+
+
+def check_resume_config(cfg: Any, run_dir: Path, *, free: set[str]) -> int:
+    """Refuse a --resume whose settings differ from the run's config.yaml; return the run's seed.
+
+    ``free`` lists the dotted settings that may change (output folder, progress bars, ...).
+    """
+    from fgclf.config import load_config, to_dict
+
+    saved = load_config(type(cfg), run_dir / "config.yaml")
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {f"{prefix}{k}": v})
+        return out
+
+    now, before = flat(to_dict(cfg)), flat(to_dict(saved))
+    if now.get("train.seed") == "random":
+        now["train.seed"] = before.get("train.seed")
+    changed = sorted(k for k in set(now) | set(before) if k not in free and now.get(k) != before.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise UserError(f"--resume with other settings than the run in {run_dir} ({detail}); "
+                        "resume with the original command, or start a new run")
+    return int(before["train.seed"])
+
+
 def command_line() -> str:
     """The command as typed (launcher variables included) for ``config.yaml``."""
     launcher = {k: v for k, v in os.environ.items() if k in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION",

@@ -31,10 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
-from fgclf.checkpoint_paths import find_last  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
-                           prepare_run_dir, script_main, set_run_dir, shutdown)
+from fgclf.runtime import (broadcast_from_main, check_resume_config, command_line, create_accelerator,  # noqa: E402
+                           default_run_name, prepare_run_dir, resolve_resume, script_main, set_run_dir, shutdown)
 
 
 def validate(cfg: TrainClassifierConfig) -> None:
@@ -72,46 +71,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
             raise UserError(unknown_name_message(kind, name, known))
 
 
-def resolve_resume(cfg: TrainClassifierConfig) -> tuple[str | None, Path | None]:
-    """(output_dir, checkpoint dir) for ``--resume`` = ``last`` | run dir | checkpoint dir."""
-    if cfg.resume is None:
-        return cfg.train.output_dir, None
-    if cfg.resume == "last":
-        if not cfg.train.output_dir:
-            raise UserError("--resume last needs --train.output_dir (the run directory to continue)")
-        return cfg.train.output_dir, find_last(cfg.train.output_dir) or Path(cfg.train.output_dir) / "checkpoints/last"
-    path = Path(cfg.resume)
-    if find_last(path) is not None:
-        return cfg.train.output_dir or str(path), find_last(path)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return cfg.train.output_dir or (str(run_dir) if run_dir else None), path
-
-
 # settings that may differ between a run and its --resume (they do not change the result)
 _RESUME_FREE = {"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers", "data.verify_images"}
-
-
-def check_resume_config(cfg: TrainClassifierConfig, run_dir: Path) -> int:
-    """Refuse a --resume whose settings differ from the run's config.yaml; return its seed."""
-    from fgclf.config import load_config, to_dict
-
-    saved = load_config(TrainClassifierConfig, run_dir / "config.yaml")
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {f"{prefix}{k}": v})
-        return out
-
-    now, before = flat(to_dict(cfg)), flat(to_dict(saved))
-    if now.get("train.seed") == "random":
-        now["train.seed"] = before.get("train.seed")
-    changed = sorted(k for k in set(now) | set(before) if k not in _RESUME_FREE and now.get(k) != before.get(k))
-    if changed:
-        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-        raise UserError(f"--resume with other settings than the run in {run_dir} ({detail}); "
-                        "resume with the original command, or start a new run")
-    return int(before["train.seed"])
 
 
 def build_loaders(cfg: TrainClassifierConfig, records, model):
@@ -204,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- config
     cfg = parse_config(TrainClassifierConfig, argv, prog="train_classifier.py", description=__doc__)
     validate(cfg)
-    output_dir, resume_dir = resolve_resume(cfg)
+    output_dir, resume_dir = resolve_resume(cfg.resume, cfg.train.output_dir)
     # ---------------------------------------------------------------- accelerator
     from accelerate.utils import set_seed
 
@@ -226,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
     if resume_dir is not None:  # same settings as the run being continued, including its seed
-        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir))
+        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir, free=_RESUME_FREE))
     elif t.seed == "random":  # drawn on the main process, shared, printed and recorded
         t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
         accelerator.print(f"random seed: {t.seed}")
