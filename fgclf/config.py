@@ -266,6 +266,27 @@ class TrainConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Generated images added to the training split (from ``scripts/generate.py``).
+
+    Args:
+        dir: A generated dataset folder (``manifest.jsonl`` + class subfolders); null: none.
+        ratio: Synthetic images per class as a multiple of that class's real training images
+            (0.5 adds half as many); used when ``per_class`` is 0.
+        per_class: A fixed number of synthetic images per class (0: use ``ratio``).
+        only: Train on the synthetic images alone (Classification Accuracy Score: a classifier
+            trained on generated images, tested on the real test split).
+        seed: Seed of which synthetic images are picked when a class has more than needed.
+    """
+
+    dir: Optional[str] = None
+    ratio: float = 1.0
+    per_class: int = 0
+    only: bool = False
+    seed: int = 0
+
+
+@dataclass
 class TrainClassifierConfig:
     """Everything ``scripts/train_classifier.py`` needs.
 
@@ -283,7 +304,138 @@ class TrainClassifierConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     resume: Optional[str] = None
+
+
+@dataclass
+class GanConfig:
+    """The generative model of ``scripts/train_gan.py``.
+
+    Args:
+        arch: ``cdcgan`` (class-conditional DCGAN), ``dcgan`` (unconditional: its images get
+            labels only from a classifier) or ``diffusion`` (class-conditional DDPM on a
+            ``diffusers`` UNet, sampled with DDIM; needs ``pip install fgclf[diffusion]``).
+        image_size: Side of the generated images (GANs: a power of two >= 16); training images
+            are resized and center-cropped to it.
+        latent_dim: Size of the noise vector (the lab notes' ``encoding_dims``).
+        base_width: Channels of the highest-resolution layer (doubling towards 4x4, at most 512);
+            for diffusion the UNet's first block width.
+        conditioning: How the cdcgan discriminator sees the class: ``projection`` or ``acgan``
+            (an auxiliary classifier head).
+        loss: GAN loss: ``hinge``, ``bce`` (non-saturating) or ``lsgan`` (least squares).
+        aux_weight: Weight of the AC-GAN class loss.
+        lr_g: Adam learning rate of the generator (of the UNet for diffusion).
+        lr_d: Adam learning rate of the discriminator.
+        beta1: Adam beta1 (DCGAN: 0.5).
+        beta2: Adam beta2.
+        d_steps: Discriminator updates per generator update.
+        ema_decay: Exponential moving average of the generator weights and BatchNorm
+            statistics (0: off), with timm's warmup (decay ``1 - (1 + step)^(-2/3)`` until it
+            reaches this value, so short runs average too); grids, exports and ``generate.py``
+            use the averaged generator.
+        diffusion_steps: DDPM noise levels in training.
+        sample_steps: DDIM steps when sampling.
+    """
+
+    arch: Literal["cdcgan", "dcgan", "diffusion"] = "cdcgan"
+    image_size: int = 32
+    latent_dim: int = 100
+    base_width: int = 64
+    conditioning: Literal["projection", "acgan"] = "projection"
+    loss: str = "hinge"
+    aux_weight: float = 1.0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = 1
+    ema_decay: float = 0.999
+    diffusion_steps: int = 1000
+    sample_steps: int = 50
+
+
+@dataclass
+class GanTrainConfig:
+    """The loop of ``scripts/train_gan.py``.
+
+    Args:
+        epochs: Passes over the training images.
+        batch_size: Global batch size (split across processes).
+        seed: Random seed (``random`` draws one and records it).
+        output_dir: Run directory; null makes ``runs/<name>``.
+        name: Run name; null builds one from data, arch and time.
+        hflip: Mirror training images at random.
+        log_every: Log the running losses every this many updates.
+        sample_every: Write a sample grid every this many epochs (and after the last).
+        grid_per_class: Samples per class (columns) in the grids.
+        grid_classes: At most this many classes (rows) in the grids.
+        mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
+        progress: Show tqdm progress bars (main process only).
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    seed: Union[int, Literal["random"]] = 42
+    output_dir: Optional[str] = None
+    name: Optional[str] = None
+    hflip: bool = True
+    log_every: int = 10
+    sample_every: int = 1
+    grid_per_class: int = 8
+    grid_classes: int = 12
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    progress: bool = True
+
+
+@dataclass
+class TrainGanConfig:
+    """Everything ``scripts/train_gan.py`` needs.
+
+    Args:
+        resume: Continue a run: ``last`` (this run directory's last checkpoint) or a
+            checkpoint folder.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    train: GanTrainConfig = field(default_factory=GanTrainConfig)
+    resume: Optional[str] = None
+
+
+@dataclass
+class GenerateConfig:
+    """Everything ``scripts/generate.py`` needs.
+
+    Args:
+        generator: A ``train_gan.py`` run directory or its ``checkpoints/generator`` folder.
+        output_dir: Folder for the generated dataset (must not exist unless ``overwrite``).
+        per_class: Images generated per class (an unconditional generator makes
+            ``per_class x classes`` images in all, labelled by the classifier).
+        classes: Only these classes (names or 0-based indices); null: every class.
+        seed: Seed of the input noise (image ``i`` of a run is reproducible from it).
+        batch_size: Images per forward pass.
+        sample_steps: DDIM steps for a diffusion generator (null: its trained default).
+        classifier: A classifier to score the images: a ``train_classifier.py`` run directory
+            or a ``checkpoints/best`` export. Required for an unconditional generator, whose
+            images get the classifier's prediction as a pseudo-label.
+        threshold: Keep an image only when the classifier gives its (conditioning or
+            pseudo-) label at least this probability (0 keeps all).
+        overwrite: Replace an existing output folder.
+        device: ``cpu``, ``cuda``, ... (null: cuda when available).
+    """
+
+    generator: Optional[str] = None
+    output_dir: Optional[str] = None
+    per_class: int = 50
+    classes: Optional[list[str]] = None
+    seed: int = 0
+    batch_size: int = 64
+    sample_steps: Optional[int] = None
+    classifier: Optional[str] = None
+    threshold: float = 0.0
+    overwrite: bool = False
+    device: Optional[str] = None
 
 
 def build_parser(config_cls: type, *, prog: str, description: str):

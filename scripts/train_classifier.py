@@ -53,6 +53,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
          "--peft and model.strategy=linear_probe exclude each other (PEFT already freezes the body)"),
         (cfg.resume is None or cfg.resume == "last" or Path(cfg.resume).exists(),
          f"--resume: no such checkpoint or run directory: {cfg.resume}"),
+        (cfg.synthetic.dir is None or Path(cfg.synthetic.dir).is_dir(),
+         f"--synthetic.dir: no such folder: {cfg.synthetic.dir}"),
+        (cfg.synthetic.ratio >= 0 and cfg.synthetic.per_class >= 0, "synthetic.ratio and synthetic.per_class must be >= 0"),
+        (not cfg.synthetic.only or cfg.synthetic.dir is not None, "synthetic.only needs --synthetic.dir"),
     ]
     for ok, message in checks:
         if not ok:
@@ -73,6 +77,27 @@ def validate(cfg: TrainClassifierConfig) -> None:
 
 # settings that may differ between a run and its --resume (they do not change the result)
 _RESUME_FREE = {"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers", "data.verify_images"}
+
+
+def with_synthetic(cfg: TrainClassifierConfig, records):
+    """The records with the chosen synthetic images in train (checked first), and what was added."""
+    from fgclf.data import find_bad_images
+    from fgclf.data.synthetic import add_synthetic, check_generator_split, load_synthetic, select_synthetic
+
+    s = cfg.synthetic
+    check_generator_split(s.dir, records)
+    synthetic = load_synthetic(s.dir, class_names=records.class_names)
+    real_train = [label for label, split in zip(records.labels, records.splits) if split == "train"]
+    chosen, counts = select_synthetic(synthetic, real_train_labels=real_train, num_classes=len(records.class_names),
+                                      ratio=s.ratio, per_class=s.per_class, seed=s.seed)
+    if len(chosen) == 0:
+        raise UserError(f"no synthetic images chosen from {s.dir} (synthetic.ratio {s.ratio}, per_class {s.per_class})")
+    bad = find_bad_images(chosen.items, mode=cfg.data.verify_images)
+    if bad:
+        raise UserError(f"unreadable synthetic image {bad[0][0]}: {bad[0][1]}")
+    info = {"dir": str(Path(s.dir).resolve()), "n_synthetic": len(chosen), "only": s.only,
+            "per_class": {records.class_names[c]: {"wanted": w, "taken": t} for c, (w, t) in counts.items()}}
+    return add_synthetic(records, chosen, only=s.only), info
 
 
 def build_loaders(cfg: TrainClassifierConfig, records, model):
@@ -195,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- data + model
     records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     class_names = records.class_names
+    synthetic = None
+    if cfg.synthetic.dir:  # generated images join train only; val/test stay real
+        records, synthetic = broadcast_from_main(accelerator, lambda: with_synthetic(cfg, records))
+        short = [n for n, e in synthetic["per_class"].items() if e["taken"] < e["wanted"]]
+        accelerator.print(f"synthetic: {synthetic['n_synthetic']} images from {synthetic['dir']}"
+                          + (" (replacing the real train images)" if cfg.synthetic.only else "")
+                          + (f"; fewer than wanted for {len(short)} classes" if short else ""))
     if "val" not in records.splits:
         for needs_val, what in ((cfg.optim.scheduler == "plateau", "optim.scheduler=plateau"),
                                 (t.early_stopping_patience > 0, "train.early_stopping_patience > 0")):
@@ -221,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         save_config(cfg, run_dir / "config.yaml", extra={
             "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-            "versions": package_versions(), "parameters": params,
+            "versions": package_versions(), "parameters": params, "synthetic": synthetic,
             "split_sizes": {s: len(ds) for s, ds in splits.items()}})
         accelerator.print(f"run directory: {run_dir}\nmodel {cfg.model.name}: {params['trainable']:,} trainable "
                           f"of {params['total']:,} parameters; train/val/test = "
@@ -267,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": time.perf_counter() - start,
                  "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params,
-                 "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+                 "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+                 "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}
         if cfg.data.num_folds:
             extra.update(fold=cfg.data.fold, num_folds=cfg.data.num_folds)
         metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
