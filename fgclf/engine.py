@@ -203,7 +203,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             checkpointer.save_best(model, state)
         watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
         scheduler.step_epoch(watched)
-        record["memory_mb"] = peak_memory_mb()
+        record["memory_mb"] = peak_memory_mb(accelerator.device)
         if accelerator.is_main_process:
             append_jsonl(history_path, record)
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)

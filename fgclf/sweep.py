@@ -7,7 +7,7 @@ A plan file::
     launch: [--config_file, accelerate_configs/cpu.yaml]   # accelerate launch arguments
     seeds: [1, 2, 3]
     folds: 0                               # k > 0: every seed runs all k folds
-    set: {train.epochs: 6}                 # overrides for every run
+    set: {train.epochs: 6}                 # overrides for every run (not those of another script)
     variants:                              # one factor at a time; the first is the baseline
       ce: {}
       focal: {loss.name: focal}
@@ -17,7 +17,8 @@ A plan file::
         features: "{out}/features"        # "{out}" is the sweep's output folder
     grid:                                  # or/and: the product of these lists
       optim.name: [sgd, adamw]
-    prepare:                               # steps run once, in order, before the runs
+    prepare:                               # steps run once, in order, before the runs (a step's
+                                         # `launch` replaces the plan's; `launch: []` runs it plain)
       features:
         script: scripts/extract_features.py
         args: {output_dir: "{out}/features", overwrite: true}
@@ -138,7 +139,7 @@ def expand(plan: dict, out_dir: str | Path) -> list[PlannedRun]:
                 settings = {k: _fill(overrides[k], out_dir) for k in _RUN_KEYS if k in overrides}
                 flags = {k: v for k, v in overrides.items() if k not in _RUN_KEYS}
                 extra = {**(plan.get("set") or {}), **flags, "train.seed": int(seed)}
-                if "base" in settings or "script" in settings:  # another script: the plan's `set` may not apply
+                if "script" in settings:  # another script: the plan's `set` (its flags) may not apply
                     extra = {**flags, "train.seed": int(seed)}
                 extra = {k: _fill(v, out_dir) for k, v in extra.items()}
                 if fold is not None:
@@ -211,8 +212,8 @@ def prepare(plan: dict, out_dir: str | Path, *, repo: Path, dry_run: bool = Fals
         args = step.get("args") or {}
         args = _flags({k: _fill(v, out_dir) for k, v in args.items()}) if isinstance(args, dict) else \
             [str(_fill(a, out_dir)) for a in args]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, step.get("launch") or plan.get("launch")
-                                                                          or []), str(repo / step["script"]), *args]
+        launch = step["launch"] if "launch" in step else (plan.get("launch") or [])  # launch: [] opts out
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, launch), str(repo / step["script"]), *args]
         marker = out_dir / ".prepare" / f"{name}.json"
         recorded = cmd[3:]  # without the interpreter path
         if marker.is_file():
@@ -227,7 +228,8 @@ def prepare(plan: dict, out_dir: str | Path, *, repo: Path, dry_run: bool = Fals
             continue
         proc = subprocess.run(cmd, cwd=repo)
         if proc.returncode != 0:
-            raise UserError(f"prepare step '{name}' failed with exit status {proc.returncode}")
+            raise UserError(f"prepare step '{name}' failed with exit status {proc.returncode}; fix it, delete what it "
+                            "left behind (its output folder) and run the sweep again")
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"command": recorded})
 

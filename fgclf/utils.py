@@ -85,15 +85,17 @@ def package_versions(names: tuple[str, ...] = ("fgclf", "torch", "torchvision", 
     return out
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this process so far, MiB: CUDA peak allocated on a GPU, else peak RSS.
+def peak_memory_mb(device: Any = None) -> float:
+    """Peak memory of this process so far, MiB: CUDA peak allocated when ``device`` is a CUDA
+    device (None: when CUDA is available), else peak RSS.
 
     Peak RSS includes the interpreter and libraries (several hundred MiB for torch), so compare
     it between runs of the same script rather than reading it as the model's footprint.
     """
     import torch
 
-    if torch.cuda.is_available():
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     try:
         import resource

@@ -24,6 +24,7 @@ Flags: ``--help`` lists all; precedence is defaults < ``--config`` YAML < CLI fl
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -52,8 +53,8 @@ def validate(cfg: GenerateConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} exists; pass --overwrite true or choose another --output_dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is a file")
+    if out.exists() and not (out / MANIFEST).is_file():  # --overwrite replaces generated datasets only
+        raise UserError(f"{out} exists and is not a generated dataset (no {MANIFEST}); choose another --output_dir")
 
 
 def select_classes(requested: list[str] | None, class_names: list[str]) -> list[int]:
@@ -71,6 +72,18 @@ def select_classes(requested: list[str] | None, class_names: list[str]) -> list[
 
             raise UserError(unknown_name_message("class", str(item), class_names))
     return sorted(set(out))
+
+
+def classifier_splits(directory: Path) -> dict:
+    """The image ids a filter classifier trained (train) and chose its checkpoint (val) on, from its
+    run directory's splits.json; train_classifier.py --synthetic.dir checks them against its splits."""
+    run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else directory
+    path = run_dir / "splits.json"
+    if not path.is_file():
+        raise UserError(f"cannot tell which images the classifier in {directory} was trained on (no {path}); "
+                        "pass a train_classifier.py run directory or its checkpoints/best folder")
+    splits = json.loads(path.read_text())
+    return {"train": list(splits.get("train", [])), "val": list(splits.get("val", []))}
 
 
 def load_classifier(path: str, class_names: list[str], device):
@@ -91,7 +104,7 @@ def load_classifier(path: str, class_names: list[str], device):
         from fgclf.models import resolve_data_config
 
         data_config = resolve_data_config(model)
-    return model, fd.create_transform(data_config, is_training=False), str(directory.resolve())
+    return model, fd.create_transform(data_config, is_training=False), directory.resolve()
 
 
 @script_main
@@ -100,14 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # generation is cheap: one process writes the dataset
         return 0
-    import json
-
     import numpy as np
     import torch
     from PIL import Image
 
     from fgclf.gan import generate_images, load_generator, resolve_generator_dir, sample_noise, to_uint8
-    from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
+    from fgclf.utils import atomic_write_json, atomic_write_text, package_versions, replace_dir
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen_dir = resolve_generator_dir(cfg.generator)
@@ -119,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(a train_classifier.py run); its predictions become pseudo-labels")
     if cfg.sample_steps is not None and spec["arch"] != "diffusion":
         raise UserError("--sample_steps applies to diffusion generators only")
+    if cfg.sample_steps is not None and cfg.sample_steps > spec["diffusion_steps"]:
+        raise UserError(f"--sample_steps {cfg.sample_steps} exceeds the generator's {spec['diffusion_steps']} "
+                        "training noise levels")
     wanted = select_classes(cfg.classes, class_names)
-    classifier = transform = classifier_dir = None
+    classifier = transform = classifier_dir = filter_splits = None
     if cfg.classifier is not None:
-        classifier, transform, classifier_dir = load_classifier(cfg.classifier, class_names, device)
+        classifier, transform, classifier_path = load_classifier(cfg.classifier, class_names, device)
+        filter_splits = classifier_splits(classifier_path)
+        classifier_dir = str(classifier_path)
     # ---------------------------------------------------------------- generate
     total = cfg.per_class * len(wanted)
     noise = sample_noise(spec, total, seed=cfg.seed)
@@ -174,15 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                       "score": None if scores is None else float(scores[i]), "pseudo_label": not conditional,
                       "classifier": classifier_dir, "threshold": cfg.threshold})
     atomic_write_text(tmp / MANIFEST, "".join(json.dumps(line) + "\n" for line in lines))
-    atomic_write_json(tmp / "generator.json", {k: meta.get(k) for k in ("spec", "class_names", "data", "epoch", "ema",
-                                                                     "seed", "n_train", "train_image_ids")})
+    atomic_write_json(tmp / "generator.json", {
+        **{k: meta.get(k) for k in ("spec", "class_names", "data", "epoch", "ema", "seed", "n_train", "train_image_ids")},
+        "classifier": classifier_dir, "classifier_splits": filter_splits})
     atomic_write_json(tmp / "summary.json", {
         "generated": total, "kept": int(keep.sum()), "per_class": summary, "threshold": cfg.threshold,
         "classifier": classifier_dir, "pseudo_labels": not conditional, "generator": str(gen_dir.resolve()),
         "config": to_dict(cfg), "command": command_line(), "versions": package_versions()})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)  # the old folder stays readable until the new one is complete
     print(f"{int(keep.sum())} of {total} images kept in {out}" + (f" (threshold {cfg.threshold})" if scores is not None
                                                                   else ""))
     for name, entry in summary.items():

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fgclf.runtime import script_main  # noqa: E402
-from fgclf.sweep import execute, expand, load_plan, prepare, status  # noqa: E402
+from fgclf.sweep import check_unchanged, execute, expand, load_plan, prepare, status  # noqa: E402
 
 
 @script_main
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir or Path("runs") / plan["name"]
     runs = expand(plan, out)
     print(f"sweep {plan['name']}: {len(runs)} runs in {out}", flush=True)
+    check_unchanged(plan, runs)  # before any prepare step spends time
     prepare(plan, out, repo=REPO, dry_run=args.dry_run)
     # seed-major order: a sweep stopped half-way has every variant on its first seeds
     order = sorted(runs, key=lambda r: (plan["seeds"].index(r.seed), -1 if r.fold is None else r.fold))

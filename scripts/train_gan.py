@@ -62,6 +62,8 @@ def validate(cfg: TrainGanConfig) -> None:
         _require_diffusers()
         if g.image_size % 4:
             raise UserError(f"diffusion image_size must be a multiple of 4, got {g.image_size}")
+        if g.base_width % 8:
+            raise UserError(f"diffusion base_width must be a multiple of 8 (GroupNorm groups), got {g.base_width}")
     else:
         from fgclf.gan import GAN_LOSSES, check_image_size
         from fgclf.registry import unknown_name_message
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     state = {"epoch": 0, "global_step": 0}
     if resume_dir is not None:
+        if not (Path(resume_dir) / "trainer_state.json").is_file():
+            raise UserError(f"no resumable checkpoint at {resume_dir} (the run stopped before its first epoch "
+                            "ended): start it again without --resume, in a new --train.output_dir")
         saved = json.loads((Path(resume_dir) / "config.json").read_text())
         if saved.get("spec") != spec:
             raise UserError(f"cannot resume from {resume_dir}: it holds a {saved.get('spec')} model, this run "
@@ -220,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- loop
     start = time.perf_counter()
     device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def global_randn(n: int, *shape: int) -> torch.Tensor:
+        """This process's slice of noise drawn for the whole global batch: every process draws
+        the same numbers (same seed), so N processes see N different slices, as one process would."""
+        return torch.randn(n * world, *shape, device=device)[rank * n:(rank + 1) * n]
+
     while state["epoch"] < t.epochs:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state["epoch"])
@@ -234,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             n = images.shape[0]
             logs: dict[str, torch.Tensor] = {}
             if discriminator is None:  # diffusion: one regression loss
-                loss = generator(images, labels)
+                t_all = torch.randint(0, spec["diffusion_steps"], (n * world,), device=device)
+                loss = generator(images, labels, noise=global_randn(n, *images.shape[1:]),
+                                 timesteps=t_all[rank * n:(rank + 1) * n])
                 opt_g.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 opt_g.step()
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 y = labels if conditional else None
                 for _ in range(g.d_steps):  # D on real and fake in one pass (spectral norm, no batch norm)
                     with torch.no_grad():
-                        fake = generator(torch.randn(n, spec["latent_dim"], device=device), y)
+                        fake = generator(global_randn(n, spec["latent_dim"]), y)
                     scores, aux = discriminator(torch.cat([images, fake.to(images.dtype)]),
                                                 torch.cat([labels, labels]) if conditional else None)
                     out_d = objective.discriminator(scores[:n], scores[n:], labels=labels,
@@ -251,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     opt_d.zero_grad(set_to_none=True)
                     accelerator.backward(out_d["loss"])
                     opt_d.step()
-                fake = generator(torch.randn(n, spec["latent_dim"], device=device), y)
+                fake = generator(global_randn(n, spec["latent_dim"]), y)
                 scores, aux = discriminator(fake, y)
                 out_g = objective.generator(scores, aux_fake=aux, labels=labels)
                 opt_g.zero_grad(set_to_none=True)
@@ -274,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "step": state["global_step"]}
         record.update({k: accelerator.reduce(v / max(batches, 1), "mean").item() for k, v in sorted(sums.items())})
-        record.update(epoch_time=time.perf_counter() - epoch_start, memory_mb=peak_memory_mb())
+        record.update(epoch_time=time.perf_counter() - epoch_start, memory_mb=peak_memory_mb(device))
         if not all(v == v and abs(v) != float("inf") for v in record.values() if isinstance(v, float)):
             raise UserError(f"non-finite loss at epoch {state['epoch']} ({record}); lower the learning rates or "
                             "use another gan.loss. The last good checkpoint is kept")

@@ -85,7 +85,7 @@ def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
 
     def on_epoch(record: dict) -> None:
-        record["memory_mb"] = peak_memory_mb()
+        record["memory_mb"] = peak_memory_mb(device)
         append_jsonl(run_dir / "metrics.jsonl", record)
         if t.progress and (record["epoch"] % max(t.log_every, 1) == 0 or record["epoch"] == t.epochs):
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -122,7 +122,7 @@ def train_sklearn_head(cfg: ProbeConfig, sets: dict, num_classes: int, run_dir: 
         record.update({f"val/{k}": v for k, v in compute_metrics(val_logits, val.labels,
                                                                  num_classes=num_classes).items()})
     record["epoch_time"] = time.perf_counter() - start
-    record["memory_mb"] = peak_memory_mb()
+    record["memory_mb"] = peak_memory_mb("cpu")  # scikit-learn runs on the CPU
     append_jsonl(run_dir / "metrics.jsonl", record)
     if head.sklearn_iterations >= cfg.sklearn_max_iter:
         print(f"warning: LogisticRegression stopped at sklearn_max_iter={cfg.sklearn_max_iter} without converging")

@@ -154,3 +154,22 @@ def test_generator_trained_on_val_or_test_images_is_refused(tmp_path):
     (root / "manifest.jsonl").write_text(json.dumps({"file": "a/000_00000.png", "label": 0, "class_name": "zebra"}))
     with pytest.raises(UserError, match="class 'zebra'"):
         load_synthetic(root, class_names=records.class_names)
+
+
+def test_filter_classifier_that_saw_test_images_is_refused(tmp_path):
+    from fgclf.data.synthetic import check_generator_split
+
+    records = _records(tmp_path)
+    root = _synthetic_dir(tmp_path, {"a": 1}, ["r0", "r1"])
+    info = json.loads((root / "generator.json").read_text())
+    info.update(classifier="/x", classifier_splits={"train": ["r0", "r2"], "val": ["r5"]})
+    (root / "generator.json").write_text(json.dumps(info))
+    check_generator_split(root, records)  # trained on train images, validated on a val image: fine
+    info["classifier_splits"]["val"] = ["r5", "r6"]  # r6 is a test image of this run
+    (root / "generator.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="filter classifier .* chose its checkpoint on 1 image"):
+        check_generator_split(root, records)
+    info["classifier_splits"] = None
+    (root / "generator.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="splits are not recorded"):
+        check_generator_split(root, records)

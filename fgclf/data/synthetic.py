@@ -50,7 +50,9 @@ def load_synthetic(directory: str | Path, *, class_names: list[str]) -> Records:
 
 
 def check_generator_split(directory: str | Path, records: Records) -> None:
-    """UserError unless the generator behind ``directory`` trained only on this run's train images."""
+    """UserError unless the generator behind ``directory`` trained only on this run's train images,
+    and the filter classifier (if one chose the images) trained on them and validated on train or
+    val images: nothing that decided what the synthetic images are may have seen a test image."""
     info_path = Path(directory) / "generator.json"
     if not info_path.is_file():
         raise UserError(f"--synthetic.dir {directory}: no generator.json, so it cannot be checked that the generator "
@@ -60,12 +62,21 @@ def check_generator_split(directory: str | Path, records: Records) -> None:
         raise UserError(f"{info_path} does not list the generator's training images; regenerate with "
                         "scripts/generate.py")
     split_of = dict(zip(records.image_ids, records.splits))
-    outside = [i for i in seen if split_of.get(i) != "train"]
-    if outside:
-        where = {split_of.get(i, "not in this dataset") for i in outside}
-        raise UserError(f"the generator behind {directory} was trained on {len(outside)} image(s) that are not in "
-                        f"this run's train split ({', '.join(sorted(where))}; e.g. {outside[0]}): train the GAN "
-                        "with the same --data settings (format, root, val/test fractions, split seed, fold)")
+    info = json.loads(info_path.read_text())
+    checks = [("generator", "trained on", seen, ("train",))]
+    filter_splits = info.get("classifier_splits")
+    if info.get("classifier") and not filter_splits:
+        raise UserError(f"{info_path}: the filter classifier's splits are not recorded; regenerate with scripts/generate.py")
+    if filter_splits:  # the filter decided which images (and pseudo-labels) were kept
+        checks += [("filter classifier", "trained on", filter_splits["train"], ("train",)),
+                   ("filter classifier", "chose its checkpoint on", filter_splits["val"], ("train", "val"))]
+    for who, did, ids, allowed in checks:
+        outside = [i for i in ids if split_of.get(i) not in allowed]
+        if outside:
+            where = {split_of.get(i, "not in this dataset") for i in outside}
+            raise UserError(f"the {who} behind {directory} {did} {len(outside)} image(s) that are not in this run's "
+                            f"{'/'.join(allowed)} split ({', '.join(sorted(where))}; e.g. {outside[0]}): use the same "
+                            "--data settings (format, root, val/test fractions, split seed, fold) everywhere")
 
 
 def select_synthetic(synthetic: Records, *, real_train_labels: list[int], num_classes: int, ratio: float = 1.0,

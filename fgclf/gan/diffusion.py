@@ -44,6 +44,8 @@ class ClassConditionalDiffusion(nn.Module):
         diffusers = _require_diffusers()
         if image_size % 4:
             raise UserError(f"diffusion image_size must be a multiple of 4, got {image_size}")
+        if base_width % 8:
+            raise UserError(f"diffusion base_width must be a multiple of 8 (GroupNorm groups), got {base_width}")
         if num_classes < 1:
             raise UserError("the diffusion model is class-conditional: it needs at least one class")
         self.image_size, self.num_classes = image_size, num_classes
@@ -51,21 +53,25 @@ class ClassConditionalDiffusion(nn.Module):
         w = base_width
         self.unet = diffusers.UNet2DModel(
             sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=1,
-            block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=min(8, w),
+            block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=8,
             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
             up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), num_class_embeds=num_classes)
         self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=diffusion_steps)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The DDPM objective: MSE between the added noise and the UNet's prediction of it."""
-        noise = torch.randn_like(images)
-        t = torch.randint(0, self.diffusion_steps, (images.shape[0],), device=images.device)
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, noise: Optional[torch.Tensor] = None,
+             timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The DDPM objective: MSE between the added noise and the UNet's prediction of it
+        (``noise`` and ``timesteps`` are drawn here unless given)."""
+        noise = torch.randn_like(images) if noise is None else noise.to(images.dtype)
+        t = torch.randint(0, self.diffusion_steps, (images.shape[0],), device=images.device) \
+            if timesteps is None else timesteps
         noisy = self.scheduler.add_noise(images, noise, t)
         pred = self.unet(noisy, t, class_labels=labels).sample
         return F.mse_loss(pred.float(), noise.float())
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(images, labels)  # so DDP's forward hooks see the training computation
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, *, noise: Optional[torch.Tensor] = None,
+                timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.loss(images, labels, noise=noise, timesteps=timesteps)  # DDP's hooks see the training step
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, noise: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:

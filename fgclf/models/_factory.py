@@ -126,7 +126,7 @@ def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, we
         return create_torchvision_model(name, num_classes=num_classes, pretrained=pretrained, kwargs=kwargs)
     model = create_torchvision_model(name, num_classes=None, pretrained=False, kwargs=kwargs)
     state = read_weights(weights)
-    if not any(k.startswith(("body.", "head.")) for k in state):  # torchvision's own keys: map to the wrapper
+    if not any(k.startswith("body.") for k in state):  # torchvision's own keys (Swin's include head.*): map them
         head_name = _torchvision_head_name(name, kwargs)
         state = {(f"head.{k[len(head_name) + 1:]}" if k.startswith(head_name + ".") else f"body.{k}"): v
                  for k, v in state.items()}

@@ -211,6 +211,9 @@ def _check_adapters_run(model: nn.Module, method: str) -> None:
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    patch_embed = getattr(model, "patch_embed", None)  # a ViT built with another img_size
+    if size and getattr(patch_embed, "img_size", None) is not None:
+        size = (size[0], *patch_embed.img_size)
     if not size:
         return  # no known input size: nothing to probe with
     layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
@@ -222,6 +225,8 @@ def _check_adapters_run(model: nn.Module, method: str) -> None:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, *size, dtype=param.dtype, device=param.device))
+    except Exception:  # noqa: BLE001 - the probe is a safety net; a model it cannot feed is not an error
+        return
     finally:
         for h in hooks:
             h.remove()

@@ -69,7 +69,8 @@ class TorchvisionClassifier(nn.Module):
         self.default_cfg = self.pretrained_cfg
 
     def forward_features(self, x):
-        return self.body(x)
+        out = self.body(x)
+        return getattr(out, "logits", out)  # GoogLeNet / Inception v3 return (logits, aux) tuples in training
 
     def forward_head(self, x, pre_logits: bool = False):
         x = self.head_drop(x)

@@ -178,3 +178,9 @@ def test_adapters_that_never_run_are_refused():
         apply_peft(_Net(), target_modules=["qkv"])
     pm = apply_peft(_Net(), target_modules=["fc"])  # a layer called through its forward is fine
     assert count_parameters(pm)["trainable"] == 8 * 8 + 8 * 8 + 2 * 8 + 2
+
+
+def test_adapter_check_follows_a_vit_built_for_another_image_size():
+    model = create_model("vit_tiny_patch16_224", num_classes=3, img_size=64)  # pretrained_cfg still says 224
+    pm = apply_peft(model, r=2)
+    assert pm(torch.zeros(1, 3, 64, 64)).shape == (1, 3)

@@ -78,3 +78,17 @@ def test_user_errors(monkeypatch, tmp_path):
         create_model("tv:resnet18", num_classes=3, pretrained=True)
     with pytest.raises(UserError, match="drop_path_rate"):
         create_model("tv:resnet18", num_classes=3, drop_path_rate=0.1)
+
+
+def test_googlenet_trains_and_swin_weights_load(tmp_path):
+    from torchvision import models
+
+    g = create_model("tv:googlenet", num_classes=3).train()  # train mode returns (logits, aux) inside the body
+    assert g(_x()).shape == (2, 3)
+    torch.manual_seed(0)
+    swin = models.swin_t(num_classes=5).eval()  # its classifier is called `head`, like the wrapper's
+    path = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in swin.state_dict().items()}, str(path))
+    model = create_model("tv:swin_t", num_classes=None, weights=str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), swin(_x()), rtol=0, atol=0)

@@ -98,11 +98,12 @@ def test_variant_may_choose_script_base_and_launch(tmp_path):
     assert plain[3:] == ["--config_file", "a.yaml", "/repo/scripts/train_classifier.py", "--config",
                          str((tmp_path / "base.yaml").resolve()), "--train.epochs", "5", "--train.seed", "3",
                          "--train.output_dir", str(out / "plain" / "seed3"), "--train.progress", "false"]
-    other = run_command(plan, runs["other"], repo)  # another base: the plan's `set` is not applied
+    other = run_command(plan, runs["other"], repo)  # another base, same script: the plan's `set` still applies
     assert other[other.index("--config") + 1] == str((tmp_path / "other.yaml").resolve())
-    assert "--train.epochs" not in other and other[other.index("--optim.lr") + 1] == "0.1"
+    assert other[other.index("--train.epochs") + 1] == "5" and other[other.index("--optim.lr") + 1] == "0.1"
     probe = run_command(plan, runs["probe"], repo)
     assert probe[3:6] == ["--num_processes", "1", "/repo/scripts/train_probe.py"] and "--config" not in probe
+    assert "--train.epochs" not in probe  # another script: the plan's `set` is not its flags
     assert probe[probe.index("--features") + 1] == str(out / "feats")
 
 
