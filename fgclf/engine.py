@@ -39,6 +39,8 @@ class TrainState:
         best_epoch: Epoch (1-based) of that value.
         bad_epochs: Epochs since the last improvement (early stopping).
         stopped_early: Whether early stopping ended the run.
+        train_seconds: Wall time of the finished epochs (training + validation + checkpoints),
+            summed over resumed pieces of the run.
     """
 
     epoch: int = 0
@@ -48,6 +50,7 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    train_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +170,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             callback(st)
 
     while state.epoch < epochs and not state.stopped_early:
+        epoch_start = time.perf_counter()
         loader = train_loader
         if state.step_in_epoch:  # resumed from a mid-epoch checkpoint
             loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
@@ -207,6 +211,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         if accelerator.is_main_process:
             append_jsonl(history_path, record)
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
+        state.train_seconds += time.perf_counter() - epoch_start  # saved with the state: resumes add up
         checkpointer.save_last(state)
         if accelerator.is_main_process:
             msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()

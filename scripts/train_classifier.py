@@ -25,7 +25,6 @@ import os
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -284,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
             history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state.epoch]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
-    start = time.perf_counter()
     state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, loss_fn, epochs=t.epochs,
                 state=state, checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names),
                 metric=t.early_stopping_metric, patience=t.early_stopping_patience,
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                    tta_flip=t.tta_flip)
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
-                 "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": time.perf_counter() - start,
+                 "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
                  "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params,
                  "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                  "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             replace_dir(tmp, run_dir / "checkpoints" / "last")
         accelerator.wait_for_everyone()
 
-    state = {"epoch": 0, "global_step": 0}
+    state = {"epoch": 0, "global_step": 0, "train_seconds": 0.0}
     if resume_dir is not None:
         if not (Path(resume_dir) / "trainer_state.json").is_file():
             raise UserError(f"no resumable checkpoint at {resume_dir} (the run stopped before its first epoch "
@@ -223,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     grid_n = len(grid_y) if grid_y is not None else t.grid_per_class * t.grid_per_class
     grid_z = sample_noise(spec, grid_n, seed=t.seed)  # fixed across epochs: progress is visible
     # ---------------------------------------------------------------- loop
-    start = time.perf_counter()
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -301,11 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in record.items() if k not in ("memory_mb",)))
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state["global_step"])
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - epoch_start
         export(state)
         save_last(state)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "train_summary.json", {
-            "epochs": state["epoch"], "steps": state["global_step"], "train_seconds": time.perf_counter() - start,
+            "epochs": state["epoch"], "steps": state["global_step"], "train_seconds": state["train_seconds"],
             "seed": t.seed, "spec": spec, "parameters": params, "generator": str(run_dir / "checkpoints" / "generator"),
             "config": to_dict(cfg)})
         accelerator.print(f"generator: {run_dir / 'checkpoints' / 'generator'} (scripts/generate.py --generator "
