@@ -15,19 +15,33 @@ from fgclf.errors import UserError
 
 
 def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None,
-                       log_with: Optional[str] = "tensorboard", backend: Optional[str] = None):
+                       log_with: Optional[str] = "tensorboard", backend: Optional[str] = None,
+                       clip_grad_norm: Optional[float] = None):
     """An ``Accelerator`` whose data loaders split the *global* batch across processes.
 
     ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
     the seedable sampler gives epoch ``e`` the same shuffle whether or not the run was resumed
     (it is seeded from ``torch.initial_seed()``: call ``set_seed`` before ``prepare``).
     Mixed precision comes from the accelerate config unless ``mixed_precision`` overrides it.
+
+    Under DeepSpeed the engine clips and accumulates by its own config: ``clip_grad_norm`` (None:
+    no clipping) is written into it, since accelerate would otherwise fill in 1.0 and silently clip
+    a run that asked for none, and a ``grad_accum_steps`` other than the DeepSpeed config's is
+    refused. On a machine without GPU DeepSpeed gets the gloo backend (VERIFIED.md).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            raise UserError("ACCELERATE_USE_CPU=1 silently turns a DeepSpeed config into plain multi-process CPU "
+                            "training; unset it (without a GPU DeepSpeed runs on the CPU by itself)")
+        import torch
+
+        if backend is None and not torch.cuda.is_available():
+            backend = "gloo"  # DeepSpeed on CPU: without it accelerate sees one process (VERIFIED.md)
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
@@ -35,6 +49,15 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
         project_dir="runs",  # placeholder: scripts call set_run_dir before init_trackers
         kwargs_handlers=handlers,
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds_config = plugin.deepspeed_config
+        ds_config["gradient_clipping"] = float(clip_grad_norm or 0.0)
+        ds_accum = ds_config.get("gradient_accumulation_steps", 1)
+        if ds_accum != "auto" and int(ds_accum) != grad_accum_steps:
+            raise UserError(f"train.grad_accum_steps is {grad_accum_steps} but the DeepSpeed config says "
+                            f"gradient_accumulation_steps: {ds_accum}; make them equal")
+    return accelerator
 
 
 def set_run_dir(accelerator, run_dir: Path) -> None:

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
     t = cfg.train
-    accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision)
+    accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
+                                     clip_grad_norm=t.clip_grad_norm)
     for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
         if value % accelerator.num_processes:
             raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {len(bad)} unreadable images (listed in {run_dir / 'bad_images.txt'})")
         save_config(cfg, run_dir / "config.yaml", extra={
             "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
             "versions": package_versions(), "parameters": params, "synthetic": synthetic,
             "split_sizes": {s: len(ds) for s, ds in splits.items()}})

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(run_dir / "bad_images.txt", "".join(f"{p}\t{w}\n" for p, w in bad))
         save_config(cfg, run_dir / "config.yaml", extra={
             "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
             "versions": package_versions(), "parameters": params, "spec": spec, "n_train": len(train_set)})
         accelerator.print(f"run directory: {run_dir}\n{g.arch} {g.image_size}px: generator {params['generator']:,} / "

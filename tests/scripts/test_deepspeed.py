@@ -1,0 +1,49 @@
+"""DeepSpeed ZeRO-2 with 2 CPU processes (gloo): the same numbers as one plain process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ACCELERATE, REPO, TINY_ARGS, last_error_line, run_script
+
+pytest.importorskip("deepspeed")
+
+
+def _deepspeed(toy_root, out, *extra, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
+           str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub", "--data.root", str(toy_root),
+           *TINY_ARGS, "--train.output_dir", str(out), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
+    common = ["--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01"]
+    ds = _deepspeed(toy_root, tmp_path / "ds", *common)
+    assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-4000:]
+    one = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+                                              "--train.output_dir", str(tmp_path / "one"), *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = yaml.safe_load((tmp_path / "ds" / "config.yaml").read_text())["run"]
+    assert run["distributed_type"] == "DEEPSPEED" and run["num_processes"] == 2
+    shards = list((tmp_path / "ds" / "checkpoints/last/state").rglob("zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2  # ZeRO: the optimizer state is split over the 2 processes
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "ds"))
+    for key in ("top1", "f1_macro", "auroc_macro", "loss"):
+        assert abs(a[key] - b[key]) < 1e-4, (key, a[key], b[key])
+    np.testing.assert_allclose(np.load(tmp_path / "one/predictions.npz")["logits"],
+                               np.load(tmp_path / "ds/predictions.npz")["logits"], atol=1e-3)
+    # the consolidated best export is an ordinary model file: it reloads without DeepSpeed
+    from fgclf.models import create_model
+
+    create_model(f"file:{tmp_path / 'ds/checkpoints/best'}", num_classes=4)
+
+
+def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_path):
+    proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", env_extra={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in last_error_line(proc)
