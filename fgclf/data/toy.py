@@ -57,9 +57,13 @@ def list_toy_attributes() -> dict[str, list[str]]:
     return {k: list(v) for k, v in _ATTRIBUTES.items()}
 
 
-def default_toy_root() -> Path:
-    """Where the toy dataset lives by default: ``<fgclf cache>/datasets/toy_cub``."""
-    return cache_dir("datasets") / "toy_cub"
+def default_toy_root(params: dict | None = None) -> Path:
+    """Where the toy dataset lives by default: ``<fgclf cache>/datasets/toy_cub`` for the default
+    parameters, ``toy_cub_<the parameters that differ>`` otherwise, so runs with other toy
+    parameters never regenerate (and delete) the images another run is reading."""
+    p = {**TOY_DEFAULTS, **(params or {})}
+    changed = [f"{k}{int(p[k])}" for k in TOY_DEFAULTS if int(p[k]) != TOY_DEFAULTS[k]]
+    return cache_dir("datasets") / ("toy_cub" + ("_" + "_".join(changed) if changed else ""))
 
 
 def _validate(params: dict) -> dict:
@@ -434,7 +438,7 @@ def ensure_toy_cub(root: str | Path | None = None, **params: int) -> Path:
         params: any of ``TOY_DEFAULTS``' keys; missing ones take the defaults.
     """
     p = _validate(params)
-    root = default_toy_root() if root is None else Path(root).expanduser().absolute()
+    root = default_toy_root(p) if root is None else Path(root).expanduser().absolute()
     if _is_current(root, p):
         return root
     return generate_toy_cub(root, overwrite=True, **p)
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     p = {k: getattr(args, k) for k in TOY_DEFAULTS}
     try:
-        root = default_toy_root() if args.root is None else args.root.expanduser().absolute()
+        root = default_toy_root(p) if args.root is None else args.root.expanduser().absolute()
         reused = not args.overwrite and _is_current(root, _validate(p))
         if args.overwrite:
             generate_toy_cub(root, overwrite=True, **p)

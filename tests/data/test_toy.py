@@ -157,7 +157,11 @@ def test_occluder_covers_at_most_a_fifth_of_the_bird():
 def test_ensure_regenerates_only_when_params_change(tmp_path, monkeypatch):
     monkeypatch.setenv("FGCLF_CACHE", str(tmp_path / "cache"))
     root = toy.ensure_toy_cub(**TINY)
-    assert root == toy.default_toy_root() == tmp_path / "cache" / "datasets" / "toy_cub"
+    assert root == toy.default_toy_root(TINY) != toy.default_toy_root()
+    assert toy.default_toy_root() == tmp_path / "cache" / "datasets" / "toy_cub"  # the default parameters
+    assert root.parent == toy.default_toy_root().parent and root.name.startswith("toy_cub_")
+    # other parameters get their own folder: they never regenerate the default dataset under a reader
+    assert toy.default_toy_root({**TINY, "seed": 1}) not in (root, toy.default_toy_root())
     meta, img = root / "toy_meta.json", next((root / "images").rglob("*.jpg"))
     os.utime(meta, ns=(1, 1))  # any regeneration would write a fresh mtime
     os.utime(img, ns=(1, 1))
