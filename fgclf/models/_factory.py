@@ -130,10 +130,15 @@ def _create_torchvision(name: str, num_classes: int | None, pretrained: bool, we
         head_name = _torchvision_head_name(name, kwargs)
         state = {(f"head.{k[len(head_name) + 1:]}" if k.startswith(head_name + ".") else f"body.{k}"): v
                  for k, v in state.items()}
+    return _load_then_fit_head(model, state, num_classes, source=str(weights))
+
+
+def _load_then_fit_head(model: nn.Module, state: dict, num_classes: int | None, *, source: str) -> nn.Module:
+    """Load ``state`` (resizing the head to the file's first), then give the head ``num_classes``."""
     file_classes = head_size_in(state, model)
     if file_classes is not None and file_classes != model.num_classes:
         model.reset_classifier(file_classes)
-    load_weights_into(model, state, source=str(weights))
+    load_weights_into(model, state, source=source)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -192,13 +197,7 @@ def _create_with_weights(name: str, weights: str, kwargs: dict[str, Any]) -> nn.
     state = read_weights(weights)
     num_classes = kwargs.pop("num_classes", None)
     model = timm.create_model(arch, pretrained=False, **kwargs)  # head size as timm's default for now
-    file_classes = head_size_in(state, model)
-    if file_classes is not None and file_classes != model.num_classes:
-        model.reset_classifier(file_classes)
-    load_weights_into(model, state, source=str(weights))
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    return model
+    return _load_then_fit_head(model, state, num_classes, source=str(weights))
 
 
 def _create_from_dir(directory: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
