@@ -65,6 +65,16 @@ class EvalOutput:
     loss: float
 
 
+def input_dtype(accelerator) -> Optional[torch.dtype]:
+    """The dtype model inputs need: DeepSpeed fp16/bf16 casts the weights but not the inputs
+    (accelerate's autocast does not apply there); None elsewhere."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+
+
 def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
                     state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
                     progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
@@ -79,6 +89,7 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
         number of training samples seen by all processes together.
     """
     (train_mode or (lambda m: m.train()))(model)
+    cast = input_dtype(accelerator)
     start, loss_sum, batches, samples = time.perf_counter(), None, 0, 0
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
                disable=not (progress and accelerator.is_local_main_process))
@@ -86,7 +97,7 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
         if mixup is not None:  # soft targets from then on; every loss accepts them
             images, labels = mixup(images, labels)
         with accelerator.accumulate(model):
-            logits = model(images)
+            logits = model(images if cast is None else images.to(cast))
             loss = loss_fn(logits.float(), labels)
             if regularizer is not None:  # explicit L1/Lp penalty (not the optimizer's weight decay)
                 loss = loss + regularizer(model)
@@ -127,9 +138,12 @@ def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Modu
     the last batch, so each sample counts exactly once; order is the dataset's order.
     """
     model.eval()
+    cast = input_dtype(accelerator)
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False,
                                disable=not (progress and accelerator.is_local_main_process)):
+        if cast is not None:
+            images = images.to(cast)
         logits = (tta_flip_logits(model, images) if tta_flip else model(images)).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits.cpu())

@@ -47,3 +47,21 @@ def test_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
 def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_path):
     proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", env_extra={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in last_error_line(proc)
+
+
+def test_zero2_bf16_casts_inputs_and_exports_a_loadable_model(toy_root, tmp_path):
+    """DeepSpeed bf16 casts the weights, not the inputs: the engine casts the batches too."""
+    from conftest import assert_metrics_match_sklearn
+
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(REPO))
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
+           "--mixed_precision", "bf16", str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub",
+           "--data.root", str(toy_root), *TINY_ARGS, "--train.epochs", "1", "--train.output_dir", str(tmp_path / "bf16")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["run"]["mixed_precision"] == "bf16"
+    assert_metrics_match_sklearn(tmp_path / "bf16", num_classes=4, num_samples=20)
+    from fgclf.models import create_model
+
+    create_model(f"file:{tmp_path / 'bf16/checkpoints/best'}", num_classes=4)
