@@ -74,6 +74,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, DataConfi
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--output", default=None, help="JSON file (default <fake>/quality.json)")
+    p.add_argument("--reference", action="store_true",
+                   help="also score the real train split (val when --real-split is train) against the same real "
+                        "images: what real photos reach with this extractor, size and class set")
     args, rest = p.parse_known_args(argv)
     stray = [a for a in rest if a.startswith("-") and not a.startswith(("--data.", "--config"))]
     if stray:
@@ -203,6 +206,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                              num_workers=data_cfg.num_workers)
         f, y = extract_features(loader, extractor=extractor, return_labels=True)
         feats[side] = {c: f[y == class_names.index(c)] for c in generated}  # real: only the generated classes
+    reference = None
+    if args.reference:  # real images of another split, scored like the generated ones
+        ref_split = "val" if args.real_split == "train" else "train"
+        ref_ds = fd.create_dataset(records=records, split=ref_split, transform=tf)
+        loader = torch.utils.data.DataLoader(ref_ds, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=data_cfg.num_workers)
+        f, y = extract_features(loader, extractor=extractor, return_labels=True)
+        keep = torch.as_tensor([class_names[int(i)] in generated for i in y])
+        reference = {"split": ref_split, **fid_kid_from_features(torch.cat(list(feats["real"].values())), f[keep],
+                                                                 kid_subset_size=args.kid_subset_size,
+                                                                 kid_subsets=args.kid_subsets, seed=args.seed)}
     extract_s = time.perf_counter() - start
 
     # ---------------------------------------------------------------- FID / KID
@@ -218,12 +232,18 @@ def main(argv: Optional[list[str]] = None) -> int:
               "real": {"split": args.real_split, "data": to_dict(data_cfg)}, "overall": res["overall"]}
     if args.per_class:
         result["per_class"] = res["per_class"]
+    if reference is not None:
+        result["reference"] = reference
     result.update({"kid_subsets": args.kid_subsets, "seed": args.seed, "note": NOTE,
                    "seconds": {"extract": extract_s, "total": time.perf_counter() - start},
                    "command": command_line(), "versions": package_versions()})
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output, result)
     print(markdown_table(result))
+    if reference is not None:
+        print(f"reference: real {reference['split']} images ({reference['n_fake']}) vs the same real images: "
+              f"FID {reference['fid']:.3f}, KID x1e3 {1e3 * reference['kid_mean']:.3f} "
+              f"(± {1e3 * reference['kid_std']:.3f})")
     if missing:
         print(f"{len(missing)} real classes have no generated images and are left out: {', '.join(missing[:5])}"
               + (", ..." if len(missing) > 5 else ""))

@@ -215,6 +215,25 @@ def test_script_matches_library_per_class(toy_root, tmp_path, monkeypatch, capsy
     assert (result["overall"]["n_real"], result["overall"]["n_fake"]) == (20, 16)
 
 
+def test_script_reference_scores_real_train_images_like_generated_ones(toy_root, tmp_path, monkeypatch, capsys):
+    from fgclf.data import load_records
+
+    fake_dir, _, real = _fake_folder(toy_root, tmp_path)
+    assert _run(monkeypatch, "--fake", fake_dir, "--data.format", "cub", "--data.root", toy_root,
+                "--data.num_workers", "0", "--reference", "--kid-subsets", "4") == 0
+    result = json.loads((fake_dir / "quality.json").read_text())
+    rec = load_records(format="cub", root=str(toy_root))
+    train = {}
+    for path, label, split in zip(rec.items, rec.labels, rec.splits):
+        if split == "train":
+            train.setdefault(rec.class_names[label], []).append(to_tensor(Image.open(path).convert("RGB")))
+    want = compute_fid_kid(torch.cat(list(real.values())), torch.cat([torch.stack(v) for v in train.values()]),
+                           extractor=tiny_extractor(), kid_subsets=4)
+    ref = result["reference"]
+    assert ref["split"] == "train" and ref["n_fake"] == sum(len(v) for v in train.values())
+    assert ref["fid"] == pytest.approx(want["fid"], rel=1e-6) and "reference: real train images" in capsys.readouterr().out
+
+
 def test_script_manifest_and_user_errors(toy_root, tmp_path, monkeypatch, capsys):
     fake_dir, fake, real = _fake_folder(toy_root, tmp_path, per_class=3)
     names = sorted(real)
