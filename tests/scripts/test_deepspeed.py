@@ -49,6 +49,7 @@ def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_pa
     assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in last_error_line(proc)
 
 
+@pytest.mark.slow
 def test_zero2_bf16_casts_inputs_and_exports_a_loadable_model(toy_root, tmp_path):
     """DeepSpeed bf16 casts the weights, not the inputs: the engine casts the batches too."""
     from conftest import assert_metrics_match_sklearn

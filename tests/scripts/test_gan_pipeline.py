@@ -74,6 +74,7 @@ def test_losses_finite_and_the_export_redraws_the_last_grid(gan_run, tmp_path):
     assert cfg["run"]["seed"] == 42 and cfg["run"]["spec"] == spec
 
 
+@pytest.mark.slow
 def test_kill_then_resume_equals_the_uninterrupted_run(gan_run, toy_root, tmp_path):
     from safetensors.torch import load_file
 
@@ -186,6 +187,7 @@ def test_synthetic_images_join_train_only(gan_run, toy_root, tmp_path):
     assert not (tmp_path / "leak").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_gan(toy_root, tmp_path):
     """DDP over 2 gloo processes: each draws its own slice of the global noise; the export loads."""
     from fgclf.gan import load_generator

@@ -43,6 +43,7 @@ def test_lora_two_processes_adapter_reload_and_merged_export(toy_root, tmp_path,
     assert adapter_bytes < (best / "model.safetensors").stat().st_size  # the adapter is the small part
 
 
+@pytest.mark.slow
 def test_lora_last_checkpoint_holds_only_trained_weights_and_resumes_exactly(toy_root, tmp_path):
     """last/ of a LoRA run leaves the frozen base out; kill + resume equals the uninterrupted run,
     and a resume onto other base weights is refused."""
