@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fgclf.config import TrainClassifierConfig, load_config, parse_config, save_config
+from fgclf.config import TrainClassifierConfig, TrainGanConfig, load_config, parse_config, save_config
+from fgclf.features import ProbeConfig
 from fgclf.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,14 +48,18 @@ def test_save_and_load_round_trip(tmp_path):
 
 EXPERIMENTS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 SWEEPS = sorted((REPO / "configs").glob("sweep_*.yaml"))
+# the config class of each script a shipped config or sweep may run
+SCRIPT_CONFIGS = {"scripts/train_classifier.py": TrainClassifierConfig, "scripts/train_gan.py": TrainGanConfig,
+                  "scripts/train_probe.py": ProbeConfig}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_documents_its_command(path):
     text = path.read_text()
     assert "accelerate launch" in text.split("\n\n")[0] or text.startswith("#"), "header comment with the command"
-    assert "scripts/train_classifier.py" in text
-    cfg = parse_config(TrainClassifierConfig, ["--config", str(path)])
+    scripts = [script for script in SCRIPT_CONFIGS if script in text.split("\n\n")[0]]
+    assert len(scripts) == 1, "the header names the script the config is for"
+    cfg = parse_config(SCRIPT_CONFIGS[scripts[0]], ["--config", str(path)])
     raw = yaml.safe_load(text)
     for section, values in raw.items():
         if isinstance(values, dict):
@@ -83,5 +88,10 @@ def test_every_sweep_plan_expands_into_valid_runs(path, tmp_path):
     runs = expand(plan, tmp_path)
     assert len(runs) == len({r.run_dir for r in runs}) >= 2
     for run in runs:
-        cfg = parse_config(TrainClassifierConfig, ["--config", str(REPO / plan["base"]), *run.flags()])
+        script = run.settings.get("script", plan.get("script", "scripts/train_classifier.py"))
+        base = run.settings.get("base", plan.get("base"))
+        argv = (["--config", str(REPO / base)] if base else []) + run.flags()
+        cfg = parse_config(SCRIPT_CONFIGS[script], argv)
         assert cfg.train.seed == run.seed
+    for name, step in (plan.get("prepare") or {}).items():
+        assert (REPO / step["script"]).is_file(), name
