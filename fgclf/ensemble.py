@@ -47,9 +47,9 @@ class Member:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    from scipy.special import softmax as _softmax
+
+    return _softmax(logits.astype(np.float64), axis=1)
 
 
 def best_val_top1(run_dir: str | Path) -> Optional[float]:

@@ -145,7 +145,12 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> tuple[Op
     return output_dir or (str(run_dir) if run_dir else None), path
 
 
-def check_resume_config(cfg: Any, run_dir: Path, *, free: set[str]) -> int:
+# settings that may differ between a run and its --resume (they do not change the result)
+RESUME_FREE = frozenset({"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers",
+                         "data.verify_images"})
+
+
+def check_resume_config(cfg: Any, run_dir: Path, *, free: frozenset[str] = RESUME_FREE) -> int:
     """Refuse a --resume whose settings differ from the run's config.yaml; return the run's seed.
 
     ``free`` lists the dotted settings that may change (output folder, progress bars, ...).

@@ -74,10 +74,6 @@ def validate(cfg: TrainClassifierConfig) -> None:
             raise UserError(unknown_name_message(kind, name, known))
 
 
-# settings that may differ between a run and its --resume (they do not change the result)
-_RESUME_FREE = {"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers", "data.verify_images"}
-
-
 def with_synthetic(cfg: TrainClassifierConfig, records):
     """The records with the chosen synthetic images in train (checked first), and what was added."""
     from fgclf.data import find_bad_images
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
     if resume_dir is not None:  # same settings as the run being continued, including its seed
-        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir, free=_RESUME_FREE))
+        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir))
     elif t.seed == "random":  # drawn on the main process, shared, printed and recorded
         t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
         accelerator.print(f"random seed: {t.seed}")

@@ -36,8 +36,6 @@ from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, check_resume_config, command_line, create_accelerator,  # noqa: E402
                            default_run_name, prepare_run_dir, resolve_resume, script_main, set_run_dir, shutdown)
 
-_RESUME_FREE = {"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers", "data.verify_images"}
-
 
 def validate(cfg: TrainGanConfig) -> None:
     """Reject impossible values and unknown names before anything heavy starts."""
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
     if resume_dir is not None:
-        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir, free=_RESUME_FREE))
+        t.seed = broadcast_from_main(accelerator, lambda: check_resume_config(cfg, run_dir))
     elif t.seed == "random":
         t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
         accelerator.print(f"random seed: {t.seed}")

@@ -98,8 +98,9 @@ def test_three_seeds_of_a_toy_run_and_a_checkpoint_member(toy_root, tmp_path):
     mean_prob = np.mean([_softmax(z["logits"].astype(np.float64)) for z in npz], 0)
     assert result["ensembles"]["mean_prob"]["top1"] == pytest.approx((mean_prob.argmax(1) == npz[0]["labels"]).mean())
     # a checkpoint folder is evaluated on the --data test split: the same logits the run saved
+    from fgclf.config import DataConfig
+
     ckpt = _script().checkpoint_member(runs[0] / "checkpoints" / "best",
-                                       _script()._Data().data.__class__(format="cub", root=str(toy_root),
-                                                                        num_workers=0), 16)
+                                       DataConfig(format="cub", root=str(toy_root), num_workers=0), 16)
     np.testing.assert_allclose(ckpt.logits, npz[0]["logits"], atol=1e-4)
     assert list(ckpt.image_ids) == list(npz[0]["image_ids"])
