@@ -287,11 +287,33 @@ class SyntheticConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """Pipeline parallelism (``--parallel pipeline``): the model split into stages, one per process.
+
+    Args:
+        stages: Number of stages (null: one per process; must equal the process count).
+        microbatches: Microbatches per batch (``train.batch_size`` must be a multiple); more
+            microbatches shrink the idle bubble ``(K - 1) / (M + K - 1)``.
+        schedule: ``gpipe`` (all forwards, then all backwards) or ``1f1b`` (interleaved, less
+            activation memory).
+        balance: Cut the model into stages of equal ``params`` (memory) or equal measured
+            forward+backward ``time`` (throughput; measured on process 0).
+    """
+
+    stages: Optional[int] = None
+    microbatches: int = 4
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    balance: Literal["params", "time"] = "params"
+
+
+@dataclass
 class TrainClassifierConfig:
     """Everything ``scripts/train_classifier.py`` needs.
 
     Args:
         peft: PEFT method applied to the backbone (``none``, ``lora``, ``dora``, ...).
+        parallel: ``data`` (one model copy per process: DDP, DeepSpeed, FSDP from the accelerate
+            config) or ``pipeline`` (the model split into ``pp.stages`` stages, one per process).
         resume: Continue a run: ``last`` (this run directory's last checkpoint) or a
             checkpoint folder.
     """
@@ -305,6 +327,8 @@ class TrainClassifierConfig:
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    parallel: Literal["data", "pipeline"] = "data"
+    pp: PipelineConfig = field(default_factory=PipelineConfig)
     resume: Optional[str] = None
 
 

@@ -166,14 +166,18 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
         progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
         regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, mixup: Optional[Callable] = None,
-        tta_flip: bool = False, callbacks: tuple[Callable[[TrainState], None], ...] = ()) -> TrainState:
+        tta_flip: bool = False, callbacks: tuple[Callable[[TrainState], None], ...] = (),
+        train_fn: Optional[Callable[..., dict]] = None, eval_fn: Optional[Callable[..., EvalOutput]] = None) -> TrainState:
     """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
 
     The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
     ``best`` checkpoint and drives early stopping after ``patience`` epochs without a
     ``min_delta`` improvement. ``last`` is written at every epoch end (and every
     ``checkpoint_every_steps`` updates) so that ``--resume`` continues from it.
+    ``train_fn``/``eval_fn`` replace :func:`train_one_epoch`/:func:`evaluate` (same signatures),
+    e.g. with a pipeline-parallel runner's.
     """
+    train_fn, eval_fn = train_fn or train_one_epoch, eval_fn or evaluate
     mode = "min" if metric == "loss" else "max"
     history_path = Path(run_dir) / "metrics.jsonl"
 
@@ -187,10 +191,11 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         epoch_start = time.perf_counter()
         loader = train_loader
         if state.step_in_epoch:  # resumed from a mid-epoch checkpoint
-            loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
+            loader = (train_loader.skip(state.step_in_epoch) if hasattr(train_loader, "skip")
+                      else accelerator.skip_first_batches(train_loader, state.step_in_epoch))
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
-        record = train_one_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
+        record = train_fn(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
                                  clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
                                  train_mode=train_mode, on_update=on_update, regularizer=regularizer,
                                  mixup=mixup)
@@ -198,7 +203,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         state.step_in_epoch = 0
         record = {"epoch": state.epoch, "step": state.global_step, **record}
         if val_loader is not None:
-            out = evaluate(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
+            out = eval_fn(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
                            tta_flip=tta_flip)
             scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
             record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),

@@ -11,6 +11,9 @@ Examples (each runs on CPU, 1 GPU or N GPUs by switching only the accelerate con
     # real CUB-200-2011 with hub weights (needs internet)
     accelerate launch scripts/train_classifier.py --data.root /data/CUB_200_2011 --data.format cub \
         --model.name resnet50.a1_in1k --model.pretrained true
+    # the model split into 2 pipeline stages (one per GPU), 8 microbatches per batch, 1F1B
+    accelerate launch --num_processes 2 scripts/train_classifier.py --model.name resnet50 --parallel pipeline \
+        --pp.microbatches 8 --pp.schedule 1f1b
     # continue an interrupted run (same command plus --resume)
     accelerate launch scripts/train_classifier.py --train.output_dir runs/demo --resume last
 
@@ -57,6 +60,20 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (cfg.synthetic.ratio >= 0 and cfg.synthetic.per_class >= 0, "synthetic.ratio and synthetic.per_class must be >= 0"),
         (not cfg.synthetic.only or cfg.synthetic.dir is not None, "synthetic.only needs --synthetic.dir"),
     ]
+    if cfg.parallel == "pipeline":  # what the pipeline runner does not do (yet), refused before any work
+        p = cfg.pp
+        checks += [
+            (p.stages is None or p.stages >= 2, "pp.stages must be >= 2"),
+            (p.microbatches >= 1 and t.batch_size % p.microbatches == 0,
+             f"train.batch_size {t.batch_size} must be a multiple of pp.microbatches {p.microbatches}"),
+            (cfg.peft == "none" and cfg.model.strategy == "full",
+             "--parallel pipeline trains the whole model: no --peft, model.strategy=full"),
+            (t.grad_accum_steps == 1, "--parallel pipeline accumulates over pp.microbatches; keep train.grad_accum_steps 1"),
+            (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip,
+             "--parallel pipeline does not support mixup, loss.regularizer or train.tta_flip yet"),
+            (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
+            (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
+        ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
                                      clip_grad_norm=t.clip_grad_norm)
     for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
-        if value % accelerator.num_processes:
+        if value % accelerator.num_processes and cfg.parallel == "data":  # a pipeline's processes share batches
             raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
@@ -230,13 +247,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
+    loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
+                                      len(class_names))
+    runner = stages = None
+    if cfg.parallel == "pipeline":  # this process's stage; every process walks the same batches
+        from fgclf.pipeline import PipelineCheckpointer, setup_pipeline
+
+        runner, loaders, stages = setup_pipeline(
+            accelerator, model, splits, input_size=data_cfg["input_size"], stages=cfg.pp.stages,
+            microbatches=cfg.pp.microbatches, schedule=cfg.pp.schedule, balance=cfg.pp.balance,
+            batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=loss_fn)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
             "model_kwargs": model_kwargs, "peft": peft_meta,
             "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
                      "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None},
             "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
                             if k in data_cfg}}
-    checkpointer = ck.Checkpointer(accelerator, run_dir, meta=meta)
+    checkpointer = (ck.Checkpointer(accelerator, run_dir, meta=meta) if runner is None
+                    else PipelineCheckpointer(accelerator, run_dir, meta=meta, runner=runner))
     if resume_dir is not None:
         checkpointer.check_compatible(resume_dir)
     set_run_dir(accelerator, run_dir)
@@ -250,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
             "seed": t.seed, "command": command_line(), "num_processes": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-            "versions": package_versions(), "parameters": params, "synthetic": synthetic,
+            "versions": package_versions(), "parameters": params, "synthetic": synthetic, "pipeline_stages": stages,
             "split_sizes": {s: len(ds) for s, ds in splits.items()}})
         accelerator.print(f"run directory: {run_dir}\nmodel {cfg.model.name}: {params['trainable']:,} trainable "
                           f"of {params['total']:,} parameters; train/val/test = "
                           f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} images")
+        if stages:
+            accelerator.print("pipeline: " + " | ".join(f"stage {s['stage']}: units {s['units'][0]}-{s['units'][1] - 1}, "
+                                                        f"{s['parameters']:,} params" for s in stages))
     # ---------------------------------------------------------------- optimizer + schedule
     o = cfg.optim
     optimizer = create_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
@@ -267,12 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
     mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
                          switch_prob=cfg.mixup.switch_prob, num_classes=len(class_names))
-    loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
-                                      len(class_names))
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
-    accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
-    checkpointer.skip_frozen(model)  # last/ keeps what training changes; frozen weights come from the base
-    val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
+    if runner is None:
+        model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"],
+                                                                          loaders["test"])
+        accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
+        checkpointer.skip_frozen(model)  # last/ keeps what training changes; frozen weights come from the base
+        val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
+        hooks = {}
+    else:  # stages are not wrapped by accelerate; the runner replaces the engine's step and eval
+        train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]
+        checkpointer.track(optimizer, scheduler)
+        hooks = {"train_fn": runner.train_one_epoch, "eval_fn": runner.evaluate}
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
     # ---------------------------------------------------------------- loop
     state = checkpointer.load_last(resume_dir) if resume_dir is not None else TrainState()
@@ -286,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                 min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
                 checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode,
-                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip, callbacks=debug_callbacks())
+                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip, callbacks=debug_callbacks(), **hooks)
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
-    out = evaluate(accelerator, model, test_loader, loss_fn=EVAL_LOSS, progress=t.progress, desc="test",
+    out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, loss_fn=EVAL_LOSS, progress=t.progress, desc="test",
                    tta_flip=t.tta_flip)
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,

@@ -1,6 +1,7 @@
 """Shared fixtures: a private fgclf cache, a tiny generated CUB-layout dataset, script runners."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,37 @@ def assert_metrics_match_sklearn(run_dir: Path, *, num_classes: int, num_samples
     assert abs(m["auroc_macro"] - skm.roc_auc_score(y, probs, multi_class="ovr", average="macro")) < 1e-6
     assert np.array_equal(np.array(m["confusion_matrix"]), skm.confusion_matrix(y, pred, labels=labels))
     return npz
+
+
+def train_toy(toy_root: Path, out: Path, *extra: str, nproc: int = 1, launch: bool = False, env=None, check=True):
+    """``train_classifier.py`` on the toy dataset with TINY_ARGS; asserts success when ``check``."""
+    args = ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+            "--train.output_dir", str(out), *extra]
+    proc = run_script("train_classifier.py", args, nproc=nproc, launch=launch, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def export_model_and_test_images(run_dir: Path, toy_root: Path):
+    """``file:<run>/checkpoints/best`` and the run's test images, built here from scratch."""
+    import torch
+
+    from fgclf.data import create_dataset, create_transform
+    from fgclf.models import create_model
+
+    best = run_dir / "checkpoints" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
+    ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
+                        transform=create_transform(meta["data_config"], is_training=False))
+    return model, torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def export_logits(run_dir: Path, toy_root: Path):
+    """Test-split logits of the run's ``best`` export, computed in this process."""
+    import torch
+
+    model, x = export_model_and_test_images(run_dir, toy_root)
+    with torch.no_grad():
+        return model(x).numpy()

@@ -11,16 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_ARGS, assert_metrics_match_sklearn, last_error_line, run_script
-
-
-def _train(toy_root: Path, out: Path, *extra: str, nproc: int = 1, launch: bool = False, env=None, check=True):
-    args = ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
-            "--train.output_dir", str(out), *extra]
-    proc = run_script("train_classifier.py", args, nproc=nproc, launch=launch, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+from conftest import (TINY_ARGS, assert_metrics_match_sklearn, export_logits as _export_logits,
+                      export_model_and_test_images as _export_model_and_test_images, last_error_line, run_script,
+                      train_toy as _train)
 
 
 @pytest.fixture(scope="module")
@@ -116,29 +109,6 @@ def test_existing_run_directory_is_not_overwritten(toy_root, single_run):
     proc = _train(toy_root, single_run, check=False)
     assert proc.returncode == 2 and "already holds a run" in last_error_line(proc)
     assert (single_run / "metrics.json").read_bytes() == before
-
-
-def _export_model_and_test_images(run_dir: Path, toy_root: Path):
-    """``file:<run>/checkpoints/best`` and the run's test images, built here from scratch."""
-    import torch
-
-    from fgclf.data import create_dataset, create_transform
-    from fgclf.models import create_model
-
-    best = run_dir / "checkpoints" / "best"
-    meta = json.loads((best / "config.json").read_text())
-    model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
-    ds = create_dataset(format="cub", root=str(toy_root), split="test", val_fraction=0.15,
-                        transform=create_transform(meta["data_config"], is_training=False))
-    return model, torch.stack([ds[i][0] for i in range(len(ds))])
-
-
-def _export_logits(run_dir: Path, toy_root: Path) -> np.ndarray:
-    import torch
-
-    model, x = _export_model_and_test_images(run_dir, toy_root)
-    with torch.no_grad():
-        return model(x).numpy()
 
 
 def _assert_same_test_result(run_a: Path, run_b: Path) -> None:

@@ -1,0 +1,156 @@
+"""fgclf.pipeline: stage balancing, the model split, and a pipelined step on 2 gloo processes
+against one process running the same microbatches (BatchNorm ResNet and ViT, GPipe and 1F1B)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fgclf.errors import UserError
+from fgclf.pipeline import (PipelineLoader, bubble_fraction, build_runner, check_units, microbatch_reference_step,
+                            partition, sequential_units)
+
+MODELS = {"test_resnet": {}, "test_vit": {"img_size": 32}, "test_efficientnet": {}}
+
+
+def _model(name: str, seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=5, **MODELS[name])
+
+
+def test_partition_minimises_the_largest_stage_like_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = 3 + trial % 6
+        costs = (torch.rand(n, generator=g) * 10).tolist()
+        for k in range(1, n + 1):
+            bounds = partition(costs, k)
+            assert bounds[0] == 0 and bounds[-1] == n and all(a < b for a, b in zip(bounds, bounds[1:]))
+            got = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+            best = min(max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, n)))
+                       for cut in itertools.combinations(range(1, n), k - 1))
+            assert got == pytest.approx(best)
+    with pytest.raises(UserError, match="cannot split 3 units into 4"):
+        partition([1, 2, 3], 4)
+
+
+def test_bubble_fraction():
+    assert bubble_fraction(2, 1) == pytest.approx(1 / 2)
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction(1, 4) == 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_units_cover_the_model_once_and_compose_to_its_forward(name):
+    model = _model(name)
+    units = sequential_units(model)
+    x = torch.randn(3, 3, 32, 32)
+    check_units(model, units, x)  # raises when a tensor is missing, shared, or the output differs
+    n_unit = sum(p.numel() for u in units for p in u.parameters())
+    assert n_unit == sum(p.numel() for p in model.parameters())
+    assert len(units) >= 4
+
+
+def test_unsupported_model_and_broken_split_are_refused():
+    import timm
+
+    with pytest.raises(UserError, match="splits timm ResNet, EfficientNet and ViT"):
+        sequential_units(timm.create_model("test_convnext", num_classes=5))
+    model = _model("test_vit")
+    units = sequential_units(model)
+    with pytest.raises(UserError, match="does not reproduce its forward"):  # two blocks swapped
+        check_units(model, [units[0], units[2], units[1], *units[3:]], torch.randn(2, 3, 32, 32))
+    with pytest.raises(UserError, match="leaves out"):
+        check_units(model, units[:-1], torch.randn(2, 3, 32, 32))
+
+
+def test_loader_order_is_the_seedable_sampler_order_and_skip_resumes_it():
+    from accelerate.data_loader import SeedableRandomSampler
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 22
+
+        def __getitem__(self, i):
+            return torch.tensor(float(i)), i
+
+    loader = PipelineLoader(DS(), batch_size=4, shuffle=True, seed=7)
+    for epoch in (0, 3):
+        sampler = SeedableRandomSampler(DS(), data_seed=7)
+        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        got = [y.tolist() for _, y in loader]
+        order = list(sampler)
+        assert got == [order[i:i + 4] for i in range(0, 20, 4)]  # the short 6th batch is dropped
+        assert [y.tolist() for _, y in loader.skip(2)] == got[2:]
+    evaluation = PipelineLoader(DS(), batch_size=4, shuffle=False, seed=7, pad_last=True)
+    batches = [y.tolist() for _, y in evaluation]
+    assert batches[-1] == [20, 21, 21, 21] and evaluation.real_sizes()[-1] == 2
+
+
+def _worker(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {}
+    for name, schedule, clip in (("test_resnet", "gpipe", None), ("test_resnet", "1f1b", 0.5),
+                                 ("test_vit", "gpipe", 0.5), ("test_vit", "1f1b", None)):
+        model = _model(name)
+        runner, bounds, _ = build_runner(model, sample=torch.randn(2, 3, 32, 32), num_stages=2, stage_index=rank,
+                                         microbatches=4, schedule=schedule, balance="params",
+                                         loss_fn=torch.nn.functional.cross_entropy, device="cpu")
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        model.train()
+        losses = []
+        for x, y in _batches():
+            loss = runner.step(x, y)
+            if clip:
+                runner.clip_grad_norm_(clip)
+            opt.step()
+            opt.zero_grad()
+            losses.append(runner.broadcast_from_last(None if loss is None else float(loss)))
+        model.eval()
+        logits = runner.broadcast_from_last(runner.forward(*_batches()[0]))
+        runner.gather_to_main()
+        results[(name, schedule, clip)] = {"losses": losses, "state": model.state_dict(), "bounds": bounds,
+                                           "logits": logits}
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+
+
+def test_two_stage_pipeline_step_equals_one_process_with_the_same_microbatches(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "pg"), str(out)), nprocs=2)
+    results = torch.load(out, weights_only=False)
+    for (name, schedule, clip), got in results.items():
+        model = _model(name)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model.train()
+        ref = []
+        for x, y in _batches():
+            ref.append(float(microbatch_reference_step(model, x, y, torch.nn.functional.cross_entropy, 4)))
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+        assert got["bounds"][0] == 0 and 0 < got["bounds"][1] < got["bounds"][2]
+        assert got["losses"] == pytest.approx(ref, abs=1e-5), (name, schedule)
+        state = model.state_dict()
+        assert set(state) == set(got["state"])
+        for key, value in state.items():  # weights and BatchNorm running statistics
+            torch.testing.assert_close(got["state"][key].float(), value.float(), atol=1e-5, rtol=1e-5,
+                                       msg=f"{name}/{schedule}: {key}")
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got["logits"], model(_batches()[0][0]), atol=1e-5, rtol=1e-5)
