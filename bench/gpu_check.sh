@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh
 # It installs into .venv if needed (make install), then runs the tests marked `gpu` (fp16/bf16 vs
 # fp32, the CUDA training-memory estimate within 25 %), a one-GPU demo-sized fine-tune under the
-# fp16 and bf16 accelerate configs, and the same under DeepSpeed ZeRO-2 (bf16, one GPU).
+# fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU); with 2 or more
+# GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -20,4 +21,13 @@ out=runs/gpu_check/zero2-bf16-$(date +%s)
 .venv/bin/accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 1 \
   --mixed_precision bf16 scripts/train_classifier.py --config configs/toy_effnetlite0_finetune.yaml \
   --train.output_dir "$out" --train.progress false
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ]; then
+  out=runs/gpu_check/pipeline-bf16-$(date +%s)
+  .venv/bin/accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 scripts/train_classifier.py \
+    --config configs/toy_effnetlite0_finetune.yaml --parallel pipeline --pp.microbatches 4 \
+    --train.output_dir "$out" --train.progress false
+  $PY bench/pipeline_bubble.py --device cuda --stages 2 --model resnet50 --image-size 224 --batch-size 64 \
+    --microbatches 1 2 4 8 16
+fi
 $PY scripts/compare_runs.py runs/gpu_check/*

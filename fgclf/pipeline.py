@@ -133,8 +133,8 @@ def unit_costs(units: Sequence[nn.Module], sample: torch.Tensor, balance: str = 
         return [float(max(1, sum(p.numel() for p in u.parameters()))) for u in units]
     if balance != "time":
         raise UserError(f"unknown pp.balance '{balance}'; choose one of {', '.join(BALANCE)}")
-    times = np.zeros((repeats, len(units)))
-    for r in range(repeats):
+    times = np.zeros((repeats + 1, len(units)))
+    for r in range(repeats + 1):  # the first pass warms up (allocations, kernel selection) and is dropped
         x = sample
         for i, unit in enumerate(units):
             x = x.detach().requires_grad_(x.is_floating_point())
@@ -145,7 +145,7 @@ def unit_costs(units: Sequence[nn.Module], sample: torch.Tensor, balance: str = 
             x = y
     for u in units:
         u.zero_grad(set_to_none=True)
-    return [float(t) for t in np.median(times, axis=0)]
+    return [float(t) for t in np.median(times[1:], axis=0)]
 
 
 def partition(costs: Sequence[float], num_stages: int) -> list[int]:
@@ -544,8 +544,9 @@ def setup_pipeline(accelerator, model: nn.Module, datasets: dict, *, input_size:
     autocast = torch.bfloat16 if str(accelerator.mixed_precision) == "bf16" else None
     sample = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     costs = None
-    if balance == "time":  # measured once, on process 0, so that every process cuts at the same places
-        costs = broadcast_from_main(accelerator, lambda: unit_costs(sequential_units(model), sample, "time"))
+    if balance == "time":  # measured once, on process 0 at the microbatch size, so every process cuts alike
+        timing = torch.randn(min(32, max(2, batch_size // microbatches)), *input_size)
+        costs = broadcast_from_main(accelerator, lambda: unit_costs(sequential_units(model), timing, "time"))
     runner, bounds, costs = build_runner(model, sample=sample, num_stages=n, stage_index=accelerator.process_index,
                                          microbatches=microbatches, schedule=schedule, balance=balance,
                                          loss_fn=loss_fn, device=accelerator.device, autocast_dtype=autocast,

@@ -32,6 +32,12 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        import torch
+
+        if not torch.cuda.is_available():  # accelerate then starts N processes that each think they are alone
+            raise UserError("FSDP needs GPUs (without one accelerate runs each process as a separate single-process "
+                            "run); on CPU use accelerate_configs/deepspeed_zero3.yaml, which shards the same way")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
             raise UserError("ACCELERATE_USE_CPU=1 silently turns a DeepSpeed config into plain multi-process CPU "

@@ -69,15 +69,6 @@ def test_every_shipped_config_parses_and_documents_its_command(path):
             assert getattr(cfg, section) == values
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_accelerate_config_loads(path):
-    from accelerate.commands.config.config_args import ClusterConfig
-
-    assert "accelerate launch" in path.read_text().split("compute_environment")[0]
-    cfg = ClusterConfig.from_yaml_file(str(path))
-    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "fp16", "bf16")
-
-
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_sweep_plan_expands_into_valid_runs(path, tmp_path):
     """Every run of a shipped sweep parses as a train_classifier command line."""

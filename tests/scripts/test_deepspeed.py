@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 with 2 CPU processes (gloo): the same numbers as one plain process."""
+"""DeepSpeed ZeRO-2 and ZeRO-3 with 2 CPU processes (gloo): the same numbers as one plain process,
+resume included, and a consolidated export that loads without DeepSpeed."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from conftest import ACCELERATE, REPO, TINY_ARGS, last_error_line, run_script
 pytest.importorskip("deepspeed")
 
 
-def _deepspeed(toy_root, out, *extra, env_extra=None):
+def _deepspeed(toy_root, out, *extra, env_extra=None, config="deepspeed_zero2.yaml", launch_args=()):
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
-    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / config), *launch_args,
            str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub", "--data.root", str(toy_root),
            *TINY_ARGS, "--train.output_dir", str(out), *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -44,9 +45,40 @@ def test_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
     create_model(f"file:{tmp_path / 'ds/checkpoints/best'}", num_classes=4)
 
 
+def test_zero3_kill_and_resume_matches_one_process_and_exports_the_whole_model(toy_root, tmp_path):
+    """ZeRO-3 shards the weights too: killed in epoch 2 and resumed, it ends where one process ends,
+    and best/ holds the gathered model (its logits are the run's test logits)."""
+    from conftest import export_logits, train_toy
+
+    common = ["--train.epochs", "3", "--data.aug.preset", "none", "--optim.lr", "0.01"]
+    train_toy(toy_root, tmp_path / "one", *common)
+    # 32 train images / batch 8 = 4 updates per epoch: update 6 is inside epoch 2
+    killed = _deepspeed(toy_root, tmp_path / "ds", *common, config="deepspeed_zero3.yaml",
+                        env_extra={"FGCLF_DEBUG_KILL_AT_STEP": "6"})
+    assert killed.returncode != 0
+    assert json.loads((tmp_path / "ds/checkpoints/last/trainer_state.json").read_text())["epoch"] == 1
+    resumed = _deepspeed(toy_root, tmp_path / "ds", *common, "--resume", "last", config="deepspeed_zero3.yaml")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "ds"))
+    for key in ("top1", "f1_macro", "auroc_macro", "loss"):
+        assert abs(a[key] - b[key]) < 1e-4, (key, a[key], b[key])
+    np.testing.assert_allclose(export_logits(tmp_path / "ds", toy_root),
+                               np.load(tmp_path / "ds/predictions.npz")["logits"], atol=1e-5)
+
+
 def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_path):
     proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", env_extra={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in last_error_line(proc)
+
+
+def test_fsdp_without_gpu_is_refused_instead_of_running_alone_twice(toy_root, tmp_path):
+    """Without a GPU accelerate starts FSDP processes that each believe they are the only one (they
+    trained and wrote the same run directory side by side): refused with a pointer to ZeRO-3."""
+    proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", config="fsdp.yaml",
+                      launch_args=("--num_processes", "2", "--mixed_precision", "no"))
+    assert proc.returncode != 0 and "FSDP needs GPUs" in last_error_line(proc), proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
