@@ -15,8 +15,50 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
-from fgclf.data.transforms import AugmentConfig
 from fgclf.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    """Train augmentation: a preset plus per-part overrides (``None`` = the preset's value).
+
+    ``AugmentConfig()`` is the ``basic`` preset. Parts run in the order of the fields below.
+
+    Args:
+        preset: Named set of part values, one of :func:`list_augmentations`: ``none`` (the eval
+            transform, takes no overrides), ``basic`` (random resized crop, hflip, light colour
+            jitter), ``strong`` (basic + RandAugment + random erasing), ``randaugment``,
+            ``trivialaugment``, ``autoaugment``, ``augmix`` (crop + hflip + that policy).
+        scale: Random resized crop area range as fractions of the image, e.g. ``[0.35, 1.0]``
+            (basic); ``[1.0, 1.0]`` keeps the whole image.
+        ratio: Random resized crop aspect-ratio range (basic ``[0.75, 1.333]``).
+        hflip: Probability of a horizontal flip (basic 0.5).
+        vflip: Probability of a vertical flip (basic 0).
+        rotation: Random rotation in degrees, uniform in ``[-rotation, rotation]``; corners are
+            filled with the mean colour (basic 0 = off).
+        auto_augment: Policy: a timm string (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``,
+            ``original-mstd0.5``, ``v0``, ``3a``), ``trivialaugment`` / ``autoaugment``
+            (torchvision TrivialAugmentWide / AutoAugment ImageNet policy) or ``none`` (basic).
+        color_jitter: Brightness, contrast and saturation jitter strength (basic 0.2; 0 = off).
+        gaussian_blur: Probability of a Gaussian blur, kernel ~10% of the image side, sigma
+            uniform in ``[0.1, 2.0]`` (basic 0).
+        gaussian_noise: Standard deviation of additive Gaussian pixel noise in ``[0, 1]`` pixel
+            units, applied to every image before normalisation, clipped to ``[0, 1]`` (basic 0).
+        random_erasing: Probability of erasing one rectangle (2-33% of the area) to the mean
+            colour, after normalisation (basic 0).
+    """
+
+    preset: str = "basic"
+    scale: Optional[tuple[float, float]] = None
+    ratio: Optional[tuple[float, float]] = None
+    hflip: Optional[float] = None
+    vflip: Optional[float] = None
+    rotation: Optional[float] = None
+    auto_augment: Optional[str] = None
+    color_jitter: Optional[float] = None
+    gaussian_blur: Optional[float] = None
+    gaussian_noise: Optional[float] = None
+    random_erasing: Optional[float] = None
 
 
 @dataclass
@@ -46,6 +88,10 @@ class DataConfig:
             trivialaugment, autoaugment, augmix) and parts that override it (``aug.rotation``,
             ``aug.gaussian_noise``, ``aug.random_erasing``, ...).
         num_workers: DataLoader worker processes per training process.
+        cache: Read images through a cache of copies resized once to the evaluation resize size
+            (``floor(crop / crop_pct)``; e.g. 512 for 448) and reused by later runs and seeds.
+            Evaluation pixels are unchanged; train crops come from the resized copy.
+        cache_dir: Folder of that cache (null: ``<fgclf cache>/resized``).
         verify_images: ``full`` decodes every image before training so a corrupt file stops
             the run at once; ``header`` only opens them; ``none`` skips the check.
         skip_bad_images: Drop unreadable images (listed in the run directory) instead of
@@ -68,6 +114,8 @@ class DataConfig:
     split_seed: int = 0
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 2
+    cache: bool = False
+    cache_dir: Optional[str] = None
     verify_images: Literal["full", "header", "none"] = "full"
     skip_bad_images: bool = False
     toy_num_classes: int = 12
@@ -245,6 +293,10 @@ class TrainConfig:
         mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
         progress: Show tqdm progress bars (main process only).
         tta_flip: Evaluate on the average of the image's and its mirror image's logits.
+        channels_last: Keep convolution weights (and so activations) in NHWC memory order,
+            which oneDNN and cuDNN run faster for most CNNs (see bench/engine_overhead.py).
+        compile: ``torch.compile`` the model (accelerate's dynamo plugin, inductor backend):
+            a one-time compile, then faster steps on GPUs.
     """
 
     epochs: int = 5
@@ -263,6 +315,8 @@ class TrainConfig:
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     progress: bool = True
     tta_flip: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -462,12 +516,107 @@ class GenerateConfig:
     device: Optional[str] = None
 
 
+@dataclass
+class ExtractConfig:
+    """Everything ``scripts/extract_features.py`` needs.
+
+    Args:
+        data: The dataset and its splits (as for ``train_classifier.py``; augmentation is
+            ignored: features always use the eval transform).
+        model: The backbone (``strategy``, ``head_init`` and dropout settings do not apply:
+            the body runs in eval mode and the classifier is dropped).
+        output_dir: Feature directory; null makes ``runs/features/<data>_<model>_<time>``.
+        batch_size: Global batch size of the forward passes (split across processes).
+        seed: Seed set before the model is built (reproducible random init without weights).
+        mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
+        progress: Show tqdm progress bars (main process only).
+        overwrite: Replace the features of an existing feature directory.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: Optional[str] = None
+    batch_size: int = 64
+    seed: int = 0
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    progress: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class ProbeTrainConfig:
+    """The probe's training loop (one process; features are small).
+
+    Args:
+        epochs: Passes over the cached train features (full batch: one update each).
+        batch_size: Minibatch size; 0 trains full-batch.
+        seed: Seed of the head init and minibatch order.
+        output_dir: Run directory; null makes ``runs/<name>``.
+        name: Run name; null builds one from the backbone, head and time.
+        early_stopping_metric: Validation metric watched for the best head and early stop
+            (``loss`` is minimised, others such as ``top1`` maximised).
+        early_stopping_patience: Epochs without improvement before stopping (0: never stop).
+        early_stopping_min_delta: Smallest change that counts as an improvement.
+        log_every: Print a progress line every this many epochs.
+        progress: Print the progress lines at all.
+    """
+
+    epochs: int = 300
+    batch_size: int = 0
+    seed: int = 42
+    output_dir: Optional[str] = None
+    name: Optional[str] = None
+    early_stopping_metric: str = "loss"
+    early_stopping_patience: int = 30
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 50
+    progress: bool = True
+
+
+def _probe_optim() -> OptimConfig:
+    return OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine")
+
+
+@dataclass
+class ProbeConfig:
+    """Everything ``scripts/train_probe.py`` needs.
+
+    Args:
+        features: Feature directory written by ``scripts/extract_features.py``.
+        head: ``linear`` or ``mlp`` (torch, trained with ``optim``), or ``sklearn``
+            (scikit-learn LogisticRegression, L-BFGS, as a reference).
+        hidden_dim: Hidden width of the ``mlp`` head.
+        dropout: Dropout on the head's input (and hidden layer of ``mlp``).
+        standardize: Scale every feature to zero mean, unit variance over the train split
+            (stored in the head, which therefore takes raw features).
+        sklearn_c: Inverse L2 strength ``C`` of the ``sklearn`` head.
+        sklearn_max_iter: Iteration limit of the ``sklearn`` head.
+        optim: Optimizer and lr schedule of the torch heads (schedule lengths in epochs).
+        train: The loop.
+    """
+
+    features: Optional[str] = None
+    head: Literal["linear", "mlp", "sklearn"] = "linear"
+    hidden_dim: int = 512
+    dropout: float = 0.0
+    standardize: bool = True
+    sklearn_c: float = 1.0
+    sklearn_max_iter: int = 2000
+    optim: OptimConfig = field(default_factory=_probe_optim)
+    train: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
+
+
+# ----------------------------------------------------------------------------- extraction
 def build_parser(config_cls: type, *, prog: str, description: str):
     """A jsonargparse parser for ``config_cls`` with ``--config`` YAML support."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        def _fill_text(self, text, width, indent):  # keep the docstring's lines: its examples are commands
+            return "".join(indent + line for line in text.splitlines(keepends=True))
 
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
-                            default_env=False)
+                            default_env=False, formatter_class=HelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile,
                         help="YAML file of settings; CLI flags given after it override it.")
     parser.add_class_arguments(config_cls, fail_untyped=True, sub_configs=True)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fgclf.config import DataConfig, ModelConfig, OptimConfig
+from fgclf.config import ExtractConfig, ProbeConfig, ProbeTrainConfig  # noqa: F401 (config dataclasses live there)
 from fgclf.errors import UserError
 
 FORMAT = "fgclf.features/1"
@@ -54,97 +54,6 @@ def features_path(directory: str | os.PathLike, split: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- configs
-@dataclass
-class ExtractConfig:
-    """Everything ``scripts/extract_features.py`` needs.
-
-    Args:
-        data: The dataset and its splits (as for ``train_classifier.py``; augmentation is
-            ignored: features always use the eval transform).
-        model: The backbone (``strategy``, ``head_init`` and dropout settings do not apply:
-            the body runs in eval mode and the classifier is dropped).
-        output_dir: Feature directory; null makes ``runs/features/<data>_<model>_<time>``.
-        batch_size: Global batch size of the forward passes (split across processes).
-        seed: Seed set before the model is built (reproducible random init without weights).
-        mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
-        progress: Show tqdm progress bars (main process only).
-        overwrite: Replace the features of an existing feature directory.
-    """
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    output_dir: Optional[str] = None
-    batch_size: int = 64
-    seed: int = 0
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    progress: bool = True
-    overwrite: bool = False
-
-
-@dataclass
-class ProbeTrainConfig:
-    """The probe's training loop (one process; features are small).
-
-    Args:
-        epochs: Passes over the cached train features (full batch: one update each).
-        batch_size: Minibatch size; 0 trains full-batch.
-        seed: Seed of the head init and minibatch order.
-        output_dir: Run directory; null makes ``runs/<name>``.
-        name: Run name; null builds one from the backbone, head and time.
-        early_stopping_metric: Validation metric watched for the best head and early stop
-            (``loss`` is minimised, others such as ``top1`` maximised).
-        early_stopping_patience: Epochs without improvement before stopping (0: never stop).
-        early_stopping_min_delta: Smallest change that counts as an improvement.
-        log_every: Print a progress line every this many epochs.
-        progress: Print the progress lines at all.
-    """
-
-    epochs: int = 300
-    batch_size: int = 0
-    seed: int = 42
-    output_dir: Optional[str] = None
-    name: Optional[str] = None
-    early_stopping_metric: str = "loss"
-    early_stopping_patience: int = 30
-    early_stopping_min_delta: float = 0.0
-    log_every: int = 50
-    progress: bool = True
-
-
-def _probe_optim() -> OptimConfig:
-    return OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine")
-
-
-@dataclass
-class ProbeConfig:
-    """Everything ``scripts/train_probe.py`` needs.
-
-    Args:
-        features: Feature directory written by ``scripts/extract_features.py``.
-        head: ``linear`` or ``mlp`` (torch, trained with ``optim``), or ``sklearn``
-            (scikit-learn LogisticRegression, L-BFGS, as a reference).
-        hidden_dim: Hidden width of the ``mlp`` head.
-        dropout: Dropout on the head's input (and hidden layer of ``mlp``).
-        standardize: Scale every feature to zero mean, unit variance over the train split
-            (stored in the head, which therefore takes raw features).
-        sklearn_c: Inverse L2 strength ``C`` of the ``sklearn`` head.
-        sklearn_max_iter: Iteration limit of the ``sklearn`` head.
-        optim: Optimizer and lr schedule of the torch heads (schedule lengths in epochs).
-        train: The loop.
-    """
-
-    features: Optional[str] = None
-    head: Literal["linear", "mlp", "sklearn"] = "linear"
-    hidden_dim: int = 512
-    dropout: float = 0.0
-    standardize: bool = True
-    sklearn_c: float = 1.0
-    sklearn_max_iter: int = 2000
-    optim: OptimConfig = field(default_factory=_probe_optim)
-    train: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
-
-
-# ----------------------------------------------------------------------------- extraction
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled pre-logits features ``(B, D)`` through timm's model contract."""
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
@@ -193,6 +102,8 @@ def extract_features(accelerator, model: nn.Module, loader, *, progress: bool = 
 
 
 # ----------------------------------------------------------------------------- the cache format
+
+
 @dataclass
 class FeatureSet:
     """One split's cached features.

@@ -16,7 +16,7 @@ from fgclf.errors import UserError
 
 def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[str] = None,
                        log_with: Optional[str] = "tensorboard", backend: Optional[str] = None,
-                       clip_grad_norm: Optional[float] = None):
+                       clip_grad_norm: Optional[float] = None, compile: bool = False):
     """An ``Accelerator`` whose data loaders split the *global* batch across processes.
 
     ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
@@ -28,6 +28,7 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
     no clipping) is written into it, since accelerate would otherwise fill in 1.0 and silently clip
     a run that asked for none, and a ``grad_accum_steps`` other than the DeepSpeed config's is
     refused. On a machine without GPU DeepSpeed gets the gloo backend (VERIFIED.md).
+    ``compile`` turns on accelerate's dynamo plugin (``torch.compile``, inductor) for prepared models.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
@@ -54,6 +55,7 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
         log_with=log_with,
         project_dir="runs",  # placeholder: scripts call set_run_dir before init_trackers
         kwargs_handlers=handlers,
+        **({"dynamo_backend": "inductor"} if compile else {}),
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
@@ -153,7 +155,7 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> tuple[Op
 
 # settings that may differ between a run and its --resume (they do not change the result)
 RESUME_FREE = frozenset({"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers",
-                         "data.verify_images"})
+                         "data.verify_images", "data.cache_dir"})
 
 
 def check_resume_config(cfg: Any, run_dir: Path, *, free: frozenset[str] = RESUME_FREE) -> int:

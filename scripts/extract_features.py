@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Extract frozen-backbone features of every split once, for heads trained on the cache.
+r"""Extract frozen-backbone features of every split once, for heads trained on the cache.
 
     # the embedded toy dataset, offline-pretrained EfficientNet-Lite0 (the defaults)
     accelerate launch scripts/extract_features.py --output_dir runs/features/toy_lite0
@@ -25,15 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from fgclf.config import parse_config, to_dict  # noqa: E402
+from fgclf.config import ExtractConfig, parse_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.features import META_NAME, ExtractConfig, features_path  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator, default_run_name,  # noqa: E402
                            script_main, shutdown)
 
 
 def validate(cfg: ExtractConfig) -> None:
     """Reject impossible values before anything heavy starts."""
+    from fgclf.features import META_NAME  # torch comes in here, after --help
+
     d = cfg.data
     checks = [(cfg.batch_size >= 1, "batch_size must be >= 1"),
               (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     from fgclf import data as fd
-    from fgclf.features import extract_features, save_features
+    from fgclf.features import META_NAME, extract_features, features_path, save_features
     from fgclf.models import count_parameters, create_model, resolve_data_config
     from fgclf.utils import atomic_write_json, package_versions
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Generate a labelled synthetic dataset from a train_gan.py generator.
+r"""Generate a labelled synthetic dataset from a train_gan.py generator.
 
     python scripts/generate.py --generator runs/gan_toy --output_dir runs/synthetic/toy --per_class 100
     # keep only images a trained classifier assigns to their class with probability >= 0.5
-    python scripts/generate.py --generator runs/gan_toy --output_dir runs/synthetic/toy_f \\
+    python scripts/generate.py --generator runs/gan_toy --output_dir runs/synthetic/toy_f \
         --classifier runs/toy_finetune --threshold 0.5
     # an unconditional DCGAN: labels come from the classifier (pseudo-labels)
-    python scripts/generate.py --generator runs/dcgan_toy --output_dir runs/synthetic/dc \\
+    python scripts/generate.py --generator runs/dcgan_toy --output_dir runs/synthetic/dc \
         --classifier runs/toy_finetune --threshold 0.5
 
 How images get labels: a class-conditional generator (cdcgan, diffusion) is asked for a class,

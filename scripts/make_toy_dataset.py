@@ -1,4 +1,4 @@
-"""Generate the embedded fine-grained toy dataset (CUB-200-2011 layout).
+r"""Generate the embedded fine-grained toy dataset (CUB-200-2011 layout).
 
     python scripts/make_toy_dataset.py --root /tmp/toy_cub --num-classes 12 \
         --train-per-class 30 --test-per-class 20 --image-size 96 --seed 0 [--overwrite]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a fine-grained image classifier (timm backbone, accelerate loop).
+r"""Train a fine-grained image classifier (timm backbone, accelerate loop).
 
 Examples (each runs on CPU, 1 GPU or N GPUs by switching only the accelerate config):
 
@@ -73,6 +73,7 @@ def validate(cfg: TrainClassifierConfig) -> None:
              "--parallel pipeline does not support mixup, loss.regularizer or train.tta_flip yet"),
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
+            (not t.compile, "--parallel pipeline does not support train.compile yet"),
         ]
     for ok, message in checks:
         if not ok:
@@ -123,8 +124,14 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
     data_cfg = fd.input_config_for(d, resolve_data_config(model))
     train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.aug)
     eval_tf = fd.create_transform(data_cfg, is_training=False)
-    splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf)
-              for s in ("train", "val", "test")}
+    cache = None
+    if d.cache:  # resized once, reused by every epoch, run and seed
+        from fgclf.data.cache import ResizedImageCache, default_cache_dir, eval_resize_size
+
+        cache = ResizedImageCache(d.cache_dir or default_cache_dir(), eval_resize_size(data_cfg),
+                                  data_cfg.get("interpolation") or "bilinear")
+    splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf,
+                                   cache=cache) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise UserError("the dataset needs at least one train and one test image")
 
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = cfg.train
     accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
-                                     clip_grad_norm=t.clip_grad_norm)
+                                     clip_grad_norm=t.clip_grad_norm, compile=t.compile)
     for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
         if value % accelerator.num_processes and cfg.parallel == "data":  # a pipeline's processes share batches
             raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
@@ -246,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             if needs_val:
                 raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
+    if t.channels_last:  # convolutions then hand NHWC activations along; inputs are converted by the first
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
     loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
                                       len(class_names))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Train a generative model of the training images: class-conditional DCGAN, DCGAN or diffusion.
+r"""Train a generative model of the training images: class-conditional DCGAN, DCGAN or diffusion.
 
     accelerate launch scripts/train_gan.py                                  # cdcgan on the toy set, 32 px
     accelerate launch scripts/train_gan.py --gan.arch diffusion --gan.image_size 32
-    accelerate launch scripts/train_gan.py --gan.arch dcgan --gan.image_size 256 \\
+    accelerate launch scripts/train_gan.py --gan.arch dcgan --gan.image_size 256 \
         --gan.latent_dim 100 --train.batch_size 128 --train.epochs 10    # the lab notes' DCGAN config
     accelerate launch scripts/train_gan.py ... --resume last               # continue an interrupted run
 

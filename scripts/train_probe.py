@@ -28,9 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from fgclf.config import parse_config, save_config  # noqa: E402
+from fgclf.config import ProbeConfig, parse_config, save_config  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.features import ProbeConfig  # noqa: E402
 from fgclf.runtime import command_line, default_run_name, prepare_run_dir, script_main  # noqa: E402
 
 

@@ -86,3 +86,19 @@ def test_every_sweep_plan_expands_into_valid_runs(path, tmp_path):
         assert cfg.train.seed == run.seed
     for name, step in (plan.get("prepare") or {}).items():
         assert (REPO / step["script"]).is_file(), name
+
+
+@pytest.mark.parametrize("script", ["train_classifier.py", "train_gan.py", "generate.py", "extract_features.py",
+                                    "train_probe.py", "ensemble_eval.py"])
+def test_help_imports_no_torch(script):
+    """``--help`` only parses: torch, timm and accelerate are imported after the config is read
+    (bench/startup.py measures the time this saves)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\nsys.argv = [{s!r}, '--help']\ntry:\n    runpy.run_path({p!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'timm', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code.format(s=script, p=str(REPO / "scripts" / script))],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and proc.stdout.strip().endswith("heavy: []"), proc.stdout[-500:]

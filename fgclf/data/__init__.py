@@ -88,18 +88,19 @@ def input_config_for(d, model_data_config: dict) -> dict:
 
 
 def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: str = "train",
-                   transform: Optional[Callable] = None, records: Optional[Records] = None,
+                   transform: Optional[Callable] = None, records: Optional[Records] = None, cache=None,
                    **kwargs) -> ImageDataset:
     """One split of a dataset as a torch map-style dataset of ``(image, label)``.
 
     Pass ``records`` (from :func:`load_records`) to reuse one parse for several splits;
-    otherwise ``kwargs`` go to :func:`load_records`.
+    otherwise ``kwargs`` go to :func:`load_records`. ``cache``: a
+    :class:`fgclf.data.cache.ResizedImageCache` that image files are read through.
     """
     if records is None:
         records = load_records(format=format, root=root, **kwargs)
     if split not in ("train", "val", "test"):
         raise UserError(f"unknown split '{split}'; use train, val or test")
-    return ImageDataset(records.split(split), transform)
+    return ImageDataset(records.split(split), transform, cache=cache)
 
 
 __all__ = [

@@ -274,11 +274,16 @@ def read_hf(name_or_dir: str) -> Records:
 
 # ----------------------------------------------------------------------------- torch dataset
 class ImageDataset:
-    """A map-style dataset over :class:`Records`: returns ``(transform(image), label)``."""
+    """A map-style dataset over :class:`Records`: returns ``(transform(image), label)``.
 
-    def __init__(self, records: Records, transform: Optional[Callable] = None) -> None:
+    With ``cache`` (a :class:`fgclf.data.cache.ResizedImageCache`) image files are read from
+    their resized cache entry, built on first use.
+    """
+
+    def __init__(self, records: Records, transform: Optional[Callable] = None, cache=None) -> None:
         self.records = records
         self.transform = transform
+        self.cache = cache
         self.class_names = records.class_names
         self.targets = list(records.labels)
 
@@ -290,7 +295,7 @@ class ImageDataset:
         item = rec.items[index]
         bbox = rec.bboxes[index] if rec.bboxes is not None else None
         if isinstance(item, str):
-            return load_image(item, bbox)
+            return load_image(item, bbox) if self.cache is None else self.cache.load(item, bbox)
         return to_rgb(rec.source[int(item)]["image"])
 
     def __getitem__(self, index: int):

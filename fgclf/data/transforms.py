@@ -17,60 +17,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
+from fgclf.config import AugmentConfig  # defined with the other config dataclasses (no torch import)
 from fgclf.errors import UserError
 from fgclf.registry import Registry, unknown_name_message
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class AugmentConfig:
-    """Train augmentation: a preset plus per-part overrides (``None`` = the preset's value).
-
-    ``AugmentConfig()`` is the ``basic`` preset. Parts run in the order of the fields below.
-
-    Args:
-        preset: Named set of part values, one of :func:`list_augmentations`: ``none`` (the eval
-            transform, takes no overrides), ``basic`` (random resized crop, hflip, light colour
-            jitter), ``strong`` (basic + RandAugment + random erasing), ``randaugment``,
-            ``trivialaugment``, ``autoaugment``, ``augmix`` (crop + hflip + that policy).
-        scale: Random resized crop area range as fractions of the image, e.g. ``[0.35, 1.0]``
-            (basic); ``[1.0, 1.0]`` keeps the whole image.
-        ratio: Random resized crop aspect-ratio range (basic ``[0.75, 1.333]``).
-        hflip: Probability of a horizontal flip (basic 0.5).
-        vflip: Probability of a vertical flip (basic 0).
-        rotation: Random rotation in degrees, uniform in ``[-rotation, rotation]``; corners are
-            filled with the mean colour (basic 0 = off).
-        auto_augment: Policy: a timm string (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``,
-            ``original-mstd0.5``, ``v0``, ``3a``), ``trivialaugment`` / ``autoaugment``
-            (torchvision TrivialAugmentWide / AutoAugment ImageNet policy) or ``none`` (basic).
-        color_jitter: Brightness, contrast and saturation jitter strength (basic 0.2; 0 = off).
-        gaussian_blur: Probability of a Gaussian blur, kernel ~10% of the image side, sigma
-            uniform in ``[0.1, 2.0]`` (basic 0).
-        gaussian_noise: Standard deviation of additive Gaussian pixel noise in ``[0, 1]`` pixel
-            units, applied to every image before normalisation, clipped to ``[0, 1]`` (basic 0).
-        random_erasing: Probability of erasing one rectangle (2-33% of the area) to the mean
-            colour, after normalisation (basic 0).
-    """
-
-    preset: str = "basic"
-    scale: Optional[tuple[float, float]] = None
-    ratio: Optional[tuple[float, float]] = None
-    hflip: Optional[float] = None
-    vflip: Optional[float] = None
-    rotation: Optional[float] = None
-    auto_augment: Optional[str] = None
-    color_jitter: Optional[float] = None
-    gaussian_blur: Optional[float] = None
-    gaussian_noise: Optional[float] = None
-    random_erasing: Optional[float] = None
 
 
 _PARTS = tuple(f.name for f in dataclasses.fields(AugmentConfig) if f.name != "preset")

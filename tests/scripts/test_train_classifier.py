@@ -201,3 +201,17 @@ def test_torchvision_model_linear_probe_end_to_end(toy_root, tmp_path):
     trained = load_file(str(out / "checkpoints/best/model.safetensors"))
     changed = {k for k, v in start.state_dict().items() if not torch.equal(v, trained[k])}
     assert changed == {"head.weight", "head.bias"}
+
+
+def test_channels_last_and_the_image_cache_give_the_same_run(toy_root, single_run, tmp_path):
+    """NHWC weights change the memory order, not the numbers; without augmentation the resized-image
+    cache feeds the eval transform's pixels exactly (toy images are smaller than the cache size, and
+    larger sources are covered by tests/data/test_cache.py). Both leave a loadable export."""
+    out = tmp_path / "fast"
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
+           "--train.channels_last", "true", "--data.cache", "true", "--data.cache_dir", str(tmp_path / "cache"))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (single_run, out))
+    for key in ("top1", "f1_macro", "loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert len(list((tmp_path / "cache").rglob("*.rgb"))) == 60  # every train/val/test image once
+    np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-4)
