@@ -146,10 +146,10 @@ def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Modu
             images = images.to(cast)
         logits = (tta_flip_logits(model, images) if tta_flip else model(images)).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    logits = torch.cat(all_logits) if all_logits else torch.empty(0)
-    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+        all_logits.append(logits)  # stays on the device: one copy to the host at the end, not one per batch
+        all_labels.append(labels)
+    logits = torch.cat(all_logits).cpu() if all_logits else torch.empty(0)
+    labels = torch.cat(all_labels).cpu() if all_labels else torch.empty(0, dtype=torch.long)
     loss = float(loss_fn(logits, labels)) if (loss_fn is not None and len(labels)) else float("nan")
     return EvalOutput(logits.numpy(), labels.numpy(), loss)
 

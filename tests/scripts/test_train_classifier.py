@@ -215,3 +215,15 @@ def test_channels_last_and_the_image_cache_give_the_same_run(toy_root, single_ru
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
     assert len(list((tmp_path / "cache").rglob("*.rgb"))) == 60  # every train/val/test image once
     np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_run(toy_root, single_run, tmp_path):
+    """--train.compile true (inductor; ~1.5 min of compiling on 2 CPU cores) trains to the same numbers."""
+    out = tmp_path / "compiled"
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
+           "--train.compile", "true")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (single_run, out))
+    for key in ("top1", "f1_macro", "loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-3), key
+    np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-3)

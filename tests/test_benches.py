@@ -1,0 +1,88 @@
+"""The benchmarks in bench/ run end to end with tiny settings and print sane tables (no speed is asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# tiny: a BatchNorm timm test model (running stats are compared too), 2 timed steps, 1 repeat
+ENGINE_TINY = ["--model", "test_efficientnet", "--num-classes", "5", "--image-size", "32", "--batch-size", "8",
+               "--steps", "2", "--repeats", "1", "--warmup-steps", "1", "--log-every", "1"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    """Markdown table rows of ``out`` as {first cell: other cells} (header and rule skipped)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ")]
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
+def test_engine_overhead_runs_and_variants_do_the_same_work(capsys):
+    bench = _load("engine_overhead")
+    assert bench.main(ENGINE_TINY) == 0
+    out = capsys.readouterr().out
+    table = _table(out)
+    assert set(table) == set(bench.LABELS.values())
+    for label, (rate, spread, ratio, ratio_spread) in table.items():
+        lo, hi = (float(x) for x in spread.split("-"))
+        assert float(rate) > 0 and 0 < lo <= float(rate) <= hi, label
+        assert math.isfinite(float(ratio)) and float(ratio) > 0, label
+    assert table[bench.LABELS["bare"]][2] == "1.000"
+    engine = re.search(r"engine / bare = ([0-9.]+) \(target >= 0\.97", out)
+    assert engine and math.isfinite(float(engine.group(1))) and float(engine.group(1)) > 0
+    # the comparison is apples to apples: the engine, the bare loop and the accelerate loop end
+    # with the same weights and BatchNorm statistics after the same batches
+    same = re.search(r"fgclf vs bare = (\S+), accelerate vs bare = (\S+)", out)
+    assert same, out
+    assert float(same.group(1)) <= 1e-6 and float(same.group(2)) <= 1e-6, same.group(0)
+
+
+def test_engine_overhead_weight_check_catches_different_work(monkeypatch):
+    """A bare loop that decays every parameter (also norms and biases) ends elsewhere: the check sees it."""
+    bench = _load("engine_overhead")
+    monkeypatch.setattr(bench, "_decay_groups", lambda model, wd: [{"params": list(model.parameters()),
+                                                                    "weight_decay": 0.5}])
+    res = bench.run(bench.parse_args(ENGINE_TINY))
+    assert res["global_step"] == 3
+    assert all(len(r) == 1 and r[0] > 0 for r in res["rates"].values())
+    assert bench._max_diff(res["models"]["fgclf"], res["models"]["bare"]) > 1e-5
+    assert bench._max_diff(res["models"]["accelerate"], res["models"]["bare"]) == 0.0  # both use the patched groups
+
+
+def test_startup_runs_and_reports_each_command(capsys):
+    bench = _load("startup")
+    assert bench.main(["--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    table = _table(out)
+    assert list(table) == [bench.BASELINE, "train_classifier.py --help",
+                           "train_classifier.py: start -> first training step"]
+    for label, (median, spread, ratio, _target) in table.items():
+        lo, hi = (float(x) for x in spread.split("-"))
+        assert float(median) > 0 and lo <= float(median) <= hi, label
+        assert math.isfinite(float(ratio.rstrip("x"))) and float(ratio.rstrip("x")) > 0, label
+    assert table[bench.BASELINE][2] == "1.00x"
+    assert re.match(r"target < 3 s: (met|missed)$", table["train_classifier.py --help"][3])
+
+
+def test_startup_refuses_a_run_that_did_not_end_as_expected():
+    """A process that exits normally where the kill hook should have fired is an error, not a number."""
+    bench = _load("startup")
+    with pytest.raises(bench.BenchError, match="expected killed"):
+        bench._time_one([sys.executable, "-c", "pass"], {}, "killed", 60)
+    with pytest.raises(bench.BenchError, match="expected help"):  # exit 0 but no usage text
+        bench._time_one([sys.executable, "-c", "pass"], {}, "help", 60)
+    with pytest.raises(bench.BenchError, match="expected ok"):
+        bench._time_one([sys.executable, "-c", "import sys; sys.exit(3)"], {}, "ok", 60)
