@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh
 # It installs into .venv if needed (make install), then runs the tests marked `gpu` (fp16/bf16 vs
 # fp32, the CUDA training-memory estimate within 25 %), a one-GPU demo-sized fine-tune under the
-# fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU); with 2 or more
+# fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU), a bf16 run with
+# channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px; with 2 or more
 # GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,12 @@ out=runs/gpu_check/zero2-bf16-$(date +%s)
 .venv/bin/accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 1 \
   --mixed_precision bf16 scripts/train_classifier.py --config configs/toy_effnetlite0_finetune.yaml \
   --train.output_dir "$out" --train.progress false
+out=runs/gpu_check/bf16-nhwc-compile-$(date +%s)
+.venv/bin/accelerate launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
+  --config configs/toy_effnetlite0_finetune.yaml --train.channels_last true --train.compile true \
+  --train.output_dir "$out" --train.progress false
+$PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
+  --models tf_efficientnet_lite0 resnet50
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then
   out=runs/gpu_check/pipeline-bf16-$(date +%s)

@@ -73,7 +73,7 @@ def run(args, name: str) -> dict:
         for layout in (("NCHW", "NHWC") if r % 2 == 0 else ("NHWC", "NCHW")):
             rates[layout].append(args.batch_size * args.steps / steps(layout, args.steps))
     a, b = (dict(setups[k][0].named_parameters()) for k in ("NCHW", "NHWC"))
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    diff = max(float((a[k] - b[k]).detach().abs().max()) for k in a)
     ratios = [n / c for n, c in zip(rates["NHWC"], rates["NCHW"])]
     return {"rates": rates, "ratio": statistics.median(ratios), "diff": diff}
 
