@@ -127,24 +127,43 @@ def check_units(model: nn.Module, units: Sequence[nn.Module], sample: torch.Tens
 
 
 def unit_costs(units: Sequence[nn.Module], sample: torch.Tensor, balance: str = "params",
-               repeats: int = 3) -> list[float]:
-    """Per-unit cost: trainable parameter count, or the median forward+backward seconds on ``sample``."""
+               repeats: int = 3, device=None) -> list[float]:
+    """Per-unit cost: trainable parameter count, or the median forward+backward seconds on ``sample``.
+
+    Timing runs in eval mode (BatchNorm statistics and dropout untouched: the model is not
+    changed by being measured), one unit at a time on ``device`` (moved there and back, so a
+    model too big for one accelerator can still be measured), synchronised on CUDA.
+    """
     if balance == "params":
         return [float(max(1, sum(p.numel() for p in u.parameters()))) for u in units]
     if balance != "time":
         raise UserError(f"unknown pp.balance '{balance}'; choose one of {', '.join(BALANCE)}")
+    device = torch.device(device or "cpu")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = np.zeros((repeats + 1, len(units)))
-    for r in range(repeats + 1):  # the first pass warms up (allocations, kernel selection) and is dropped
-        x = sample
-        for i, unit in enumerate(units):
-            x = x.detach().requires_grad_(x.is_floating_point())
-            start = time.perf_counter()
-            y = unit(x)
-            y.float().sum().backward()
-            times[r, i] = time.perf_counter() - start
-            x = y
-    for u in units:
-        u.zero_grad(set_to_none=True)
+    x = sample.to(device)
+    for i, unit in enumerate(units):
+        home, was_training = next((p.device for p in unit.parameters()), torch.device("cpu")), unit.training
+        unit.to(device).eval()
+        owner = getattr(unit, "_model", None)
+        owner_training = owner.training if owner is not None else None
+        if owner is not None:
+            owner.training = False  # timm's forward_head reads the model's own flag (dropout)
+        try:
+            for r in range(repeats + 1):  # the first pass warms up (allocations, kernel selection) and is dropped
+                xi = x.detach().requires_grad_(x.is_floating_point())
+                sync()
+                start = time.perf_counter()
+                y = unit(xi)
+                y.float().sum().backward()
+                sync()
+                times[r, i] = time.perf_counter() - start
+            x = y.detach()
+        finally:
+            unit.zero_grad(set_to_none=True)
+            unit.to(home).train(was_training)
+            if owner is not None:
+                owner.training = owner_training
     return [float(t) for t in np.median(times[1:], axis=0)]
 
 
@@ -318,7 +337,7 @@ class PipelineRunner:
         if self.is_last:
             kwargs["target_mbs"] = self._split(labels)
             kwargs["losses"] = losses = []
-        self.schedule.step(**kwargs)
+        self.schedule.step(return_outputs=False, **kwargs)
         return torch.stack([loss.detach().float() for loss in losses]).mean() if self.is_last else None
 
     @torch.no_grad()
@@ -372,7 +391,7 @@ class PipelineRunner:
     # -- engine hooks (signatures of fgclf.engine.train_one_epoch / evaluate)
     def train_one_epoch(self, accelerator, model, loader, optimizer, scheduler, loss_fn, *, state,
                         clip_grad_norm=None, log_every=10, progress=True, train_mode=None, on_update=None,
-                        regularizer=None, mixup=None) -> dict:
+                        regularizer=None, mixup=None, guard=None) -> dict:
         from tqdm.auto import tqdm
 
         if regularizer is not None or mixup is not None:
@@ -390,10 +409,14 @@ class PipelineRunner:
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
                 loss_sum += loss.double().cpu()
+                if guard is not None:  # only the last stage has losses; the guard's poll shares them
+                    guard.observe(loss)
             batches += 1
             samples += labels.shape[0]
             state.step_in_epoch += 1
             state.global_step += 1
+            if guard is not None:
+                guard.end_update(state.global_step)
             if log_every and state.global_step % log_every == 0:
                 running = self.broadcast_from_last(float(loss_sum) / batches)
                 bar.set_postfix(loss=f"{running:.4f}")
@@ -431,17 +454,24 @@ class PipelineRunner:
 
 def build_runner(model: nn.Module, *, sample: torch.Tensor, num_stages: int, stage_index: int, microbatches: int,
                  schedule: str, balance: str, loss_fn: Callable, device, autocast_dtype=None,
-                 costs: Optional[Sequence[float]] = None) -> tuple[PipelineRunner, list[int], list[float]]:
+                 costs: Optional[Sequence[float]] = None,
+                 bounds: Optional[Sequence[int]] = None) -> tuple[PipelineRunner, list[int], list[float]]:
     """Check the split, balance it, and build this process's runner: (runner, bounds, unit costs).
 
     ``costs`` (e.g. measured on process 0 and shared) overrides the per-unit costs, so that every
-    process cuts at the same places even when ``balance="time"`` measures differently on each.
+    process cuts at the same places even when ``balance="time"`` measures differently on each;
+    ``bounds`` (a resumed run's) overrides the balancing altogether.
     """
     units = sequential_units(model)
     check_units(model, units, sample)
     if costs is None:
-        costs = unit_costs(units, sample, balance)
-    bounds = partition(costs, num_stages)
+        costs = unit_costs(units, sample, balance if bounds is None else "params", device=device)
+    if bounds is None:
+        bounds = partition(costs, num_stages)
+    elif len(bounds) != num_stages + 1 or bounds[0] != 0 or bounds[-1] != len(units) or \
+            any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise UserError(f"the checkpoint's pipeline split {list(bounds)} does not fit {num_stages} stages of "
+                        f"{len(units)} units; resume with the process count it was trained with")
     runner = PipelineRunner(model, units, bounds, stage_index=stage_index, microbatches=microbatches,
                             schedule=schedule, loss_fn=loss_fn, device=device, autocast_dtype=autocast_dtype)
     return runner, bounds, list(costs)
@@ -488,11 +518,21 @@ class PipelineCheckpointer(Checkpointer):
         if self.accelerator.is_main_process:
             sd = {k: v.detach().cpu().contiguous() for k, v in self.runner.model.state_dict().items()}
             save_file(sd, str(tmp / "model.safetensors"))
+        import random
+
         (tmp / "pipeline").mkdir(exist_ok=True)
+        py_version, py_state, py_gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                    "py_rng": [py_version, list(py_state), py_gauss],  # plain lists: loadable with weights_only
+                    "np_rng": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                               float(np_gauss)]},
                    tmp / "pipeline" / f"stage{self.runner.stage_index}.pt")
+        if self.accelerator.is_main_process:
+            atomic_write_json(tmp / "pipeline" / "meta.json", {"bounds": self.runner.bounds,
+                                                               "stages": self.runner.num_stages})
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
@@ -516,6 +556,13 @@ class PipelineCheckpointer(Checkpointer):
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
+        if saved.get("py_rng") is not None:
+            import random
+
+            version, state, gauss = saved["py_rng"]
+            random.setstate((version, tuple(state), gauss))
+            name, keys, pos, has_gauss, cached = saved["np_rng"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved["cuda_rng"])
         return TrainState(**json.loads((ckpt_dir / "trainer_state.json").read_text()))
@@ -523,8 +570,13 @@ class PipelineCheckpointer(Checkpointer):
 
 def setup_pipeline(accelerator, model: nn.Module, datasets: dict, *, input_size: Sequence[int], stages: Optional[int],
                    microbatches: int, schedule: str, balance: str, batch_size: int, num_workers: int, seed: int,
-                   loss_fn: Callable) -> tuple[PipelineRunner, dict, list[dict]]:
+                   loss_fn: Callable, resume_dir: Optional[Path] = None) -> tuple[PipelineRunner, dict, list[dict]]:
     """This process's stage and the pipeline loaders of ``datasets`` (``train``/``val``/``test``).
+
+    A resumed run (``resume_dir``) reuses the split its checkpoint was trained with, so every
+    stage's optimizer state meets the same parameters. After the split each process reseeds its
+    torch RNG by its rank (process 0 keeps ``seed``): otherwise every stage would draw the same
+    dropout and drop-path masks, which one process running the whole model never does.
 
     Returns ``(runner, loaders, stages summary)``; ``loaders["val"]`` is None for an empty split.
     """
@@ -541,16 +593,25 @@ def setup_pipeline(accelerator, model: nn.Module, datasets: dict, *, input_size:
         raise UserError(f"pp.stages is {stages} but accelerate started {n} processes; one process runs each stage")
     if str(accelerator.mixed_precision) == "fp16":
         raise UserError("pipeline mode supports bf16 or no mixed precision, not fp16 (no loss scaling across stages)")
+    if schedule == "1f1b" and microbatches < n:
+        raise UserError(f"pp.schedule 1f1b needs at least as many microbatches as stages ({microbatches} < {n})")
+    saved = None
+    if resume_dir is not None and (Path(resume_dir) / "pipeline" / "meta.json").is_file():
+        import json
+
+        saved = json.loads((Path(resume_dir) / "pipeline" / "meta.json").read_text())["bounds"]
     autocast = torch.bfloat16 if str(accelerator.mixed_precision) == "bf16" else None
     sample = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     costs = None
-    if balance == "time":  # measured once, on process 0 at the microbatch size, so every process cuts alike
+    if balance == "time" and saved is None:  # measured once, on process 0 at the microbatch size: every process cuts alike
         timing = torch.randn(min(32, max(2, batch_size // microbatches)), *input_size)
-        costs = broadcast_from_main(accelerator, lambda: unit_costs(sequential_units(model), timing, "time"))
+        costs = broadcast_from_main(accelerator, lambda: unit_costs(sequential_units(model), timing, "time",
+                                                                    device=accelerator.device))
     runner, bounds, costs = build_runner(model, sample=sample, num_stages=n, stage_index=accelerator.process_index,
                                          microbatches=microbatches, schedule=schedule, balance=balance,
                                          loss_fn=loss_fn, device=accelerator.device, autocast_dtype=autocast,
-                                         costs=costs)
+                                         costs=costs, bounds=saved)
+    torch.manual_seed(seed + 7919 * accelerator.process_index)  # per-stage dropout streams (CUDA included)
     pin = accelerator.device.type == "cuda"
     loaders = {}
     for split, ds in datasets.items():

@@ -154,3 +154,16 @@ def test_two_stage_pipeline_step_equals_one_process_with_the_same_microbatches(t
         model.eval()
         with torch.no_grad():
             torch.testing.assert_close(got["logits"], model(_batches()[0][0]), atol=1e-5, rtol=1e-5)
+
+
+def test_time_balancing_measures_without_changing_the_model():
+    """Timing runs in eval mode: BatchNorm statistics, weights and gradients are as before."""
+    from fgclf.pipeline import unit_costs
+
+    model = _model("test_resnet").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    costs = unit_costs(sequential_units(model), torch.randn(4, 3, 32, 32), "time", repeats=1)
+    assert len(costs) == len(sequential_units(model)) and all(c > 0 for c in costs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(p.grad is None for p in model.parameters())

@@ -33,9 +33,17 @@ VERSION = 1
 
 
 def eval_resize_size(data_config: dict) -> int:
-    """The short side that the evaluation transform resizes to: ``floor(min crop side / crop_pct)``."""
-    crop = min(int(s) for s in data_config.get("input_size", (3, 224, 224))[-2:])
-    return int(math.floor(crop / float(data_config.get("crop_pct") or 0.875)))
+    """The short side that the evaluation transform resizes to: ``floor(crop / crop_pct)``.
+
+    Only square inputs: for a non-square input size timm's eval transform keeps the aspect ratio
+    differently, and a short-side copy would not give it the same pixels.
+    """
+    from fgclf.errors import UserError
+
+    h, w = (int(s) for s in data_config.get("input_size", (3, 224, 224))[-2:])
+    if h != w:
+        raise UserError(f"--data.cache needs a square input size, this model's is {h}x{w}; set --data.image_size")
+    return int(math.floor(h / float(data_config.get("crop_pct") or 0.875)))
 
 
 def resize_short_side(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
@@ -60,12 +68,23 @@ class ResizedImageCache:
     """
 
     def __init__(self, root: str | Path, size: int, interpolation: str = "bilinear") -> None:
+        import PIL
+        import torchvision
+
         self.root, self.size, self.interpolation = Path(root), int(size), interpolation
         self.hits = self.misses = self.rebuilt = 0  # per process (workers count their own)
+        # a library upgrade may resample differently: its entries are new ones, never the old pixels
+        self._versions = f"pillow {PIL.__version__}|torchvision {torchvision.__version__}"
+        self.writable = _probe_writable(self.root / str(self.size))
+        if not self.writable:
+            import sys
+
+            print(f"warning: image cache {self.root} is not writable; reading images without it", file=sys.stderr)
 
     def key(self, path: str, bbox: Optional[tuple] = None) -> str:
         st = os.stat(path)
-        raw = f"{VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{bbox}|{self.size}|{self.interpolation}"
+        raw = (f"{VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{bbox}|{self.size}|"
+               f"{self.interpolation}|{self._versions}")
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def entry(self, path: str, bbox: Optional[tuple] = None) -> Path:
@@ -76,6 +95,8 @@ class ResizedImageCache:
         """The resized image of ``path``: from the cache when a valid entry exists, else built and stored."""
         from fgclf.data.datasets import load_image
 
+        if not self.writable:
+            return resize_short_side(load_image(path, bbox), self.size, self.interpolation)
         entry = self.entry(path, bbox)
         if entry.is_file():
             img = _read(entry)
@@ -106,7 +127,10 @@ def _read(entry: Path) -> Optional[Image.Image]:
 def _write(entry: Path, img: Image.Image) -> None:
     arr = np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
     payload = arr.tobytes()
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    import socket
+    import uuid
+
+    tmp = entry.with_name(f".{entry.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -120,8 +144,17 @@ def _write(entry: Path, img: Image.Image) -> None:
             pass
 
 
-def default_cache_dir() -> Path:
-    """``<fgclf cache>/resized`` (``$FGCLF_CACHE`` or ``~/.cache/fgclf``)."""
-    from fgclf.utils import cache_dir
+def _probe_writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
 
-    return cache_dir("resized")
+
+def default_cache_dir() -> Path:
+    """``<fgclf cache>/resized`` (``$FGCLF_CACHE`` or ``~/.cache/fgclf``); not created here."""
+    return Path(os.environ.get("FGCLF_CACHE", Path.home() / ".cache" / "fgclf")).expanduser() / "resized"

@@ -75,7 +75,7 @@ def test_changed_source_gets_a_new_entry_and_corrupt_entries_are_rebuilt(tmp_pat
         assert np.array_equal(np.asarray(cache.load(path)), after) and cache.rebuilt == rebuilt + 1  # fixed on disk
 
 
-def test_small_images_are_kept_and_an_unwritable_cache_still_serves_images(tmp_path):
+def test_small_images_are_kept_and_an_unwritable_cache_still_serves_images(tmp_path, capsys):
     small = tmp_path / "small.png"
     Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)).save(small)
     cache = ResizedImageCache(tmp_path / "cache", 73)
@@ -83,6 +83,16 @@ def test_small_images_are_kept_and_an_unwritable_cache_still_serves_images(tmp_p
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
     stuck = ResizedImageCache(blocked, 73)
-    with pytest.raises(OSError):
-        stuck.entry(str(small)).parent.mkdir(parents=True)
+    assert not stuck.writable and "not writable" in capsys.readouterr().err
     assert np.array_equal(np.asarray(stuck.load(str(small))), np.asarray(load_image(str(small))))
+    # entries written before are never read by a cache of another Pillow/torchvision version
+    other = ResizedImageCache(tmp_path / "cache", 73)
+    other._versions = "pillow 0.0|torchvision 0.0"
+    assert other.entry(str(small)) != cache.entry(str(small))
+
+
+def test_non_square_inputs_are_refused():
+    from fgclf.errors import UserError
+
+    with pytest.raises(UserError, match="square input size"):
+        eval_resize_size({**DATA_CONFIG, "input_size": (3, 64, 96)})
