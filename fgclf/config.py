@@ -290,6 +290,10 @@ class TrainConfig:
         checkpoint_every_steps: Also write ``last`` every this many updates (0: epoch ends).
             Resuming from such a mid-epoch checkpoint continues with the same batches but not
             the same random augmentations; epoch-end checkpoints resume exactly.
+        max_nonfinite_steps: Consecutive updates with a nan/inf training loss that are tolerated
+            (fp16 loss scaling skips their steps; otherwise they are applied); one more stops
+            the run with an error naming them and the last good checkpoint (0: stop at the
+            first). ``last`` is never written right after an applied non-finite step.
         mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
         progress: Show tqdm progress bars (main process only).
         tta_flip: Evaluate on the average of the image's and its mirror image's logits.
@@ -312,6 +316,7 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     log_every: int = 10
     checkpoint_every_steps: int = 0
+    max_nonfinite_steps: int = 3
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     progress: bool = True
     tta_flip: bool = False
@@ -652,8 +657,11 @@ def from_dict(config_cls: type, values: dict) -> Any:
             raise UserError(f"unknown config key '{key}' for {config_cls.__name__}")
         default = hints[key].default_factory if hints[key].default_factory is not dataclasses.MISSING else None
         sub = default() if default is not None else None
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            value = from_dict(type(sub), value)
+        if dataclasses.is_dataclass(sub):
+            if isinstance(value, dict):
+                value = from_dict(type(sub), value)
+            elif not isinstance(value, type(sub)):
+                raise UserError(f"config section '{key}' must be a mapping of its settings, got {value!r}")
         kwargs[key] = value
     return config_cls(**kwargs)
 

@@ -33,8 +33,6 @@ from fgclf.runtime import (broadcast_from_main, command_line, create_accelerator
 
 def validate(cfg: ExtractConfig) -> None:
     """Reject impossible values before anything heavy starts."""
-    from fgclf.features import META_NAME  # torch comes in here, after --help
-
     d = cfg.data
     checks = [(cfg.batch_size >= 1, "batch_size must be >= 1"),
               (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
@@ -47,6 +45,8 @@ def validate(cfg: ExtractConfig) -> None:
 
 def output_dir(cfg: ExtractConfig) -> Path:
     """The feature directory, refused when it already holds features (unless ``--overwrite``)."""
+    from fgclf.features import META_NAME
+
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1].replace("file:", ""))
     out = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / "features" / name
     if out.exists() and not out.is_dir():

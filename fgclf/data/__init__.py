@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from fgclf.data.datasets import (ImageDataset, Records, find_bad_images, load_image, read_cub,
-                                 read_hf, read_imagefolder, to_rgb)
-from fgclf.data.splits import assign_splits, kfold_mask, split_summary, stratified_holdout
+from fgclf.data.datasets import (ImageDataset, ImageInfo, Records, find_bad_images, inspect_image, load_image,
+                                 read_cub, read_cub_boxes, read_hf, read_imagefolder, to_rgb)
+from fgclf.data.splits import (assign_splits, check_class_coverage, class_coverage, kfold_mask, split_summary,
+                               stratified_holdout)
 from fgclf.data.toy import TOY_DEFAULTS, default_toy_root, ensure_toy_cub, generate_toy_cub
 from fgclf.data.mixup import MixupCutmix, create_mixup, tta_flip_logits
 from fgclf.data.transforms import (AugmentConfig, create_transform, list_augmentations, list_auto_augment_policies,
@@ -32,7 +33,8 @@ def list_formats() -> list[str]:
 
 def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: bool = False,
                  val_fraction: float = 0.15, test_fraction: float = 0.2, split_seed: int = 0,
-                 num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None) -> Records:
+                 num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None,
+                 check_classes: bool = True) -> Records:
     """Read a dataset and assign every image to ``train``, ``val`` or ``test``.
 
     Args:
@@ -43,6 +45,9 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         val_fraction, test_fraction, split_seed, num_folds, fold: see
             :func:`fgclf.data.splits.assign_splits`.
         toy_params: Generator parameters for ``toy`` (see ``TOY_DEFAULTS``).
+        check_classes: Refuse classes without images or without train images (see
+            :func:`fgclf.data.splits.check_class_coverage`); :mod:`fgclf.data.check` turns it
+            off to list them in its report instead.
     """
     if format not in _READERS:
         raise UserError(f"unknown data format '{format}'; known: {', '.join(_READERS)}")
@@ -54,7 +59,7 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         raise UserError(f"dataset folder does not exist: {root}")
     rec = _READERS[format](root, bbox_crop)
     return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed,
-                         num_folds=num_folds, fold=fold)
+                         num_folds=num_folds, fold=fold, check_classes=check_classes)
 
 
 def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
@@ -62,13 +67,10 @@ def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
 
     Returns the records (unreadable images dropped when ``d.skip_bad_images``) and the list
     of ``(path, reason)`` of the images that were dropped; without that flag the first
-    unreadable image is a UserError naming it.
+    unreadable image is a UserError naming it. Dropping images must leave every class with
+    train images, else that is a UserError too.
     """
-    toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
-               test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
-    rec = load_records(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
-                       test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
-                       toy_params=toy)
+    rec = load_records(**load_kwargs_from_config(d))
     bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
     if bad and not d.skip_bad_images:
         path, why = bad[0]
@@ -77,7 +79,17 @@ def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
     if bad:
         bad_set = {p for p, _ in bad}
         rec = rec.select([item not in bad_set for item in rec.items])
+        check_class_coverage(rec, context=f"after skipping {len(bad)} unreadable images: ")
     return rec, bad
+
+
+def load_kwargs_from_config(d) -> dict:
+    """The :func:`load_records` arguments of a :class:`fgclf.config.DataConfig`."""
+    toy = dict(num_classes=d.toy_num_classes, train_per_class=d.toy_train_per_class,
+               test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
+    return dict(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
+                toy_params=toy)
 
 
 def input_config_for(d, model_data_config: dict) -> dict:
@@ -106,6 +118,7 @@ def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: st
 __all__ = [
     "AugmentConfig", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
     "resolve_augment", "tta_flip_logits", "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
+    "check_class_coverage", "class_coverage", "ImageInfo", "inspect_image", "load_kwargs_from_config", "read_cub_boxes",
     "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",
     "input_config_for", "list_formats", "load_image", "load_records", "load_records_from_config", "read_cub", "read_hf", "read_imagefolder",
     "resolve_input_config", "split_summary", "stratified_holdout", "to_rgb",

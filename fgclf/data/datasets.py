@@ -6,7 +6,12 @@ Manifests are validated up front, so a missing file stops a run before training 
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import os
+import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,19 +106,53 @@ def load_image(path: str, bbox: Optional[tuple[float, float, float, float]] = No
     return img
 
 
-def _check_image(path: str, mode: str) -> Optional[str]:
-    """Return why ``path`` is unreadable, or None when it decodes."""
+@dataclass
+class ImageInfo:
+    """What decoding one image file found: its stored ``mode`` and ``size`` (width, height), or
+    ``error`` (why it is unreadable); ``digest`` is a hash of the file's bytes when asked for."""
+
+    mode: Optional[str] = None
+    size: Optional[tuple[int, int]] = None
+    error: Optional[str] = None
+    digest: Optional[str] = None
+
+
+def inspect_image(path: str, *, mode: str = "full", digest: bool = False) -> ImageInfo:
+    """Open ``path`` as training would and report its mode and size, or why it fails.
+
+    ``full`` decodes every pixel and converts the image to RGB (:func:`to_rgb`), so anything
+    training would trip over is found here; ``header`` only parses the header (``verify``).
+    A zero-byte file, a truncated image and a non-image with an image extension are errors.
+    """
+    info = ImageInfo()
     try:
-        if os.path.getsize(path) == 0:
-            return "zero-byte file"
-        with Image.open(path) as img:
+        if digest or mode == "full":  # read once: hashed and decoded from memory
+            with open(path, "rb") as f:
+                data = f.read()
+            if digest:
+                info.digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+            size, source = len(data), io.BytesIO(data)
+        else:
+            size, source = os.path.getsize(path), path
+        if size == 0:
+            info.error = "zero-byte file"
+            return info
+        with Image.open(source) as img:
+            info.mode, info.size = img.mode, img.size
             if mode == "full":
                 img.load()
+                info.mode = img.mode
+                to_rgb(img)
             else:
                 img.verify()
     except Exception as err:  # PIL raises many types for bad files
-        return f"{type(err).__name__}: {err}".strip()
-    return None
+        info.error = f"{type(err).__name__}: {err}".strip()
+    return info
+
+
+def _check_image(path: str, mode: str) -> Optional[str]:
+    """Return why ``path`` is unreadable, or None when it decodes."""
+    return inspect_image(path, mode=mode).error
 
 
 def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 4) -> list[tuple[str, str]]:
@@ -121,77 +160,188 @@ def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 
     if mode == "none" or not paths:
         return []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda p: _check_image(p, mode), paths, chunksize=32))
+        reasons = list(pool.map(lambda p: _check_image(p, mode), paths))
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
 # ----------------------------------------------------------------------------- CUB layout
-def _read_table(path: Path, ncols: int) -> dict[str, list[str]]:
-    """Read ``id value...`` lines (BOM, CRLF, blank lines tolerated) into {id: [values]}.
+class _Table(dict):
+    """``{id: [values]}`` of one manifest, with the file's ``name`` and each id's ``line``."""
 
-    The last column keeps inner spaces, so file names with spaces survive.
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.line: dict[str, int] = {}
+
+    def where(self, key: str) -> str:
+        return f"{self.name} line {self.line[key]}"
+
+
+def _read_manifest_text(path: Path) -> str:
+    """The text of a manifest: UTF-8 (with or without BOM) or UTF-16 with BOM; else a UserError."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # e.g. PowerShell's ``>`` redirection
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} starts like UTF-16 text but does not decode as UTF-16; save it as UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UserError(f"{path.name} line {line} is not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _read_table(path: Path, ncols: int) -> _Table:
+    """Read ``id value...`` lines into {id: [values]}.
+
+    Tolerated: a UTF-8 BOM (or UTF-16 with BOM), CRLF or CR line ends, blank lines, extra spaces
+    or tabs between and around fields. The last column keeps inner spaces, so file names with
+    spaces survive. A line with too few fields and a repeated id are UserErrors naming the line.
     """
     if not path.is_file():
         raise UserError(f"missing manifest file {path}")
-    table: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    table = _Table(path.name)
+    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", _read_manifest_text(path)), 1):
+        line = line.lstrip("\ufeff")  # a BOM left inside by concatenating files
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=ncols - 1)
         if len(parts) != ncols:
             raise UserError(f"{path.name} line {lineno}: expected {ncols} fields, got {line!r}")
         if parts[0] in table:
-            raise UserError(f"{path.name} line {lineno}: duplicate id {parts[0]}")
+            raise UserError(f"{path.name} line {lineno}: duplicate id {parts[0]} "
+                            f"(first on line {table.line[parts[0]]})")
         table[parts[0]] = parts[1:]
+        table.line[parts[0]] = lineno
     return table
+
+
+def read_cub_boxes(root: str | Path) -> _Table:
+    """``bounding_boxes.txt`` as {image id: (x, y, width, height)}; numbers and sizes checked."""
+    table = _read_table(Path(root) / "bounding_boxes.txt", 5)
+    boxes = _Table(table.name)
+    boxes.line = table.line
+    for image_id, values in table.items():
+        try:
+            box = tuple(float(v) for v in values)
+        except ValueError:
+            raise UserError(f"{table.where(image_id)}: box {' '.join(values)!r} is not 4 numbers") from None
+        if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+            raise UserError(f"{table.where(image_id)}: box {' '.join(values)!r} needs a finite x, y and "
+                            "a width and height > 0")
+        boxes[image_id] = box
+    return boxes
+
+
+def _cub_class_names(classes: _Table) -> list[str]:
+    for class_id in classes:
+        if not re.fullmatch(r"[0-9]+", class_id):
+            raise UserError(f"{classes.where(class_id)}: class id {class_id!r} is not a positive integer")
+    class_ids = sorted(classes, key=int)
+    if [int(c) for c in class_ids] != list(range(1, len(class_ids) + 1)):
+        raise UserError(f"classes.txt must number classes 1..N, got ids {class_ids[:5]}...")
+    names = [classes[c][0] for c in class_ids]
+    first: dict[str, str] = {}
+    for c, name in zip(class_ids, names):
+        if name in first:
+            raise UserError(f"{classes.where(c)}: class name {name!r} is also on line {classes.line[first[name]]}")
+        first[name] = c
+    return names
+
+
+def _manifest_path(image_root: str, rel: str) -> Optional[str]:
+    """``image_root/rel`` normalised, or None when ``rel`` is absolute or climbs out with ``..``.
+
+    Checked on the text of the path, not on resolved links: an image that is a symlink to a
+    file elsewhere (a dataset subset built from links) stays allowed.
+    """
+    if os.path.isabs(rel):
+        return None
+    joined = os.path.normpath(os.path.join(image_root, rel))
+    if not joined.startswith(image_root + os.sep):
+        return None
+    if not os.path.isfile(joined):  # the same name in the other Unicode normal form (macOS copies)
+        for form in ("NFC", "NFD"):
+            alt = unicodedata.normalize(form, joined)
+            if alt != joined and os.path.isfile(alt):
+                return alt
+    return joined
 
 
 def read_cub(root: str | Path, *, bbox_crop: bool = False) -> Records:
     """Read a CUB-200-2011 style folder (``images.txt``, ``image_class_labels.txt``, ...).
 
     Files are joined on image id in any order; class ids are 1-based in the files and
-    0-based in the returned labels.
+    0-based in the returned labels. Every id must be in every file (an id that is not in
+    ``images.txt`` is an error too), image paths must stay inside ``images/`` and name
+    existing files; errors name the file and line.
     """
     root = Path(root)
     images = _read_table(root / "images.txt", 2)
     labels = _read_table(root / "image_class_labels.txt", 2)
     splits = _read_table(root / "train_test_split.txt", 2)
     classes = _read_table(root / "classes.txt", 2)
-    boxes = _read_table(root / "bounding_boxes.txt", 5) if bbox_crop else None
-    class_ids = sorted(classes, key=int)
-    if [int(c) for c in class_ids] != list(range(1, len(class_ids) + 1)):
-        raise UserError(f"classes.txt must number classes 1..N, got ids {class_ids[:5]}...")
-    class_names = [classes[c][0] for c in class_ids]
-    image_root = (root / "images").resolve()
+    boxes = read_cub_boxes(root) if bbox_crop else None
+    if not images:
+        raise UserError(f"{root / 'images.txt'} lists no images")
+    class_names = _cub_class_names(classes)
+    tables = (labels, splits) + ((boxes,) if boxes is not None else ())
+    image_root = os.path.abspath(root / "images")
     rec = Records([], [], [], [], class_names, [] if boxes is not None else None)
+    missing = []
     for image_id in sorted(images, key=lambda s: (len(s), s)):
-        for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", splits)) + (
-                (("bounding_boxes.txt", boxes),) if boxes is not None else ()):
+        for table in tables:
             if image_id not in table:
-                raise UserError(f"image id {image_id} from images.txt is missing in {name}")
-        path = (image_root / images[image_id][0]).resolve()
-        if image_root not in path.parents:
-            raise UserError(f"images.txt id {image_id}: path {images[image_id][0]!r} leaves the dataset root")
-        if not path.is_file():
-            raise UserError(f"images.txt id {image_id} names a missing file: {path}")
-        label = int(labels[image_id][0])
-        if not 1 <= label <= len(class_names):
-            raise UserError(f"image id {image_id} has class {label}, outside 1..{len(class_names)}")
-        rec.items.append(str(path))
-        rec.labels.append(label - 1)
+                raise UserError(f"image id {image_id} from images.txt is missing in {table.name}")
+        rel = images[image_id][0]
+        path = _manifest_path(image_root, rel)
+        if path is None:
+            raise UserError(f"{images.where(image_id)}: id {image_id}: path {rel!r} leaves the dataset root "
+                            f"(image paths must stay inside {image_root})")
+        if not os.path.isfile(path):
+            missing.append((image_id, path))
+            continue
+        label = labels[image_id][0]
+        if not re.fullmatch(r"-?[0-9]+", label):
+            raise UserError(f"{labels.where(image_id)}: class id {label!r} of image {image_id} is not an integer")
+        if not 1 <= int(label) <= len(class_names):
+            raise UserError(f"image id {image_id} has class {label}, outside 1..{len(class_names)} "
+                            f"({labels.where(image_id)})")
+        is_train = splits[image_id][0]
+        if is_train not in ("0", "1"):
+            raise UserError(f"{splits.where(image_id)}: is_training_image must be 1 or 0, got {is_train!r}")
+        rec.items.append(str(Path(path).resolve()))
+        rec.labels.append(int(label) - 1)
         rec.image_ids.append(image_id)
-        rec.splits.append("train" if splits[image_id][0] == "1" else "test")
+        rec.splits.append("train" if is_train == "1" else "test")
         if boxes is not None:
-            rec.bboxes.append(tuple(float(v) for v in boxes[image_id]))
+            rec.bboxes.append(boxes[image_id])
+    for table in tables:
+        unknown = [i for i in table if i not in images]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more unknown ids)" if len(unknown) > 1 else ""
+            raise UserError(f"{table.where(unknown[0])}: image id {unknown[0]} is not in images.txt{more}")
+    if missing:
+        image_id, path = missing[0]
+        more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
+        raise UserError(f"images.txt id {image_id} names a missing file: {path}{more}")
     return rec
 
 
 # ----------------------------------------------------------------------------- ImageFolder
+def _is_image_file(path: Path, folder: Path) -> bool:
+    """An image by its extension (as torchvision's ImageFolder), not hidden (``._x.jpg``,
+    ``.ipynb_checkpoints/``): other files among the images are ignored."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
     out = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(f) for f in sub.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-        out[sub.name] = files
+        out[sub.name] = sorted(str(f) for f in sub.rglob("*") if _is_image_file(f, sub))
     return out
 
 
@@ -199,7 +349,9 @@ def read_imagefolder(root: str | Path) -> Records:
     """Read ``root/<class>/*`` or ``root/{train,val,test}/<class>/*``.
 
     Without split subfolders every image is labelled ``train`` (a test split is carved out
-    later by :func:`fgclf.data.splits.assign_splits`).
+    later by :func:`fgclf.data.splits.assign_splits`). Only files with an image extension
+    count (others are ignored); an empty class folder is still a class, so
+    :func:`~fgclf.data.splits.assign_splits` refuses it.
     """
     root = Path(root)
     split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir()
@@ -209,10 +361,6 @@ def read_imagefolder(root: str | Path) -> Records:
     class_names = sorted({c for folders in per_split.values() for c in folders})
     if not class_names:
         raise UserError(f"no class subfolders found in {root}")
-    if "train" in per_split:
-        missing = [c for c in class_names if not per_split["train"].get(c)]
-        if missing:
-            raise UserError(f"classes with no training images in {root}: {', '.join(missing[:5])}")
     index = {c: i for i, c in enumerate(class_names)}
     rec = Records([], [], [], [], class_names)
     for split, folders in per_split.items():

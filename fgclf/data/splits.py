@@ -44,8 +44,49 @@ def kfold_mask(labels: list[int], *, num_folds: int, fold: int, seed: int) -> np
     return mask
 
 
+def _names(rec: Records, classes: list[int], detail=None, limit: int = 5) -> str:
+    shown = [repr(rec.class_names[c]) + (f" ({detail(c)})" if detail else "") for c in classes[:limit]]
+    return ", ".join(shown) + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
+def class_coverage(rec: Records) -> tuple[list[int], list[int]]:
+    """``(empty, not_in_train)``: classes without any image, and classes whose images are all
+    in val/test (0-based class indices, sorted)."""
+    n = len(rec.class_names)
+    total = np.bincount(np.asarray(rec.labels, dtype=int), minlength=n) if len(rec) else np.zeros(n, int)
+    train_labels = [lab for lab, s in zip(rec.labels, rec.splits) if s == "train"]
+    train = np.bincount(np.asarray(train_labels, dtype=int), minlength=n) if train_labels else np.zeros(n, int)
+    empty = [c for c in range(n) if total[c] == 0]
+    not_in_train = [c for c in range(n) if total[c] > 0 and train[c] == 0]
+    return empty, not_in_train
+
+
+def empty_classes_message(rec: Records, empty: list[int]) -> str:
+    return (f"{len(empty)} of {len(rec.class_names)} classes have no images at all: {_names(rec, empty)}; a "
+            "classifier cannot learn them (and they would lower every macro metric): add images or remove "
+            "the class (its classes.txt line, its empty folder)")
+
+
+def not_in_train_message(rec: Records, classes: list[int]) -> str:
+    def detail(c: int) -> str:
+        counts = {s: sum(1 for lab, sp in zip(rec.labels, rec.splits) if lab == c and sp == s) for s in ("val", "test")}
+        return ", ".join(f"{k} {s}" for s, k in counts.items() if k)
+
+    return (f"classes in val/test but not in train: {_names(rec, classes, detail)}; they cannot be learned and "
+            "would make the test metrics misleading: add train images for them or remove them")
+
+
+def check_class_coverage(rec: Records, *, context: str = "") -> None:
+    """UserError when a class has no images at all or none in train (see :func:`class_coverage`)."""
+    empty, not_in_train = class_coverage(rec)
+    if empty:
+        raise UserError(context + empty_classes_message(rec, empty))
+    if not_in_train:
+        raise UserError(context + not_in_train_message(rec, not_in_train))
+
+
 def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, seed: int,
-                  num_folds: int = 0, fold: int = 0) -> Records:
+                  num_folds: int = 0, fold: int = 0, check_classes: bool = True) -> Records:
     """Return ``rec`` with every item in ``train``, ``val`` or ``test``.
 
     A dataset without a test split gets one (``test_fraction`` of train, stratified); one
@@ -54,7 +95,14 @@ def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, se
     With ``num_folds`` > 0 the validation split is fold ``fold`` of a stratified k-fold of
     train (a validation split the dataset ships is merged into train first); the test split
     stays untouched.
+
+    With ``check_classes`` (the default) a class without images, or with val/test images but
+    none in train, is a UserError naming it (:func:`check_class_coverage`).
     """
+    if check_classes:
+        empty, _ = class_coverage(rec)
+        if empty:
+            raise UserError(empty_classes_message(rec, empty))
     splits = np.array(rec.splits, dtype=object)
     if not (splits == "test").any():
         if test_fraction <= 0:
@@ -73,11 +121,8 @@ def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, se
         splits[train[pick]] = "val"
     out = rec.select(np.ones(len(rec), dtype=bool))
     out.splits = list(splits)
-    train_classes = {rec.labels[i] for i in np.flatnonzero(splits == "train")}
-    unseen = sorted({rec.labels[i] for i in np.flatnonzero(splits != "train")} - train_classes)
-    if unseen:
-        names = ", ".join(rec.class_names[c] for c in unseen[:5])
-        raise UserError(f"classes in val/test but not in train: {names}")
+    if check_classes:
+        check_class_coverage(out)
     return out
 
 
