@@ -382,6 +382,10 @@ def read_hf(name_or_dir: str) -> Records:
         import datasets
     except ImportError:
         raise UserError("data.format=hf needs the 'datasets' package: pip install 'fgclf[hf]'") from None
+    if not Path(name_or_dir).is_dir():  # a hub dataset: the name is checked before any download
+        from fgclf.models._factory import _check_repo_id
+
+        _check_repo_id(name_or_dir, what="--data.root (no such folder, so a hub dataset name)")
     try:
         if Path(name_or_dir).is_dir():
             dsd = datasets.load_dataset("imagefolder", data_dir=name_or_dir)

@@ -155,6 +155,9 @@ def _torchvision_head_name(name: str, kwargs: dict[str, Any]) -> str:
 
 def check_model_name(name: str) -> None:
     """Raise a UserError with close matches unless ``name`` is a timm, offline or torchvision name."""
+    if name.startswith("hf-hub:"):  # checked before any download is attempted
+        _check_repo_id(name[len("hf-hub:"):].split("@")[0], what=f"model '{name}'")
+        return
     if name in OFFLINE_PRETRAINED or name.startswith(_TIMM_SOURCES):
         return
     if name.startswith(TV_PREFIX):
@@ -176,6 +179,16 @@ def check_model_name(name: str) -> None:
         if name not in known:
             tags = ", ".join(split_model_name_tag(n)[1] for n in known) or "none"
             raise UserError(f"unknown pretrained tag '{tag}' for '{arch}'; known tags: {tags}")
+
+
+def _check_repo_id(repo_id: str, *, what: str) -> None:
+    """A Hugging Face repo id (``owner/name``: letters, digits, ``-_.``), or a UserError before any download."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"{what}: '{repo_id}' is not a valid Hugging Face repo id ({str(err).split('.')[0]})") from None
 
 
 def _download_errors() -> tuple[type[BaseException], ...]:

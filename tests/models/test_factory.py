@@ -176,3 +176,24 @@ def test_attention_dropout_reaches_vit_and_is_refused_by_convnets():
     assert {blk.attn.attn_drop.p for blk in model.blocks} == {0.3}
     with pytest.raises(UserError, match="does not take the option attn_drop_rate"):
         create_model("test_efficientnet", num_classes=3, attn_drop_rate=0.3)
+
+
+@pytest.mark.parametrize("name", ["hf-hub:a/b/c", "hf-hub:../etc", "hf-hub:owner/na me"])
+def test_invalid_hub_names_are_refused_before_any_download(name, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(UserError, match="not a valid Hugging Face repo id"):
+        create_model(name, num_classes=3)
+
+
+def test_invalid_hub_dataset_name_is_refused_before_any_download(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from fgclf.data import read_hf
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("download")))
+    with pytest.raises(UserError, match="not a valid Hugging Face repo id"):
+        read_hf("no such/folder here")
