@@ -7,8 +7,9 @@ Layout::
     checkpoints/best/   model.safetensors + config.json (an export: ``--model.name file:DIR`` loads it;
                         PEFT is merged), adapter_model.safetensors (PEFT runs), trainer_state.json
 
-Each is written under a temporary name and renamed into place only when complete, so a kill
-at any moment leaves the previous complete checkpoint readable.
+Each is written under a temporary name, fsynced and renamed into place only when complete, so a
+kill (or power loss) at any moment leaves the previous complete checkpoint readable, and a failed
+write (disk full, folder not writable) stops the run with that checkpoint untouched.
 
 When part of the model is frozen (PEFT, linear probe, ``partial:N``) ``last/`` holds only the
 trainable parameters and the buffers (:meth:`Checkpointer.skip_frozen`): the frozen weights are
@@ -20,18 +21,23 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
 from fgclf.engine import TrainState
 from fgclf.errors import UserError
+from fgclf.runtime import debug_fault
 from fgclf.utils import atomic_write_json, replace_dir
 
 # config.json keys that must match for a checkpoint to be resumed or loaded into this run
 _COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
 ADAPTER_NAME = "adapter_model.safetensors"
 FROZEN_NAME = "frozen.json"
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, folder not writable); the previous one is intact."""
 
 
 def frozen_checksum(named_params) -> dict:
@@ -111,18 +117,74 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         return tmp
 
+    def _write(self, target: Path, *, every_process: Callable[[Path], None] = lambda tmp: None,
+               main_process: Callable[[Path], None] = lambda tmp: None) -> None:
+        """Write the checkpoint folder ``target`` (collective): ``every_process(tmp)`` on all
+        processes, then ``main_process(tmp)`` and the rename into place on the main one.
+
+        ``tmp`` is ``.<name>.tmp`` beside ``target``; :func:`fgclf.utils.replace_dir` fsyncs it
+        and swaps it in. An OSError on any process (disk full, folder not writable) removes
+        ``tmp`` and raises :class:`CheckpointWriteError` on every process, naming the error and
+        the previous checkpoint, which is left as it was.
+        """
+        tmp = target.with_name(f".{target.name}.tmp")
+
+        def fresh(tmp: Path) -> None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+        main = self.accelerator.is_main_process
+        for step, here in ((fresh, main), (every_process, True), (main_process, main)):
+            error = None
+            if here:
+                try:
+                    step(tmp)
+                    if step is main_process:
+                        replace_dir(tmp, target)
+                except OSError as err:
+                    error = err
+            self._agree(error, tmp, target)  # also the barrier between the steps
+
+    def _agree(self, error: Optional[OSError], tmp: Path, target: Path) -> None:
+        """Raise CheckpointWriteError on every process when any had ``error`` (collective)."""
+        message = None
+        if error is not None:
+            what = error.strerror or str(error)
+            message = f"{what} ({error.filename})" if error.filename else what
+        if self.accelerator.num_processes > 1:
+            import torch
+            import torch.distributed as dist
+
+            failed = torch.tensor(int(error is not None), device=self.accelerator.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if not failed.item():
+                return
+            messages = [None] * self.accelerator.num_processes
+            dist.all_gather_object(messages, message)
+            message = "; ".join(f"process {i}: {m}" for i, m in enumerate(messages) if m is not None)
+        if message is None:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = next((p for p in (target, target.with_name(target.name + ".old")) if p.is_dir()), None)
+        kept = (f"the previous checkpoint at {previous} is intact" if previous is not None
+                else "there was no previous checkpoint")
+        raise CheckpointWriteError(f"could not write checkpoint {target}: {message}; {kept}")
+
     def save_last(self, state: TrainState) -> None:
         """Save everything ``--resume`` needs (collective: call on every process)."""
-        tmp = self._fresh_tmp("last")
-        self.accelerator.save_state(str(tmp / "state"), safe_serialization=True)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        def write_state(tmp: Path) -> None:
+            self.accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+            debug_fault("save_last", tmp)  # test hook: a kill or a full disk in the middle of the write
+
+        def write_meta(tmp: Path) -> None:
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
             atomic_write_json(tmp / "config.json", self.meta)
             if self._frozen is not None:
                 atomic_write_json(tmp / FROZEN_NAME, {"parameters": len(self._frozen), "checksum": self._frozen_sum})
-            replace_dir(tmp, self.last)
-        self.accelerator.wait_for_everyone()
+
+        self._write(self.last, every_process=write_state, main_process=write_meta)
 
     def save_best(self, model: nn.Module, state: TrainState) -> None:
         """Export the model as ``file:``-loadable weights (collective: call on every process).
@@ -134,9 +196,9 @@ class Checkpointer:
 
         from fgclf.models import save_pretrained
 
-        tmp = self._fresh_tmp("best")
         state_dict = self.accelerator.get_state_dict(model)  # gathers under DeepSpeed/FSDP
-        if self.accelerator.is_main_process:
+
+        def export(tmp: Path) -> None:
             unwrapped = self.accelerator.unwrap_model(model)
             meta = self.meta
             save_pretrained(unwrapped, tmp, model_name=meta["model_name"], num_classes=meta["num_classes"],
@@ -149,8 +211,8 @@ class Checkpointer:
                 adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unwrapped).items()}
                 save_file(adapter, str(tmp / ADAPTER_NAME))
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
-            replace_dir(tmp, self.best)
-        self.accelerator.wait_for_everyone()
+
+        self._write(self.best, main_process=export)
 
     def check_compatible(self, ckpt_dir: Path) -> None:
         """Raise a UserError when ``ckpt_dir`` was made for another model or class count."""

@@ -2,11 +2,18 @@
 
 ``train_one_epoch`` and ``evaluate`` use only ``accelerator.accumulate / backward /
 clip_grad_norm_ / gather_for_metrics / reduce``, so the same code runs on one CPU, DDP,
-DeepSpeed and FSDP. ``fit`` adds per-epoch validation, early stopping, checkpoints and logs.
+DeepSpeed and FSDP. ``fit`` adds per-epoch validation, early stopping, checkpoints and logs,
+and ends a run early, with ``last`` intact, on SIGTERM/SIGINT or persistent non-finite losses
+(:class:`RunGuard`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fgclf.data.mixup import tta_flip_logits
+from fgclf.errors import UserError
 from fgclf.metrics import compute_metrics
 from fgclf.report import append_jsonl
 from fgclf.utils import peak_memory_mb
@@ -34,7 +42,7 @@ class TrainState:
     Attributes:
         epoch: Completed epochs.
         global_step: Optimizer updates done.
-        step_in_epoch: Batches done in the current, unfinished epoch (step checkpoints).
+        step_in_epoch: Batches done in the current, unfinished epoch (step checkpoints, stop signals).
         best_metric: Best validation value of the watched metric so far.
         best_epoch: Epoch (1-based) of that value.
         bad_epochs: Epochs since the last improvement (early stopping).
@@ -65,6 +73,139 @@ class EvalOutput:
     loss: float
 
 
+class StopTraining(Exception):
+    """A stop signal ended training after ``last`` was written; exit with :attr:`exit_code`."""
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+class NonFiniteLoss(UserError):
+    """The training loss stayed nan/inf for more consecutive updates than allowed."""
+
+
+class RunGuard:
+    """What ends a run early, watched without a host sync at every step: stop signals
+    (SIGTERM/SIGINT, see :meth:`catch_signals`) and non-finite training losses.
+
+    The engine hands each training loss to :meth:`observe` and marks each optimizer update with
+    :meth:`end_update`; both only queue device work. :meth:`poll` reads the per-update flags (one
+    host sync) and, on several processes, all-reduces them with the stop signals (MAX), so every
+    process sees the same losses and stops at the same update, whichever process got the signal.
+    ``fit`` polls every ``check_every`` updates (default: every update on CPU, where reading a
+    tensor costs nothing; every 10 on accelerators), before each ``last`` write and at epoch ends.
+
+    A non-finite loss is not skipped here: under fp16 loss scaling its step is skipped by the
+    scaler as usual, but deciding a skip in fp32/bf16 would need a host sync every step. Its step
+    is then applied (the weights usually become nan too, so the losses stay non-finite), which is
+    why ``last`` is not written after an update with a non-finite loss unless the scaler skipped it.
+
+    Args:
+        accelerator: The run's ``Accelerator``.
+        max_nonfinite_steps: Consecutive updates with a non-finite loss that are tolerated; one
+            more stops the run (0: stop at the first). Without a loss scaler the run also stops
+            at an epoch end that follows a non-finite loss (the weights are then not usable).
+        check_every: Poll interval in updates (None: 1 on CPU, 10 elsewhere).
+    """
+
+    def __init__(self, accelerator, *, max_nonfinite_steps: int = 3, check_every: Optional[int] = None) -> None:
+        self.accelerator = accelerator
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.check_every = check_every or (1 if accelerator.device.type == "cpu" else 10)
+        self.multi = accelerator.num_processes > 1
+        self.skips_bad_steps = getattr(accelerator, "scaler", None) is not None  # fp16 loss scaling
+        self.signum = 0  # first stop signal this process received
+        self.agreed_signum = 0  # the stop signal all processes agreed on at the last poll
+        self.run, self.run_start = 0, 0  # consecutive updates with a non-finite loss so far, first of them
+        self._bad: Optional[torch.Tensor] = None  # device flag: non-finite loss in the current update
+        self._flags: list = []  # one device flag per update since the last poll
+        self._step = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Note one micro-batch loss (device ops only)."""
+        bad = torch.isfinite(loss.detach()).all().logical_not()
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def end_update(self, step: int) -> None:
+        """Close update ``step``: its losses become one flag (no host sync)."""
+        self._flags.append(self._bad if self._bad is not None else False)
+        self._bad, self._step = None, step
+
+    def due(self, step: int) -> bool:
+        return step % self.check_every == 0
+
+    def poll(self) -> Optional[tuple[int, int]]:
+        """Read the flags (and agree on them and on stop signals across processes).
+
+        Returns:
+            ``(first, last)`` update of a run of non-finite losses longer than allowed, or None.
+        """
+        device = self.accelerator.device
+        flags = [f.to(device=device, dtype=torch.int64) if torch.is_tensor(f)
+                 else torch.zeros((), dtype=torch.int64, device=device) for f in self._flags]
+        values = torch.stack([torch.tensor(self.signum, dtype=torch.int64, device=device), *flags])
+        if self.multi:
+            import torch.distributed as dist
+
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        signum, *bad = values.tolist()
+        self.agreed_signum = self.agreed_signum or signum
+        first_update, exceeded = self._step - len(bad) + 1, None
+        for i, is_bad in enumerate(bad):
+            if not is_bad:
+                self.run = 0
+                continue
+            self.run += 1
+            if self.run == 1:
+                self.run_start = first_update + i
+            if self.run > self.max_nonfinite_steps and exceeded is None:
+                exceeded = (self.run_start, first_update + i)
+        self._flags = []
+        return exceeded
+
+    @property
+    def can_save(self) -> bool:
+        """Whether the weights may go into ``last``: the latest update's loss was finite, or its
+        step was skipped by the loss scaler."""
+        return self.run == 0 or self.skips_bad_steps
+
+    def stopping(self) -> int:
+        """The stop signal to act on now (0: none): this process's own on one process (no
+        collective needed), else the one agreed at the last :meth:`poll`."""
+        return self.agreed_signum if self.multi else self.signum
+
+    @contextlib.contextmanager
+    def catch_signals(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        """While open, SIGTERM/SIGINT only set :attr:`signum` (``fit`` then finishes the update,
+        writes ``last`` and raises :class:`StopTraining`); a second SIGINT (Ctrl-C twice) aborts
+        at once with KeyboardInterrupt. Outside the main thread nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame) -> None:
+            if signum == signal.SIGINT and self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if not self.signum:
+                self.signum = signum
+                if self.accelerator.is_main_process:
+                    print(f"{signal.Signals(signum).name}: finishing this update, then writing a checkpoint and "
+                          "stopping" + (" (Ctrl-C again aborts)" if signum == signal.SIGINT else ""),
+                          file=sys.stderr, flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
 def input_dtype(accelerator) -> Optional[torch.dtype]:
     """The dtype model inputs need: DeepSpeed fp16/bf16 casts the weights but not the inputs
     (accelerate's autocast does not apply there); None elsewhere."""
@@ -80,8 +221,11 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                     progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
                     on_update: Optional[Callable[[TrainState], None]] = None,
                     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
-                    mixup: Optional[Callable] = None) -> dict:
+                    mixup: Optional[Callable] = None, guard: Optional[RunGuard] = None) -> dict:
     """One pass over ``loader`` (already prepared, possibly skipping finished batches).
+
+    ``guard`` (from ``fit``) is shown every loss and update, with device ops only; ``on_update``
+    runs after every optimizer update (``fit`` checkpoints and polls the guard there).
 
     Returns:
         ``{"train_loss", "lr", "samples", "epoch_time"}``: the loss (including any
@@ -109,12 +253,16 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                 scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
             optimizer.zero_grad(set_to_none=True)
         detached = loss.detach().float()
+        if guard is not None:
+            guard.observe(detached)
         loss_sum = detached if loss_sum is None else loss_sum + detached
         batches += 1
         samples += images.shape[0]
         state.step_in_epoch += 1
         if accelerator.sync_gradients:
             state.global_step += 1
+            if guard is not None:
+                guard.end_update(state.global_step)
             if log_every and state.global_step % log_every == 0:
                 running = loss_sum.item() / batches  # the only host sync, at log intervals
                 bar.set_postfix(loss=f"{running:.4f}")
@@ -160,6 +308,18 @@ def _improved(value: float, best: Optional[float], min_delta: float, mode: str) 
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+def _checkpoint_note(run_dir: Path) -> str:
+    """Where the newest complete ``last`` checkpoint is and what it holds, for messages."""
+    from fgclf.checkpoint_paths import find_last
+
+    path = find_last(run_dir)
+    if path is None:
+        return "no checkpoint was written before it"
+    st = json.loads((path / "trainer_state.json").read_text())
+    where = (f"end of epoch {st['epoch']}" if not st.get("step_in_epoch") else f"in epoch {st['epoch'] + 1}")
+    return f"the last good checkpoint is {path} (update {st['global_step']}, {where})"
+
+
 def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn: nn.Module, *,
         epochs: int, state: TrainState, checkpointer, run_dir: str | Path, num_classes: int,
         metric: str = "top1", patience: int = 0, min_delta: float = 0.0,
@@ -167,6 +327,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
         regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, mixup: Optional[Callable] = None,
         tta_flip: bool = False, callbacks: tuple[Callable[[TrainState], None], ...] = (),
+        max_nonfinite_steps: int = 3,
         train_fn: Optional[Callable[..., dict]] = None, eval_fn: Optional[Callable[..., EvalOutput]] = None) -> TrainState:
     """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
 
@@ -175,65 +336,101 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
     ``min_delta`` improvement. ``last`` is written at every epoch end (and every
     ``checkpoint_every_steps`` updates) so that ``--resume`` continues from it.
     ``train_fn``/``eval_fn`` replace :func:`train_one_epoch`/:func:`evaluate` (same signatures),
-    e.g. with a pipeline-parallel runner's.
+    e.g. with a pipeline-parallel runner's. ``callbacks`` run after every update.
+
+    Ending early (:class:`RunGuard`): SIGTERM/SIGINT finish the current update, write ``last``
+    and raise :class:`StopTraining`; more than ``max_nonfinite_steps`` consecutive updates with
+    a non-finite loss raise :class:`NonFiniteLoss` naming them and the last good checkpoint.
     """
     train_fn, eval_fn = train_fn or train_one_epoch, eval_fn or evaluate
     mode = "min" if metric == "loss" else "max"
-    history_path = Path(run_dir) / "metrics.jsonl"
+    run_dir = Path(run_dir)
+    history_path = run_dir / "metrics.jsonl"
+    guard = RunGuard(accelerator, max_nonfinite_steps=max_nonfinite_steps)
+
+    def check(st: TrainState, *, epoch_end: bool = False) -> None:
+        exceeded, why = guard.poll(), f"more than train.max_nonfinite_steps={max_nonfinite_steps} in a row"
+        if exceeded is None and epoch_end and guard.run and not guard.skips_bad_steps:
+            exceeded = (guard.run_start, st.global_step)
+            why = f"epoch {st.epoch + 1} ended on them; without fp16 loss scaling they were applied to the weights"
+        if exceeded is not None:
+            first, last = exceeded
+            where = f"update {first}" if first == last else f"updates {first}-{last}"
+            raise NonFiniteLoss(f"non-finite training loss (nan/inf) at {where} ({why}); {_checkpoint_note(run_dir)}; "
+                                "lower optim.lr, set train.clip_grad_norm or check the data")
+
+    def stop(st: TrainState, signum: int, *, saved: bool) -> None:
+        if not saved and guard.can_save:
+            checkpointer.save_last(st)
+            saved = True
+        where = f"at epoch {st.epoch + 1}, update {st.global_step}" if st.step_in_epoch else \
+            f"at the end of epoch {st.epoch}, update {st.global_step}"
+        note = (f"checkpoint written to {checkpointer.last}" if saved else
+                f"the latest loss was non-finite, so no checkpoint was written: {_checkpoint_note(run_dir)}")
+        raise StopTraining(f"stopped by {signal.Signals(signum).name} {where}; {note}", signum=signum)
 
     def on_update(st: TrainState) -> None:
-        if checkpoint_every_steps and st.global_step % checkpoint_every_steps == 0:
+        save = bool(checkpoint_every_steps) and st.global_step % checkpoint_every_steps == 0
+        if save or guard.due(st.global_step):
+            check(st)
+        save = save and guard.can_save
+        if save:
             checkpointer.save_last(st)
         for callback in callbacks:
             callback(st)
+        if guard.stopping():
+            stop(st, guard.stopping(), saved=save)
 
-    while state.epoch < epochs and not state.stopped_early:
-        epoch_start = time.perf_counter()
-        loader = train_loader
-        if state.step_in_epoch:  # resumed from a mid-epoch checkpoint
-            loader = (train_loader.skip(state.step_in_epoch) if hasattr(train_loader, "skip")
-                      else accelerator.skip_first_batches(train_loader, state.step_in_epoch))
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
-        record = train_fn(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
-                                 clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
-                                 train_mode=train_mode, on_update=on_update, regularizer=regularizer,
-                                 mixup=mixup)
-        state.epoch += 1
-        state.step_in_epoch = 0
-        record = {"epoch": state.epoch, "step": state.global_step, **record}
-        if val_loader is not None:
-            out = eval_fn(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
-                           tta_flip=tta_flip)
-            scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
-            record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
-                           **{f"val/{k}": v for k, v in scores.items()}})
-            value = out.loss if metric == "loss" else scores.get(metric)
-            if value is None:
-                from fgclf.errors import UserError
-
-                raise UserError(f"early_stopping_metric '{metric}' is not computed; use loss or one of "
-                                f"{', '.join(scores)}")
-            if _improved(value, state.best_metric, min_delta, mode):
-                state.best_metric, state.best_epoch, state.bad_epochs = float(value), state.epoch, 0
-                checkpointer.save_best(model, state)
+    with guard.catch_signals():
+        while state.epoch < epochs and not state.stopped_early:
+            epoch_start = time.perf_counter()
+            loader = train_loader
+            if state.step_in_epoch:  # resumed from a mid-epoch checkpoint
+                loader = (train_loader.skip(state.step_in_epoch) if hasattr(train_loader, "skip")
+                          else accelerator.skip_first_batches(train_loader, state.step_in_epoch))
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
+            record = train_fn(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
+                              clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
+                              train_mode=train_mode, on_update=on_update, regularizer=regularizer,
+                              mixup=mixup, guard=guard)
+            check(state, epoch_end=True)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            record = {"epoch": state.epoch, "step": state.global_step, **record}
+            if val_loader is not None:
+                out = eval_fn(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
+                              tta_flip=tta_flip)
+                scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
+                record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
+                               **{f"val/{k}": v for k, v in scores.items()}})
+                value = out.loss if metric == "loss" else scores.get(metric)
+                if value is None:
+                    raise UserError(f"early_stopping_metric '{metric}' is not computed; use loss or one of "
+                                    f"{', '.join(scores)}")
+                if _improved(value, state.best_metric, min_delta, mode):
+                    state.best_metric, state.best_epoch, state.bad_epochs = float(value), state.epoch, 0
+                    checkpointer.save_best(model, state)
+                else:
+                    state.bad_epochs += 1
+                    if patience and state.bad_epochs >= patience:
+                        state.stopped_early = True
             else:
-                state.bad_epochs += 1
-                if patience and state.bad_epochs >= patience:
-                    state.stopped_early = True
-        else:
-            state.best_epoch = state.epoch
-            checkpointer.save_best(model, state)
-        watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
-        scheduler.step_epoch(watched)
-        record["memory_mb"] = peak_memory_mb(accelerator.device)
-        if accelerator.is_main_process:
-            append_jsonl(history_path, record)
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
-        state.train_seconds += time.perf_counter() - epoch_start  # saved with the state: resumes add up
-        checkpointer.save_last(state)
-        if accelerator.is_main_process:
-            msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                           if k in ("epoch", "train_loss", "val/loss", "val/top1", "val/f1_macro", "lr"))
-            accelerator.print(msg + (" (early stop)" if state.stopped_early else ""))
+                state.best_epoch = state.epoch
+                checkpointer.save_best(model, state)
+            watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
+            scheduler.step_epoch(watched)
+            record["memory_mb"] = peak_memory_mb(accelerator.device)
+            if accelerator.is_main_process:
+                append_jsonl(history_path, record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
+            state.train_seconds += time.perf_counter() - epoch_start  # saved with the state: resumes add up
+            checkpointer.save_last(state)
+            if accelerator.is_main_process:
+                msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                               if k in ("epoch", "train_loss", "val/loss", "val/top1", "val/f1_macro", "lr"))
+                accelerator.print(msg + (" (early stop)" if state.stopped_early else ""))
+            guard.poll()  # a signal during validation or the checkpoint: stop now, `last` is this epoch end
+            if guard.stopping():
+                stop(state, guard.stopping(), saved=True)
     return state

@@ -574,8 +574,8 @@ def setup_pipeline(accelerator, model: nn.Module, datasets: dict, *, input_size:
     """This process's stage and the pipeline loaders of ``datasets`` (``train``/``val``/``test``).
 
     A resumed run (``resume_dir``) reuses the split its checkpoint was trained with, so every
-    stage's optimizer state meets the same parameters. After the split each process reseeds its
-    torch RNG by its rank (process 0 keeps ``seed``): otherwise every stage would draw the same
+    stage's optimizer state meets the same parameters. After the split every process but the first
+    reseeds its torch RNG by its rank: otherwise every stage would draw the same
     dropout and drop-path masks, which one process running the whole model never does.
 
     Returns ``(runner, loaders, stages summary)``; ``loaders["val"]`` is None for an empty split.
@@ -611,7 +611,8 @@ def setup_pipeline(accelerator, model: nn.Module, datasets: dict, *, input_size:
                                          microbatches=microbatches, schedule=schedule, balance=balance,
                                          loss_fn=loss_fn, device=accelerator.device, autocast_dtype=autocast,
                                          costs=costs, bounds=saved)
-    torch.manual_seed(seed + 7919 * accelerator.process_index)  # per-stage dropout streams (CUDA included)
+    if accelerator.process_index:  # per-stage dropout streams (CUDA included); process 0 keeps its own
+        torch.manual_seed(seed + 7919 * accelerator.process_index)
     pin = accelerator.device.type == "cuda"
     loaders = {}
     for split, ds in datasets.items():

@@ -1,5 +1,5 @@
 """What every script does around its job: accelerator set-up, run directory, main-process work,
-clean shutdown and one-line user errors."""
+clean shutdown and one-line user errors; and the test-only fault hooks (FGCLF_DEBUG_*)."""
 from __future__ import annotations
 
 import functools
@@ -155,7 +155,7 @@ def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> tuple[Op
 
 # settings that may differ between a run and its --resume (they do not change the result)
 RESUME_FREE = frozenset({"resume", "train.output_dir", "train.progress", "train.name", "data.num_workers",
-                         "data.verify_images", "data.cache_dir"})
+                         "data.verify_images", "data.cache_dir", "train.max_nonfinite_steps"})
 
 
 def check_resume_config(cfg: Any, run_dir: Path, *, free: frozenset[str] = RESUME_FREE) -> int:
@@ -199,6 +199,19 @@ def shutdown(accelerator) -> None:
     accelerator.end_training()
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the training process.
+
+    Ctrl-C, or a SIGTERM sent to the whole process group (job schedulers), would otherwise kill
+    the workers and turn the graceful stop of ``fgclf.engine.fit`` into a "DataLoader worker
+    killed" crash. Workers still end with their loader, or soon after the training process dies.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:
     """Decorator for script entry points: a UserError becomes ``error: ...`` on stderr, exit 2."""
 
@@ -216,3 +229,104 @@ def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[
             return 130
 
     return wrapper
+
+
+# ---------------------------------------------------------------- test-only fault injection
+# The fault tests (tests/scripts/test_faults.py) make runs fail on purpose at chosen points through
+# these environment variables. They are read here and nowhere else; never set them for real runs.
+#
+#   FGCLF_DEBUG_KILL_AT_STEP=N     SIGKILL right after update N (after its step checkpoint, if any)
+#   FGCLF_DEBUG_SIGNAL_AT_STEP=N   send this process SIGTERM right after update N (``N:INT``: SIGINT;
+#                                  ``N:TERM:group``: to its whole process group, like Ctrl-C or a scheduler)
+#   FGCLF_DEBUG_RAISE_AT_STEP=N    raise RuntimeError right after update N
+#   FGCLF_DEBUG_NAN_AT_STEP=N      the training loss is nan from the N-th training batch on
+#   FGCLF_DEBUG_KILL_IN_SAVE=N     SIGKILL inside the N-th write of ``last`` by this process, once the
+#                                  state files are in the temporary folder and before it is complete
+#                                  (``N:swap``: between the two renames of fgclf.utils.replace_dir)
+#   FGCLF_DEBUG_FAIL_SAVE=N        at the same point the N-th write fails: OSError ENOSPC (``N:EACCES``...)
+#   FGCLF_DEBUG_RANK=R             only process R (its RANK) applies the variables above (default: all)
+
+_debug_saves = 0  # writes of `last` by this process (FGCLF_DEBUG_KILL_IN_SAVE / _FAIL_SAVE)
+_debug_swap_armed = False
+
+
+def _debug_env(name: str) -> Optional[tuple[int, str]]:
+    """``(N, option)`` of ``FGCLF_DEBUG_<name>=N[:option]`` when set and meant for this process."""
+    value = os.environ.get(f"FGCLF_DEBUG_{name}")
+    only = os.environ.get("FGCLF_DEBUG_RANK")
+    if not value or (only is not None and only != os.environ.get("RANK", "0")):
+        return None
+    n, _, option = value.partition(":")
+    return int(n), option
+
+
+def debug_callbacks() -> tuple:
+    """Update callbacks for ``fit`` from the KILL/SIGNAL/RAISE_AT_STEP hooks (none in real runs)."""
+    import signal
+
+    def kill(option: str, step: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def send(option: str, step: int) -> None:
+        name, _, to = option.upper().partition(":")
+        signum = signal.SIGINT if name in ("INT", "SIGINT") else signal.SIGTERM
+        if to != "GROUP":
+            os.kill(os.getpid(), signum)
+            return
+        child = os.fork()  # sent from another process, as a shell or a scheduler sends it
+        if child == 0:
+            os.killpg(os.getpgrp(), signum)
+            os._exit(0)
+        os.waitpid(child, 0)
+        time.sleep(1.0)  # as during the rest of a real update: the other processes of the group react meanwhile
+
+    def fail(option: str, step: int) -> None:
+        raise RuntimeError(f"FGCLF_DEBUG_RAISE_AT_STEP: failure injected on process {os.environ.get('RANK', '0')} "
+                           f"after update {step}")
+
+    callbacks = []
+    for name, action in (("KILL_AT_STEP", kill), ("SIGNAL_AT_STEP", send), ("RAISE_AT_STEP", fail)):
+        hook = _debug_env(name)
+        if hook is not None:
+            callbacks.append(lambda st, n=hook[0], option=hook[1], action=action:
+                             action(option, st.global_step) if st.global_step == n else None)
+    return tuple(callbacks)
+
+
+def debug_loss(loss_fn: Callable) -> Callable:
+    """``loss_fn``, or with FGCLF_DEBUG_NAN_AT_STEP=N a wrapper whose N-th and later results are nan."""
+    nan = _debug_env("NAN_AT_STEP")
+    if not nan:
+        return loss_fn
+    calls = 0
+
+    def nan_from_n(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if calls >= nan[0] else loss
+    return nan_from_n
+
+
+def debug_fault(point: str, path: Optional[Path] = None) -> None:
+    """Fault point ``save_last`` (inside a write of ``last`` into ``path``) or ``replace_dir``
+    (between its two renames)."""
+    global _debug_saves, _debug_swap_armed
+    import signal
+
+    if point == "replace_dir":
+        if _debug_swap_armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    _debug_saves += 1
+    kill, fail = _debug_env("KILL_IN_SAVE"), _debug_env("FAIL_SAVE")
+    if kill and kill[0] == _debug_saves:
+        if kill[1] == "swap":
+            _debug_swap_armed = True
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if fail and fail[0] == _debug_saves:
+        import errno
+
+        code = getattr(errno, fail[1] or "ENOSPC")
+        raise OSError(code, os.strerror(code), f"{path} (FGCLF_DEBUG_FAIL_SAVE)")

@@ -22,7 +22,8 @@ def cache_dir(*parts: str) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename, fsync
+    the folder: a kill or power loss leaves either the old or the new complete file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -51,19 +53,54 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so that the renames and new entries in it survive a power loss (POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms whose folders cannot be opened (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder under ``root`` (files written by other libraries, before a rename)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
     """Move a completely written ``tmp_dir`` to ``final_dir``, replacing an old one.
 
-    The old folder is renamed aside first and deleted only after the new one is in place, so at
-    every moment either the old or the new complete folder exists under a known name.
+    The new folder's files are fsynced first, then the old folder is renamed aside to
+    ``<final>.old`` and deleted only after the new one is in place (and the renames are fsynced),
+    so at every moment, even after a kill or a power loss, either the old or the new complete
+    folder exists under a known name (:func:`fgclf.checkpoint_paths.find_last` looks at both).
+    A ``.old`` left by a kill between the two renames is the only complete copy while
+    ``final_dir`` is missing, so it is kept until the new folder has replaced it.
     """
+    from fgclf.runtime import debug_fault
+
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    fsync_tree(tmp_dir)
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final_dir.exists():
+        if old.exists():  # final_dir is complete: a leftover .old is stale
+            shutil.rmtree(old)
         os.replace(final_dir, old)
+        debug_fault("replace_dir")  # test hook: a kill between the two renames
     os.replace(tmp_dir, final_dir)
+    fsync_dir(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -14,6 +14,8 @@ Examples (each runs on CPU, 1 GPU or N GPUs by switching only the accelerate con
     # the model split into 2 pipeline stages (one per GPU), 8 microbatches per batch, 1F1B
     accelerate launch --num_processes 2 scripts/train_classifier.py --model.name resnet50 --parallel pipeline \
         --pp.microbatches 8 --pp.schedule 1f1b
+    # validate the dataset (manifests, every image decoded) and exit without training
+    python scripts/train_classifier.py --data.root /data/CUB_200_2011 --data.format cub --check-data
     # continue an interrupted run (same command plus --resume)
     accelerate launch scripts/train_classifier.py --train.output_dir runs/demo --resume last
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, check_resume_config, command_line, create_accelerator,  # noqa: E402
-                           default_run_name, prepare_run_dir, resolve_resume, script_main, set_run_dir, shutdown)
+                           debug_callbacks, debug_loss, default_run_name, ignore_stop_signals, prepare_run_dir,
+                           resolve_resume, script_main, set_run_dir, shutdown)
 
 
 def validate(cfg: TrainClassifierConfig) -> None:
@@ -74,6 +76,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
+            (not o.name.lower().startswith(("lamb", "lars", "larc")),
+             f"--parallel pipeline: optimizer {o.name} clips by its own global gradient norm, which one stage "
+             "cannot see; use adamw/sgd with train.clip_grad_norm"),
         ]
     for ok, message in checks:
         if not ok:
@@ -137,7 +142,8 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
 
     def loader(ds, bs, shuffle):
         return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=d.num_workers,
-                                           drop_last=False, pin_memory=torch.cuda.is_available())
+                                           drop_last=False, pin_memory=torch.cuda.is_available(),
+                                           worker_init_fn=ignore_stop_signals if d.num_workers else None)
 
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     loaders = {"train": loader(splits["train"], cfg.train.batch_size, True),
@@ -173,18 +179,6 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
     return model, train_mode, model_kwargs, peft_meta, count_parameters(model)
 
 
-def debug_callbacks() -> tuple:
-    """Test hook: ``FGCLF_DEBUG_KILL_AT_STEP=N`` SIGKILLs this process right after update N."""
-    target = os.environ.get("FGCLF_DEBUG_KILL_AT_STEP")
-    if not target:
-        return ()
-
-    def kill(state) -> None:
-        if state.global_step == int(target):
-            os.kill(os.getpid(), signal.SIGKILL)
-    return (kill,)
-
-
 def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes: int):
     """The loss with only the options the user set, and the optional weight penalty."""
     import numpy as np
@@ -207,14 +201,23 @@ def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes:
 @script_main
 def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- config
-    cfg = parse_config(TrainClassifierConfig, argv, prog="train_classifier.py", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check-data" in argv  # check the dataset (fgclf/data/check.py) and exit without training
+    cfg = parse_config(TrainClassifierConfig, [a for a in argv if a != "--check-data"], prog="train_classifier.py",
+                       description=__doc__)
     validate(cfg)
+    if check_only:
+        if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the main process checks
+            return 0
+        from fgclf.data.check import run_check
+
+        return run_check(cfg.data)
     output_dir, resume_dir = resolve_resume(cfg.resume, cfg.train.output_dir)
     # ---------------------------------------------------------------- accelerator
     from accelerate.utils import set_seed
 
     from fgclf import checkpoint as ck
-    from fgclf.engine import EVAL_LOSS, TrainState, evaluate, fit
+    from fgclf.engine import EVAL_LOSS, StopTraining, TrainState, evaluate, fit
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         runner, loaders, stages = setup_pipeline(
             accelerator, model, splits, input_size=data_cfg["input_size"], stages=cfg.pp.stages,
             microbatches=cfg.pp.microbatches, schedule=cfg.pp.schedule, balance=cfg.pp.balance,
-            batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=loss_fn)
+            batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=loss_fn,
+            resume_dir=resume_dir)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
             "model_kwargs": model_kwargs, "peft": peft_meta,
             "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
@@ -328,12 +332,21 @@ def main(argv: list[str] | None = None) -> int:
             history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state.epoch]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
-    state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, loss_fn, epochs=t.epochs,
-                state=state, checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names),
-                metric=t.early_stopping_metric, patience=t.early_stopping_patience,
-                min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                checkpoint_every_steps=t.checkpoint_every_steps, progress=t.progress, train_mode=train_mode,
-                regularizer=regularizer, mixup=mixup, tta_flip=t.tta_flip, callbacks=debug_callbacks(), **hooks)
+    try:  # SIGTERM/SIGINT end fit after the current update, with `last` written; debug_* are test hooks (no-ops)
+        state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, debug_loss(loss_fn),
+                    epochs=t.epochs, state=state, checkpointer=checkpointer, run_dir=run_dir,
+                    num_classes=len(class_names), metric=t.early_stopping_metric, patience=t.early_stopping_patience,
+                    min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
+                    checkpoint_every_steps=t.checkpoint_every_steps, max_nonfinite_steps=t.max_nonfinite_steps,
+                    progress=t.progress, train_mode=train_mode, regularizer=regularizer, mixup=mixup,
+                    tta_flip=t.tta_flip, callbacks=debug_callbacks(), **hooks)
+    except StopTraining as stop:  # no test evaluation: say how to continue, shut down cleanly, exit 128 + signal
+        if accelerator.is_main_process:  # before the shutdown barrier: a launcher may end us once another exits
+            again = "--resume last" if cfg.train.output_dir else f"--resume {run_dir}"
+            print(f"{stop}; continue with {again}", file=sys.stderr, flush=True)
+        model = optimizer = scheduler = train_loader = test_loader = val_loader = None  # released, as at the end
+        shutdown(accelerator)
+        return stop.exit_code
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
     out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, loss_fn=EVAL_LOSS, progress=t.progress, desc="test",
