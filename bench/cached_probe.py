@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fgclf.report import markdown_table  # noqa: E402
+
 MODEL = "tf_efficientnet_lite0.pypi_in1k"
 
 
@@ -131,13 +133,8 @@ def main(argv=None) -> int:
             ("images, frozen body (b)", "-", f"{per_b * 1e3:.0f} ms", f"{total_b:.1f}", f"{image_top1:.4f}")]
     header = ("method", "extract train+test (s)", "train time / epoch (median)", f"total {args.epochs} ep + test (s)",
               "test top1")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print(markdown_table(header, rows))
     print(f"\nper-epoch ratio (b)/(a): {per_b / per_a:,.0f}x; total ratio incl. extraction: {total_b / total_a:.1f}x; "
           f"extraction = {extract_s / per_b:.2f} image epochs")
     head_b = model.get_classifier()

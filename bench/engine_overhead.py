@@ -53,6 +53,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fgclf.report import markdown_table  # noqa: E402
+
 VARIANTS = ("fgclf", "bare", "accelerate")
 LABELS = {"fgclf": "fgclf engine (train_one_epoch)", "bare": "bare PyTorch loop",
           "accelerate": "minimal accelerate loop (cv_example)"}
@@ -243,12 +245,7 @@ def main(argv=None) -> int:
     header = ("variant", "images/s (median)", "spread (min-max)", "ratio vs bare (median)", "ratio spread")
     rows = [(LABELS[v], f"{statistics.median(rates[v]):.1f}", f"{min(rates[v]):.1f}-{max(rates[v]):.1f}",
              f"{statistics.median(ratios[v]):.3f}", f"{min(ratios[v]):.3f}-{max(ratios[v]):.3f}") for v in VARIANTS]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print(markdown_table(header, rows))
     engine = statistics.median(ratios["fgclf"])
     print(f"\nengine / bare = {engine:.2f} (target >= {TARGET}; median of {args.repeats} per-repeat ratios, "
           f"ratio of medians {statistics.median(rates['fgclf']) / statistics.median(rates['bare']):.2f})"

@@ -42,6 +42,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fgclf.report import markdown_table  # noqa: E402
+
 HELP_TARGET_S = 3.0
 TINY_RUN = [
     "--model.name", "test_efficientnet_gn", "--model.pretrained", "false", "--data.image_size", "32",
@@ -139,13 +143,8 @@ def main(argv=None) -> int:
             note = f"target < {HELP_TARGET_S:.0f} s: {'met' if med < HELP_TARGET_S else 'missed'}"
         rows.append((label, f"{med:.2f}", f"{min(t):.2f}-{max(t):.2f}", f"{med / base:.2f}x", note))
     header = ("what", "median s", "spread (min-max) s", "ratio vs `import torch`", "target")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print(markdown_table(header, rows))
     print("\n(the first-step runs end by SIGKILL from FGCLF_DEBUG_KILL_AT_STEP=1, a non-zero exit by design)")
     return 0
 
