@@ -33,6 +33,7 @@ from fgclf.utils import atomic_write_json, replace_dir
 # config.json keys that must match for a checkpoint to be resumed or loaded into this run
 _COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
 ADAPTER_NAME = "adapter_model.safetensors"
+OBJECTS_DIR = "objects"
 FROZEN_NAME = "frozen.json"
 
 
@@ -56,6 +57,41 @@ def _same_checksum(a: dict, b: dict) -> bool:
             and all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-6) for k in ("sum", "sum_sq")))
 
 
+def save_object_states(folder: Path, objects: dict) -> None:
+    """Each object's ``state_dict()`` without pickle: all-tensor states as safetensors, others as JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    if not objects:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, obj in objects.items():
+        state = obj.state_dict()
+        if state and all(torch.is_tensor(v) for v in state.values()):
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / f"{name}.safetensors"))
+        else:
+            atomic_write_json(folder / f"{name}.json", state)
+
+
+def load_object_states(folder: Path, objects: dict, *, legacy_dir: Optional[Path] = None) -> None:
+    """Restore what :func:`save_object_states` wrote. A checkpoint from before it (the state pickled by
+    accelerate as ``custom_checkpoint_<i>.pkl`` in ``legacy_dir``) is read with ``weights_only=True``."""
+    import torch
+    from safetensors.torch import load_file
+
+    for index, (name, obj) in enumerate(objects.items()):
+        tensors, plain = folder / f"{name}.safetensors", folder / f"{name}.json"
+        legacy = legacy_dir / f"custom_checkpoint_{index}.pkl" if legacy_dir is not None else None
+        if tensors.is_file():
+            obj.load_state_dict(load_file(str(tensors)))
+        elif plain.is_file():
+            obj.load_state_dict(json.loads(plain.read_text()))
+        elif legacy is not None and legacy.is_file():
+            obj.load_state_dict(torch.load(legacy, map_location="cpu", weights_only=True))
+        else:
+            raise UserError(f"{folder.parent} holds no saved {name} state; it was not written by this run's settings")
+
+
 class Checkpointer:
     """Writes and reads the ``last`` and ``best`` checkpoints of one run directory.
 
@@ -73,6 +109,15 @@ class Checkpointer:
         self._frozen: Optional[set[str]] = None  # parameter names left out of last/
         self._frozen_sum: Optional[dict] = None
         self._model: Optional[nn.Module] = None
+        self.objects: dict = {}  # name -> object with state_dict()/load_state_dict(), saved without pickle
+
+    def track_states(self, **objects) -> None:
+        """Save these objects' states in ``last/objects`` (JSON or safetensors, never pickle).
+
+        Used instead of ``accelerator.register_for_checkpointing``, whose loader unpickles with
+        ``weights_only=False``.
+        """
+        self.objects.update(objects)
 
     def skip_frozen(self, model: nn.Module) -> bool:
         """Leave ``model``'s frozen parameters out of ``last/`` (call once, after ``prepare``).
@@ -183,6 +228,7 @@ class Checkpointer:
             atomic_write_json(tmp / "config.json", self.meta)
             if self._frozen is not None:
                 atomic_write_json(tmp / FROZEN_NAME, {"parameters": len(self._frozen), "checksum": self._frozen_sum})
+            save_object_states(tmp / OBJECTS_DIR, self.objects)
 
         self._write(self.last, every_process=write_state, main_process=write_meta)
 
@@ -237,6 +283,7 @@ class Checkpointer:
             self.accelerator.load_state(str(ckpt_dir / "state"), strict=False)  # frozen keys: kept from the base
         else:
             self.accelerator.load_state(str(ckpt_dir / "state"))
+        load_object_states(ckpt_dir / OBJECTS_DIR, self.objects, legacy_dir=ckpt_dir / "state")
         return TrainState(**json.loads((ckpt_dir / "trainer_state.json").read_text()))
 
     def _check_frozen(self, ckpt_dir: Path) -> None:

@@ -131,7 +131,7 @@ class Scheduler:
 
     Call :meth:`step_update` after each optimizer update and :meth:`step_epoch` after each
     epoch's validation (with the watched metric for ``plateau``). ``state_dict`` /
-    ``load_state_dict`` make it resumable (register it with ``accelerator.register_for_checkpointing``).
+    ``load_state_dict`` make it resumable (a Checkpointer saves it as JSON: ``track_states(scheduler=...)``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, name: str = "cosine", epochs: int,

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if runner is None:
         model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"],
                                                                           loaders["test"])
-        accelerator.register_for_checkpointing(scheduler)  # stepped by the engine, saved with the state
+        checkpointer.track_states(scheduler=scheduler)  # stepped by the engine, saved in last/ (JSON, no pickle)
         checkpointer.skip_frozen(model)  # last/ keeps what training changes; frozen weights come from the base
         val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
         hooks = {}

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.gan import (GANObjective, build_models, gan_spec, generate_images, grid_labels, is_conditional,
                            sample_noise, save_generator, save_grid)
     from fgclf.report import append_jsonl, read_jsonl
+    from fgclf.checkpoint import OBJECTS_DIR, load_object_states, save_object_states
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions, peak_memory_mb, replace_dir
 
     t, g = cfg.train, cfg.gan
@@ -170,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     ema = None
     if g.ema_decay > 0:  # warmup: decay 1 - (1 + step)^(-2/3) until it reaches ema_decay (short runs too)
         ema = ModelEmaV3(raw_g, decay=g.ema_decay, use_warmup=True)
-        accelerator.register_for_checkpointing(ema)
     objective = GANObjective(g.loss, aux_weight=g.aux_weight) if discriminator is not None else None
     accelerator.init_trackers("tensorboard", config={"arch": g.arch, "image_size": g.image_size, "seed": t.seed})
 
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             atomic_write_json(tmp / "trainer_state.json", state)
             atomic_write_json(tmp / "config.json", {"spec": spec, "class_names": class_names})
+            save_object_states(tmp / OBJECTS_DIR, {"ema": ema} if ema is not None else {})  # safetensors, no pickle
             replace_dir(tmp, run_dir / "checkpoints" / "last")
         accelerator.wait_for_everyone()
 
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"cannot resume from {resume_dir}: it holds a {saved.get('spec')} model, this run "
                             f"builds {spec}")
         accelerator.load_state(str(Path(resume_dir) / "state"))
+        load_object_states(Path(resume_dir) / OBJECTS_DIR, {"ema": ema} if ema is not None else {},
+                           legacy_dir=Path(resume_dir) / "state")
         state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
         if accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
             history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state["epoch"]]

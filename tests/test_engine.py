@@ -161,3 +161,34 @@ def test_head_init_only_touches_new_heads(tmp_path):
     assert head_is_new(model, name="test_efficientnet", pretrained=True, weights=w, num_classes=3)
     assert head_is_new(model, name="tf_efficientnet_lite0.pypi_in1k", pretrained=True, weights=None, num_classes=12)
     assert not head_is_new(model, name="resnet18", pretrained=False, weights=None, num_classes=12)
+
+
+def test_object_states_round_trip_without_pickle_and_read_legacy_pickles_safely(tmp_path):
+    """The lr schedule goes to JSON, an EMA-like module to safetensors; a pre-existing
+    custom_checkpoint_<i>.pkl (accelerate's pickle) is read with weights_only=True."""
+    import json
+
+    import torch
+    from torch import nn
+
+    from fgclf.checkpoint import load_object_states, save_object_states
+    from fgclf.optim import create_optimizer, create_scheduler
+
+    model = nn.Linear(3, 2)
+    sched = create_scheduler(create_optimizer(model, lr=0.1), name="cosine", epochs=4, updates_per_epoch=5)
+    for _ in range(7):
+        sched.step_update()
+    ema = nn.Linear(3, 2)
+    save_object_states(tmp_path / "objects", {"scheduler": sched, "ema": ema})
+    assert json.loads((tmp_path / "objects/scheduler.json").read_text())["updates"] == 7
+    assert not list(tmp_path.rglob("*.pkl"))
+    sched2 = create_scheduler(create_optimizer(nn.Linear(3, 2), lr=0.1), name="cosine", epochs=4, updates_per_epoch=5)
+    ema2 = nn.Linear(3, 2)
+    load_object_states(tmp_path / "objects", {"scheduler": sched2, "ema": ema2})
+    assert sched2.state_dict() == sched.state_dict() and torch.equal(ema2.weight, ema.weight)
+    legacy = tmp_path / "state"
+    legacy.mkdir()
+    torch.save(sched.state_dict(), legacy / "custom_checkpoint_0.pkl")
+    sched3 = create_scheduler(create_optimizer(nn.Linear(3, 2), lr=0.1), name="cosine", epochs=4, updates_per_epoch=5)
+    load_object_states(tmp_path / "none", {"scheduler": sched3}, legacy_dir=legacy)
+    assert sched3.state_dict() == sched.state_dict()
