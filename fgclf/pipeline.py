@@ -509,36 +509,40 @@ class PipelineCheckpointer(Checkpointer):
         super().save_best(model, state)
 
     def save_last(self, state) -> None:
-        from safetensors.torch import save_file
-
-        from fgclf.utils import atomic_write_json, replace_dir
-
-        tmp = self._fresh_tmp("last")
-        self.runner.gather_to_main()
-        if self.accelerator.is_main_process:
-            sd = {k: v.detach().cpu().contiguous() for k, v in self.runner.model.state_dict().items()}
-            save_file(sd, str(tmp / "model.safetensors"))
+        """The gathered model, the split and the counters (process 0) plus each stage's optimizer,
+        scheduler and RNG state (every process), through :meth:`Checkpointer._write` (temp folder,
+        fsync, rename; a full disk leaves the previous ``last`` and says so on every process)."""
         import random
 
-        (tmp / "pipeline").mkdir(exist_ok=True)
-        py_version, py_state, py_gauss = random.getstate()
-        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                    "py_rng": [py_version, list(py_state), py_gauss],  # plain lists: loadable with weights_only
-                    "np_rng": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                               float(np_gauss)]},
-                   tmp / "pipeline" / f"stage{self.runner.stage_index}.pt")
-        if self.accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        from fgclf.runtime import debug_fault
+        from fgclf.utils import atomic_write_json
+
+        self.runner.gather_to_main()
+
+        def write_stage(tmp: Path) -> None:
+            (tmp / "pipeline").mkdir(exist_ok=True)
+            py_version, py_state, py_gauss = random.getstate()
+            np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                        "py_rng": [py_version, list(py_state), py_gauss],  # plain lists: loadable with weights_only
+                        "np_rng": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                                   int(np_has_gauss), float(np_gauss)]},
+                       tmp / "pipeline" / f"stage{self.runner.stage_index}.pt")
+            debug_fault("save_last", tmp)  # test hook: a kill or a full disk in the middle of the write
+
+        def write_model(tmp: Path) -> None:
+            sd = {k: v.detach().cpu().contiguous() for k, v in self.runner.model.state_dict().items()}
+            save_file(sd, str(tmp / "model.safetensors"))
             atomic_write_json(tmp / "pipeline" / "meta.json", {"bounds": self.runner.bounds,
                                                                "stages": self.runner.num_stages})
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
             atomic_write_json(tmp / "trainer_state.json", state.to_dict())
             atomic_write_json(tmp / "config.json", self.meta)
-            replace_dir(tmp, self.last)
-        self.accelerator.wait_for_everyone()
+
+        self._write(self.last, every_process=write_stage, main_process=write_model)
 
     def load_last(self, ckpt_dir=None) -> TrainState:
         import json

@@ -73,3 +73,20 @@ def test_pipeline_user_errors(toy_root, tmp_path, extra, nproc, message):
     proc = _train(toy_root, out, *PIPE, *extra, nproc=nproc, check=False)
     assert proc.returncode != 0 and message in last_error_line(proc), proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_pipeline_full_disk_while_saving_keeps_the_previous_checkpoint(toy_root, tmp_path):
+    """ENOSPC in the 2nd write of `last` (end of epoch 2) on both stages: one-line error naming the intact
+    previous checkpoint (epoch 1), the temporary folder removed."""
+    import os
+
+    out = tmp_path / "run"
+    proc = _train(toy_root, out, *COMMON, *PIPE, "--train.epochs", "3", nproc=2, check=False,
+                  env={"FGCLF_DEBUG_FAIL_SAVE": "2"})
+    assert proc.returncode != 0
+    last = out / "checkpoints" / "last"
+    error = last_error_line(proc)
+    assert error.startswith(f"error: could not write checkpoint {last}: ") and "No space left on device" in error
+    assert error.endswith(f"; the previous checkpoint at {last} is intact"), error
+    assert sorted(os.listdir(out / "checkpoints")) == ["best", "last"]
+    assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 1
