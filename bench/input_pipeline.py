@@ -65,11 +65,12 @@ class TorchvisionIO:
     """decode_jpeg + v2 transforms on uint8 tensors (the same augmentation as fgclf's ``basic``)."""
 
     def __init__(self, paths: list[str], size: int):
+        import torch
         from torchvision.transforms import v2
 
         self.paths = paths
         self.tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-                              v2.ToDtype(__import__("torch").float32, scale=True),
+                              v2.ToDtype(torch.float32, scale=True),
                               v2.Normalize((0.5,) * 3, (0.5,) * 3)])
 
     def __len__(self) -> int:
@@ -81,14 +82,17 @@ class TorchvisionIO:
         return self.tf(decode_jpeg(read_file(self.paths[i]), mode=ImageReadMode.RGB)), 0
 
 
+def data_config(size: int) -> dict:
+    return {"input_size": (3, size, size), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
+            "interpolation": "bicubic"}
+
+
 def fgclf_dataset(paths: list[str], size: int, cache=None):
     from fgclf.data import ImageDataset, Records, create_transform
 
     records = Records(items=list(paths), labels=[0] * len(paths), image_ids=[str(i) for i in range(len(paths))],
                       splits=["train"] * len(paths), class_names=["x"])
-    data_config = {"input_size": (3, size, size), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
-                   "interpolation": "bicubic"}
-    return ImageDataset(records, create_transform(data_config, is_training=True, aug="basic"), cache=cache)
+    return ImageDataset(records, create_transform(data_config(size), is_training=True, aug="basic"), cache=cache)
 
 
 def images_per_second(dataset, *, workers: int, batch_size: int, repeats: int) -> tuple[float, list[float]]:
@@ -127,7 +131,7 @@ def model_rate(name: str, size: int, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    from fgclf.data.cache import ResizedImageCache
+    from fgclf.data.cache import ResizedImageCache, eval_resize_size
 
     args = parse_args(argv)
     cores = os.cpu_count() or 1
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|")
         for size in args.sizes:
             consume = model_rate(args.model, size, args.model_steps)
-            cache = ResizedImageCache(Path(tmp) / "cache", int(size / 0.875), "bicubic")
+            cache = ResizedImageCache(Path(tmp) / "cache", eval_resize_size(data_config(size)), "bicubic")
             rows = [("fgclf PIL", fgclf_dataset(paths, size)), ("fgclf PIL + cache", fgclf_dataset(paths, size, cache)),
                     ("torchvision.io", TorchvisionIO(paths, size))]
             for label, ds in rows:
