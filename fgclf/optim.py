@@ -33,11 +33,27 @@ def list_optimizers() -> list[str]:
     return sorted(timm_list())
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The timm model under a PEFT wrapper (whose names all carry ``base_model.model.``), else ``model``.
+
+    Parameter groups are built on it so that the classifier names, timm's ``group_matcher`` and
+    ``no_weight_decay`` see the names they were written for; the parameters are the same objects.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _head_param_ids(model: nn.Module) -> set[int]:
     from fgclf.models._checkpoint import classifier_names
 
     heads = set(classifier_names(model))
     return {id(p) for name, module in model.named_modules() if name in heads for p in module.parameters()}
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """timm's per-model names that must not decay (a ViT's ``pos_embed``, ``cls_token``, ...)."""
+    names = getattr(model, "no_weight_decay", None)
+    return set(names()) if callable(names) else set()
 
 
 def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
@@ -48,12 +64,16 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
     Args:
         name: Any :func:`list_optimizers` name.
         lr: Base learning rate (each group trains at ``lr * lr_scale``).
-        weight_decay: Weight decay; never applied to norms and biases (1-D parameters).
+        weight_decay: Weight decay; never applied to norms and biases (1-D parameters) nor to the
+            names the model's ``no_weight_decay()`` lists (a ViT's position embedding and class token).
         momentum: Momentum of SGD-like optimizers.
         head_lr_scale: Multiplier for the classifier head's learning rate (e.g. 10 to train a
             new head faster than a pretrained body).
         layer_decay: Layer-wise lr decay (timm's ``param_groups_layer_decay``): block ``i`` of
             ``L`` trains at ``layer_decay ** (L - i)`` times the lr; needs a timm model.
+
+    A PEFT model is grouped by its base model's names, so the head scale and layer decay apply to
+    the adapters and the saved head as they would to the plain model.
     """
     from timm.optim import create_optimizer_v2
     from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
@@ -63,12 +83,15 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
         raise UserError(unknown_name_message("optimizer", name, known))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("the model has no trainable parameters")
+    model = _base_model(model)
+    skip = _no_weight_decay(model)
     if layer_decay is not None:
         if not hasattr(model, "group_matcher"):
             raise UserError(f"optim.layer_decay needs a timm model with group_matcher; {type(model).__name__} has none")
-        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=skip)
     else:
-        groups = param_groups_weight_decay(model, weight_decay=weight_decay)
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
     heads = _head_param_ids(model)
     split = []
     for group in groups:

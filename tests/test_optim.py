@@ -122,3 +122,49 @@ def test_label_smoothing_loss_matches_hand_formula():
     eps = 0.1
     expected = -((1 - eps) * logp[0] + eps / 3 * logp.sum())
     assert float(create_loss("ce", label_smoothing=eps)(logits, y)) == pytest.approx(float(expected))
+
+
+def _lr_by_name(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    return {n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_peft_head_lr_scale_and_layer_decay_reach_the_base_names(method, name):
+    """Under PEFT every name carries ``base_model.model.``; groups must still find the head and blocks."""
+    from fgclf.models import apply_peft, create_model
+
+    kwargs = {"img_size": 32} if name == "test_vit" else {}
+    model = apply_peft(create_model(name, num_classes=3, **kwargs), method=method, r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n in trainable if ".head." in n or ".fc." in n}
+    body = trainable - head
+    assert head and body  # the saved head and the adapters
+    lrs = _lr_by_name(model, create_optimizer(model, name="adamw", lr=1e-3, head_lr_scale=10))
+    assert set(lrs) == trainable
+    assert all(lrs[n] == pytest.approx(1e-2) for n in head)
+    assert all(lrs[n] == pytest.approx(1e-3) for n in body)
+
+    lrs = _lr_by_name(model, create_optimizer(model, name="adamw", lr=1.0, layer_decay=0.5, head_lr_scale=10))
+    assert all(lrs[n] == pytest.approx(10.0) for n in head)  # the last layer group: scale 1, times the head's 10
+    block = (lambda n: n.split(".layer")[1][0]) if name == "test_resnet" else (lambda n: n.split(".blocks.")[1][0])
+    blocked = [n for n in body if (".layer" in n if name == "test_resnet" else ".blocks." in n)]
+    per_block = {}
+    for n in blocked:
+        per_block.setdefault(block(n), set()).add(round(lrs[n], 12))
+    assert len(per_block) >= 2 and all(len(v) == 1 for v in per_block.values())  # one scale per block ...
+    scales = [next(iter(per_block[k])) for k in sorted(per_block)]
+    assert scales == sorted(scales) and len(set(scales)) == len(scales) and scales[-1] < 1.0  # ... rising with depth
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay():
+    import timm
+
+    model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
+    for layer_decay in (None, 0.7):
+        opt = create_optimizer(model, name="adamw", lr=0.1, weight_decay=0.05, layer_decay=layer_decay)
+        wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        assert wd_of[id(model.pos_embed)] == 0.0 and wd_of[id(model.cls_token)] == 0.0
+        assert wd_of[id(model.blocks[0].attn.qkv.weight)] == 0.05
