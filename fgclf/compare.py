@@ -7,12 +7,21 @@ is compared with the first one (the baseline) on paired runs:
 * runs are paired by ``seed`` (metrics.json ``seed``, else config.yaml ``run.seed``); a seed found
   in one group only is listed and left out of the paired tests;
 * when the runs carry a ``fold`` key (k-fold CV) they are paired by fold (by seed and fold when a
-  group repeats a fold), and the Nadeau-Bengio corrected t-test is added, with ``n_train`` and
-  ``num_samples`` from metrics.json. Each fold's model is scored on the shared, untouched test
-  split (the fold only changes which training images validate), so ``n_test`` is the test
-  size and the correction, derived for disjoint test folds, is approximate;
+  group repeats a fold), and the Nadeau-Bengio corrected t-test is added with ``n_train`` and
+  ``n_test = n_val`` from metrics.json: the training and the held-out (validation) fold sizes of
+  the resampling, so the factor is ``1/k + n_val/n_train`` (``1/k + 1/(k-1)`` for k-fold). The
+  correction accounts for the folds' overlapping training sets, which is what makes their
+  scores correlated; the held-out size of the resampling sets that overlap. The compared metric
+  is measured on the shared test split (``num_samples``), the same images for every fold, so its
+  sampling noise is common to all folds and is not in the per-fold differences at all: the
+  interval covers training-set variation, not test-set sampling (McNemar tests that for two
+  single runs). ``num_samples`` is therefore not the n of the correction;
 * when both groups are a single run, McNemar's test compares their per-sample correctness on the
   shared test set from predictions.npz.
+
+Small-n guards (:mod:`fgclf.stats`): the bootstrap interval of a group is given from
+:data:`~fgclf.stats.BOOTSTRAP_MIN_N` runs up (the table says so below that); paired differences
+that are all equal are flagged as zero variance instead of printing ``t = inf, p = 0``.
 
 Every group also gets its cost (:func:`run_costs`): trainable parameters, seconds per epoch
 (median over a run's epochs, then mean over runs), training seconds, peak process memory, and
@@ -37,13 +46,14 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from fgclf.errors import UserError
-from fgclf.stats import corrected_resampled_ttest, mcnemar, paired_ttest, summarize, wilcoxon_signed_rank
+from fgclf.stats import (BOOTSTRAP_MIN_N, corrected_resampled_ttest, mcnemar, paired_ttest, summarize,
+                         wilcoxon_signed_rank)
 from fgclf.utils import atomic_write_bytes, atomic_write_text
 
 DEFAULT_GROUP_METRICS = ["top1", "top5", "f1_macro", "balanced_accuracy", "auroc_macro", "loss"]
 SUMMARY_FIELDS = ["n", "mean", "std", "sem", "ci_lo", "ci_hi", "boot_lo", "boot_hi", "min", "max"]
 PAIR_FIELDS = ["n_pairs", "diff_vs_baseline", "diff_ci_lo", "diff_ci_hi", "p_ttest", "p_wilcoxon",
-               "corrected_ci_lo", "corrected_ci_hi", "p_corrected"]
+               "corrected_ci_lo", "corrected_ci_hi", "p_corrected", "zero_variance"]
 
 
 @dataclass(frozen=True)
@@ -228,15 +238,19 @@ def pair_runs(base: Sequence[Run], other: Sequence[Run], *, by: Sequence[str], n
 
 
 def _cv_sizes(runs: Sequence[Run]) -> tuple[Optional[tuple[float, float]], Optional[str]]:
-    """Mean (n_train, n_test) of CV runs, or a note saying why the corrected test is skipped."""
+    """Mean (n_train, n_val) of CV runs, or a note saying why the corrected test is skipped.
+
+    ``n_val`` (the held-out fold), not ``num_samples`` (the shared test split), is the n_test of
+    Nadeau & Bengio: see the module docstring.
+    """
     for run in runs:
-        for key in ("n_train", "num_samples"):
+        for key in ("n_train", "n_val"):
             value = run.metrics.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 return None, f"corrected t-test skipped: {run.path / 'metrics.json'} has no positive '{key}'"
     n_train = float(np.mean([run.metrics["n_train"] for run in runs]))
-    n_test = float(np.mean([run.metrics["num_samples"] for run in runs]))
-    return (n_train, n_test), None
+    n_val = float(np.mean([run.metrics["n_val"] for run in runs]))
+    return (n_train, n_val), None
 
 
 def _compare_pair(base_name: str, base: Sequence[Run], name: str, runs: Sequence[Run], metrics: Sequence[str],
@@ -373,7 +387,7 @@ def _pair_row(result: dict, group: str, metric: str) -> list[Any]:
         return [comp["n_pairs"]] + [""] * (len(PAIR_FIELDS) - 1)
     t, corrected = entry["ttest"], entry.get("corrected_ttest") or {}
     return [comp["n_pairs"], t["mean_diff"], t["ci_lo"], t["ci_hi"], t["p"], entry["wilcoxon"]["p"],
-            *(corrected.get(k, "") for k in ("ci_lo", "ci_hi", "p"))]
+            *(corrected.get(k, "") for k in ("ci_lo", "ci_hi", "p")), int(bool(t.get("zero_variance")))]
 
 
 def summary_csv(result: dict) -> str:
@@ -443,22 +457,34 @@ def _comparison_lines(comp: dict, pct: str) -> list[str]:
     cv = comp["n_train"] is not None
     if cv:
         lines.append(f"Folds share training data, so the plain paired t-test is too optimistic; the corrected "
-                     f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g}, n_test={comp['n_test']:g}.")
+                     f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g} (training images per fold) "
+                     f"and n_test={comp['n_test']:g} (the held-out validation fold, n_val; not the shared test "
+                     "split, whose images are the same for every fold).")
     head = ["metric", "pairs", "mean diff", f"{pct} CI" + (" (corrected)" if cv else ""), "paired t p",
             "Wilcoxon p"] + (["corrected t p"] if cv else [])
     lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    warnings = []
+    warnings, flat = [], []
     for metric, entry in comp["metrics"].items():
         t, w = entry["ttest"], entry["wilcoxon"]
         ci = entry["corrected_ttest"] if cv else t
-        cells = [metric, str(t["n"]), f"{t['mean_diff']:+.4f}", f"[{_num(ci['ci_lo'])}, {_num(ci['ci_hi'])}]",
-                 _p(t["p"]), _p(w["p"]) + (" (!)" if w["warning"] else "")]
+        zero = bool(t.get("zero_variance"))
+        if zero:
+            flat.append(f"{metric} ({t['mean_diff']:+.4g} in every pair)")
+        ci_cell = "zero variance (z)" if zero else f"[{_num(ci['ci_lo'])}, {_num(ci['ci_hi'])}]"
+        p_cell = "zero variance (z)" if zero else _p(t["p"])
+        cells = [metric, str(t["n"]), f"{t['mean_diff']:+.4f}", ci_cell, p_cell,
+                 _p(w["p"]) + (" (!)" if w["warning"] else "")]
         if cv:
-            cells.append(_p(entry["corrected_ttest"]["p"]))
+            cells.append(p_cell if zero else _p(entry["corrected_ttest"]["p"]))
         lines.append("| " + " | ".join(cells) + " |")
         if w["warning"] and w["warning"] not in warnings:
             warnings.append(w["warning"])
-    return lines + [""] + [f"(!) {text}." for text in warnings] + [""]
+    notes = [f"(!) {text}." for text in warnings]
+    if flat:
+        notes.append(f"(z) every paired difference is the same for {', '.join(flat)}: zero variance, so no "
+                     "t-test p-value or interval (scipy would print t = inf, p = 0, which only says the runs did "
+                     "not vary); more seeds or folds are needed.")
+    return lines + [""] + notes + [""]
 
 
 def _cost_lines(costs: Mapping[str, dict]) -> list[str]:
@@ -499,13 +525,16 @@ def format_markdown(result: dict) -> str:
         lines.append(f"- **{g}**: {len(runs)} run{'s' * (len(runs) != 1)}: " + "; ".join(f"{Path(r['run']).name} ({k})"
                                                                   for r, k in zip(runs, keys)))
     lines += ["", f"Intervals are {pct} intervals of the mean over runs: Student t, and percentile bootstrap "
-              f"({result['n_boot']} resamples, seed {result['bootstrap_seed']}). Files: [summary.csv](summary.csv), "
-              "[summary.json](summary.json).", "", "## Per group", "",
+              f"({result['n_boot']} resamples, seed {result['bootstrap_seed']}; only from {BOOTSTRAP_MIN_N} runs up: "
+              "with fewer the percentile bootstrap is too narrow, with 3 runs it is exactly [min, max]). "
+              "Files: [summary.csv](summary.csv), [summary.json](summary.json).", "", "## Per group", "",
               f"| metric | group | n | mean ± std | {pct} t-CI | {pct} bootstrap CI | min | max |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in result["summaries"]:
+        boot = (f"n/a (n < {BOOTSTRAP_MIN_N})" if s.get("boot_note") else
+                f"[{_num(s['boot_lo'])}, {_num(s['boot_hi'])}]")
         lines.append(f"| {s['metric']} | {s['group']} | {s['n']} | {_num(s['mean'])} ± {_num(s['std'])} | "
-                     f"[{_num(s['ci_lo'])}, {_num(s['ci_hi'])}] | [{_num(s['boot_lo'])}, {_num(s['boot_hi'])}] | "
+                     f"[{_num(s['ci_lo'])}, {_num(s['ci_hi'])}] | {boot} | "
                      f"{_num(s['min'])} | {_num(s['max'])} |")
     if result["comparisons"]:
         lines += ["", f"## Paired differences against {base} (group - baseline)", ""]

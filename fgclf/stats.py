@@ -6,10 +6,17 @@ fold or test sample), differences are ``a - b``, and p-values are two-sided.
 
 Degenerate inputs never raise; they give ``nan`` where a quantity is undefined:
 
-* ``summarize`` with one value: ``std``, ``sem`` and both intervals are ``nan``.
-* ``paired_ttest`` / ``corrected_resampled_ttest`` with identical pairs (every difference 0):
-  ``t`` and ``p`` are ``nan`` (as :func:`scipy.stats.ttest_rel`); with a constant non-zero
-  difference ``t`` is ``+-inf`` and ``p`` is 0. Fewer than two pairs: ``t``, ``p`` and CI ``nan``.
+* ``summarize`` with one value: ``std``, ``sem`` and both intervals are ``nan``. With fewer than
+  :data:`BOOTSTRAP_MIN_N` values the bootstrap interval is ``nan`` too (``boot_note`` says why):
+  with 3 runs a 95 % percentile bootstrap of the mean is exactly ``[min, max]`` (all three draws
+  equal the minimum with probability 1/27 > 2.5 %), and below ~10 runs it undercovers.
+* ``paired_ttest`` / ``corrected_resampled_ttest`` whose paired differences are all equal (zero
+  variance, e.g. three seeds that each gain exactly one test image): ``zero_variance`` is true,
+  ``warning`` says so, and ``t``, ``p`` and the interval are ``nan``. scipy would give
+  ``t = +-inf, p = 0`` for a constant non-zero difference, which reads as certainty when it only
+  means the runs did not vary. Differences count as equal within ``1e-9`` of the inputs' scale,
+  so float rounding of ``a - b`` does not turn into a huge ``t``. Fewer than two pairs: ``t``,
+  ``p`` and CI ``nan``.
 * ``wilcoxon_signed_rank`` with identical pairs: statistic 0 and ``p = 1`` (as scipy).
 * ``mcnemar`` with no discordant samples: statistic 0 and ``p = 1``.
 """
@@ -24,7 +31,12 @@ from scipy import stats as _st
 ArrayLike = Sequence[float] | np.ndarray
 
 __all__ = ["summarize", "bootstrap_mean_interval", "paired_ttest", "wilcoxon_signed_rank", "mcnemar",
-           "corrected_resampled_ttest"]
+           "corrected_resampled_ttest", "BOOTSTRAP_MIN_N"]
+
+# fewest runs for which summarize reports a bootstrap interval (see the module docstring)
+BOOTSTRAP_MIN_N = 10
+# paired differences closer than this, relative to the inputs' magnitude, count as equal
+_ZERO_VAR_RTOL = 1e-9
 
 
 def _as_1d(values: ArrayLike, name: str = "values") -> np.ndarray:
@@ -40,6 +52,17 @@ def _paired(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     if x.shape != y.shape:
         raise ValueError(f"paired samples differ in length: {x.size} vs {y.size}")
     return x - y
+
+
+def _zero_variance(a: ArrayLike, b: ArrayLike, d: np.ndarray) -> Optional[str]:
+    """A warning when two or more paired differences ``d`` are all equal (else ``None``)."""
+    if d.size < 2 or not np.isfinite(d).all():
+        return None
+    scale = max(float(np.abs(np.asarray(a, np.float64)).max()), float(np.abs(np.asarray(b, np.float64)).max()))
+    if float(np.ptp(d)) > _ZERO_VAR_RTOL * scale:
+        return None
+    return (f"all {d.size} paired differences are {float(d.mean()):+.4g}: zero variance, so no t-test "
+            "(t would be infinite and p = 0 although nothing varied); more seeds or folds are needed")
 
 
 def _t_from(mean: float, se: float, df: int, confidence: float) -> tuple[float, float, float, float]:
@@ -72,7 +95,8 @@ def bootstrap_mean_interval(values: ArrayLike, *, confidence: float = 0.95, n_bo
     return float(lo), float(hi)
 
 
-def summarize(values: ArrayLike, *, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> dict:
+def summarize(values: ArrayLike, *, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0,
+              min_boot_n: int = BOOTSTRAP_MIN_N) -> dict:
     """Mean, spread and two confidence intervals of the mean of repeated measurements.
 
     Args:
@@ -80,10 +104,12 @@ def summarize(values: ArrayLike, *, confidence: float = 0.95, n_boot: int = 1000
         confidence: coverage of both intervals.
         n_boot: bootstrap resamples.
         seed: seed of the bootstrap's ``numpy.random.Generator``.
+        min_boot_n: fewest values for a bootstrap interval; below it ``boot_lo, boot_hi`` are ``nan``.
     Returns:
         ``n, mean, std`` (sample, ddof=1), ``sem``, ``ci_lo, ci_hi`` (Student t interval),
-        ``boot_lo, boot_hi`` (percentile bootstrap), ``min, max``, ``confidence``, ``values``.
-        With ``n == 1`` std, sem and both intervals are ``nan``; a ``nan`` value propagates.
+        ``boot_lo, boot_hi`` (percentile bootstrap), ``boot_note`` (why there is no bootstrap
+        interval, else ``None``), ``min, max``, ``confidence``, ``values``. With ``n == 1`` std,
+        sem and both intervals are ``nan``; a ``nan`` value propagates.
     """
     x = _as_1d(values)
     n = int(x.size)
@@ -91,29 +117,37 @@ def summarize(values: ArrayLike, *, confidence: float = 0.95, n_boot: int = 1000
     std = float(x.std(ddof=1)) if n > 1 else math.nan
     sem = std / math.sqrt(n) if n > 1 else math.nan
     _, _, ci_lo, ci_hi = _t_from(mean, sem, n - 1, confidence)
-    if n > 1 and np.isfinite(x).all():
+    boot_lo = boot_hi = math.nan
+    boot_note = None
+    if n < max(2, min_boot_n):
+        boot_note = f"bootstrap needs >= {max(2, min_boot_n)} values, got {n}"
+    elif np.isfinite(x).all():
         boot_lo, boot_hi = bootstrap_mean_interval(x, confidence=confidence, n_boot=n_boot, seed=seed)
-    else:
-        boot_lo = boot_hi = math.nan
     return {"n": n, "mean": mean, "std": std, "sem": sem, "ci_lo": ci_lo, "ci_hi": ci_hi,
-            "boot_lo": boot_lo, "boot_hi": boot_hi, "min": float(x.min()), "max": float(x.max()),
+            "boot_lo": boot_lo, "boot_hi": boot_hi, "boot_note": boot_note,
+            "min": float(x.min()), "max": float(x.max()),
             "confidence": confidence, "values": x.tolist()}
 
 
 def paired_ttest(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95) -> dict:
     """Paired Student t-test of ``a - b`` (same numbers as :func:`scipy.stats.ttest_rel`).
 
+    Unlike scipy, all-equal differences give ``nan`` (not ``t = inf, p = 0``) and a warning.
+
     Returns:
-        ``n, mean_diff, std_diff, t, p, df, ci_lo, ci_hi`` (t interval of the mean difference).
+        ``n, mean_diff, std_diff, t, p, df, ci_lo, ci_hi`` (t interval of the mean difference),
+        ``zero_variance`` and ``warning`` (``None`` unless zero variance).
     """
     d = _paired(a, b)
     n = int(d.size)
     mean = float(d.mean())
     std = float(d.std(ddof=1)) if n > 1 else math.nan
-    se = std / math.sqrt(n) if n > 1 else math.nan
+    warning = _zero_variance(a, b, d)
+    se = std / math.sqrt(n) if n > 1 and warning is None else math.nan
     t, p, lo, hi = _t_from(mean, se, n - 1, confidence)
     return {"n": n, "mean_diff": mean, "std_diff": std, "t": t, "p": p, "df": n - 1,
-            "ci_lo": lo, "ci_hi": hi, "confidence": confidence}
+            "ci_lo": lo, "ci_hi": hi, "confidence": confidence, "zero_variance": warning is not None,
+            "warning": warning}
 
 
 def wilcoxon_signed_rank(a: ArrayLike, b: ArrayLike, *, alpha: float = 0.05) -> dict:
@@ -187,9 +221,11 @@ def corrected_resampled_ttest(a: ArrayLike, b: ArrayLike, *, n_train: float, n_t
     Args:
         a, b: one score per fold (or resample), paired.
         n_train: training-set size of one fold.
-        n_test: test-set size of one fold.
+        n_test: held-out size of one fold (the part of the resampled data not trained on; for
+            k-fold CV the validation fold, so ``n_test / n_train = 1 / (k - 1)``).
     Returns:
-        ``n, mean_diff, t, p, df, ci_lo, ci_hi, correction`` (the factor ``1/k + n_test/n_train``).
+        ``n, mean_diff, t, p, df, ci_lo, ci_hi, correction`` (the factor ``1/k + n_test/n_train``),
+        ``zero_variance, warning`` as :func:`paired_ttest`.
     """
     if n_train <= 0 or n_test <= 0:
         raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
@@ -197,8 +233,9 @@ def corrected_resampled_ttest(a: ArrayLike, b: ArrayLike, *, n_train: float, n_t
     k = int(d.size)
     mean = float(d.mean())
     correction = 1.0 / k + n_test / n_train
-    se = math.sqrt(correction * float(d.var(ddof=1))) if k > 1 else math.nan
+    warning = _zero_variance(a, b, d)
+    se = math.sqrt(correction * float(d.var(ddof=1))) if k > 1 and warning is None else math.nan
     t, p, lo, hi = _t_from(mean, se, k - 1, confidence)
     return {"n": k, "mean_diff": mean, "t": t, "p": p, "df": k - 1, "ci_lo": lo, "ci_hi": hi,
             "correction": correction, "n_train": float(n_train), "n_test": float(n_test),
-            "confidence": confidence}
+            "confidence": confidence, "zero_variance": warning is not None, "warning": warning}

@@ -14,10 +14,17 @@ Groups of runs (seeds or CV folds; the first group is the baseline; quoted globs
     python scripts/compare_runs.py --group ce 'runs/sweep/ce_*' --group focal 'runs/sweep/focal_*'
 
 writes summary.md, summary.csv, summary.json and comparison.png into --output-dir (default
-runs/compare_<groups>_<time>): per group mean +- std with t and bootstrap intervals; against the
-baseline, paired by seed (by fold for CV runs): mean difference with its interval, paired t-test,
-Wilcoxon signed-rank (warns when too few pairs can ever be significant), the Nadeau-Bengio
-corrected t-test for CV folds, and McNemar's test when each group is a single run.
+runs/compare_<groups>_<time>): per group mean +- std with a t interval, and a percentile bootstrap
+interval from 10 runs up (with fewer it is too narrow; with 3 runs it is exactly [min, max]);
+against the baseline, paired by seed (by fold for CV runs): mean difference with its interval,
+paired t-test, Wilcoxon signed-rank (warns when too few pairs can ever be significant), the
+Nadeau-Bengio corrected t-test for CV folds, and McNemar's test when each group is a single run.
+Paired differences that are all equal are flagged "zero variance" instead of printing p = 0.
+
+The corrected t-test uses n_train and n_test = n_val of metrics.json: the training and held-out
+(validation) fold sizes of the k-fold resampling, factor 1/k + n_val/n_train. The compared
+metrics are measured on the shared test split, the same images for every fold, so its size
+(num_samples) is not the n of the correction and its sampling noise is not in the interval.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from scipy import stats as st
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.weightstats import DescrStatsW
 
-from fgclf.stats import (bootstrap_mean_interval, corrected_resampled_ttest, mcnemar, paired_ttest, summarize,
-                         wilcoxon_signed_rank)
+from fgclf.stats import (BOOTSTRAP_MIN_N, bootstrap_mean_interval, corrected_resampled_ttest, mcnemar, paired_ttest,
+                         summarize, wilcoxon_signed_rank)
 
 
 @pytest.mark.parametrize("seed,n", [(0, 3), (1, 5), (2, 10), (3, 40)])
@@ -26,7 +26,25 @@ def test_summarize_matches_statsmodels(seed, n, confidence):
     assert (s["ci_lo"], s["ci_hi"]) == pytest.approx((lo, hi), rel=1e-10)
     assert (s["min"], s["max"]) == (x.min(), x.max())
     assert s["values"] == pytest.approx(x.tolist())
-    assert s["boot_lo"] <= s["mean"] <= s["boot_hi"]
+    if n >= BOOTSTRAP_MIN_N:
+        assert s["boot_lo"] <= s["mean"] <= s["boot_hi"] and s["boot_note"] is None
+    else:  # too few runs for a percentile bootstrap: withheld, and said why
+        assert math.isnan(s["boot_lo"]) and math.isnan(s["boot_hi"]) and f"got {n}" in s["boot_note"]
+
+
+def test_bootstrap_withheld_below_ten_runs():
+    x = [0.71, 0.74, 0.69]
+    # what it would print: with 3 runs the 95 % percentile bootstrap is exactly [min, max]
+    assert bootstrap_mean_interval(x, n_boot=10000, seed=0) == pytest.approx((min(x), max(x)), abs=1e-12)
+    s = summarize(x)
+    assert BOOTSTRAP_MIN_N == 10 and math.isnan(s["boot_lo"]) and math.isnan(s["boot_hi"])
+    assert s["boot_note"] == "bootstrap needs >= 10 values, got 3"
+    assert (s["ci_lo"], s["ci_hi"]) == pytest.approx(DescrStatsW(np.array(x)).tconfint_mean(0.05))  # t-CI stays
+    forced = summarize(x, min_boot_n=3)
+    assert (forced["boot_lo"], forced["boot_hi"]) == pytest.approx((min(x), max(x)), abs=1e-12)
+    assert forced["boot_note"] is None
+    ten = summarize(np.linspace(0.6, 0.8, 10), n_boot=2000)
+    assert ten["boot_note"] is None and 0.6 < ten["boot_lo"] < ten["mean"] < ten["boot_hi"] < 0.8
 
 
 def test_bootstrap_close_to_scipy_and_seeded():
@@ -43,7 +61,7 @@ def test_bootstrap_close_to_scipy_and_seeded():
 def test_bootstrap_interval_narrows_with_n():
     rng = np.random.default_rng(0)
     widths = []
-    for n in (5, 50, 500):
+    for n in (10, 50, 500):
         s = summarize(rng.normal(0.5, 0.1, size=n), n_boot=4000)
         assert s["boot_lo"] < s["mean"] < s["boot_hi"]
         widths.append(s["boot_hi"] - s["boot_lo"])
@@ -62,7 +80,7 @@ def test_summarize_single_value_is_nan_not_error():
 
 
 def test_summarize_all_equal_values():
-    s = summarize([0.5, 0.5, 0.5, 0.5])
+    s = summarize([0.5] * 10)
     assert s["std"] == 0.0 and s["sem"] == 0.0
     assert (s["ci_lo"], s["ci_hi"]) == (0.5, 0.5)
     assert (s["boot_lo"], s["boot_hi"]) == (0.5, 0.5)
@@ -94,14 +112,33 @@ def test_paired_ttest_matches_scipy(seed, n):
 def test_paired_ttest_degenerate_cases():
     same = paired_ttest([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert same["mean_diff"] == 0.0 and math.isnan(same["t"]) and math.isnan(same["p"])
-    assert (same["ci_lo"], same["ci_hi"]) == (0.0, 0.0)
+    assert same["zero_variance"] and math.isnan(same["ci_lo"]) and math.isnan(same["ci_hi"])
     shift = paired_ttest([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # constant difference: scipy says t=inf, p=0
     ref = st.ttest_rel([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
-    assert shift["t"] == ref.statistic == math.inf and shift["p"] == ref.pvalue == 0.0
+    assert ref.statistic == math.inf and ref.pvalue == 0.0
+    assert shift["zero_variance"] and math.isnan(shift["t"]) and math.isnan(shift["p"])
+    assert shift["mean_diff"] == 1.0 and "zero variance" in shift["warning"] and "+1" in shift["warning"]
+    assert math.isnan(shift["ci_lo"]) and math.isnan(shift["ci_hi"])
+    ok = paired_ttest([2.0, 3.0, 4.1], [1.0, 2.0, 3.0])
+    assert not ok["zero_variance"] and ok["warning"] is None and ok["p"] > 0
     one = paired_ttest([0.7], [0.6])
     assert one["mean_diff"] == pytest.approx(0.1) and math.isnan(one["p"]) and math.isnan(one["ci_lo"])
     with pytest.raises(ValueError, match="length"):
         paired_ttest([1.0, 2.0], [1.0])
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's own, on the reference call
+def test_three_seeds_one_image_better_each_is_flagged_not_p_zero():
+    # three seeds, each one more of 100 test images right: 0.01 every time, up to float rounding
+    a, b = np.array([0.42, 0.41, 0.39]), np.array([0.41, 0.40, 0.38])
+    d = a - b
+    assert np.ptp(d) > 0  # the rounding that makes scipy print an enormous t and p ~ 0
+    assert st.ttest_rel(a, b).pvalue < 1e-10
+    res = paired_ttest(a, b)
+    assert res["zero_variance"] and math.isnan(res["p"]) and math.isnan(res["t"])
+    assert res["mean_diff"] == pytest.approx(0.01) and "all 3 paired differences are +0.01" in res["warning"]
+    cv = corrected_resampled_ttest(a, b, n_train=80, n_test=40)
+    assert cv["zero_variance"] and math.isnan(cv["p"]) and math.isnan(cv["ci_lo"]) and cv["warning"]
 
 
 @pytest.mark.parametrize("seed,n", [(0, 6), (1, 9), (2, 20), (3, 70)])

@@ -89,7 +89,8 @@ def test_groups_match_scipy_and_statsmodels(tmp_path, capsys):
         assert s["n"] == 5 and s["mean"] == pytest.approx(np.mean(values))
         assert s["std"] == pytest.approx(np.std(values, ddof=1))
         assert (s["ci_lo"], s["ci_hi"]) == pytest.approx(DescrStatsW(np.array(values)).tconfint_mean(0.05))
-        assert s["boot_lo"] <= s["mean"] <= s["boot_hi"] and (s["min"], s["max"]) == (min(values), max(values))
+        assert (s["min"], s["max"]) == (min(values), max(values))
+        assert math.isnan(s["boot_lo"]) and s["boot_note"]  # 5 runs: too few for a bootstrap interval
 
     comp = json.loads((out / "summary.json").read_text())["comparisons"][0]
     assert comp["group"] == "focal" and comp["baseline"] == "ce" and comp["n_pairs"] == 5
@@ -111,6 +112,42 @@ def test_groups_match_scipy_and_statsmodels(tmp_path, capsys):
     assert rows["ce", "top1"]["p_ttest"] == "" and rows["focal", "f1_macro"]["n_pairs"] == "5"
     md = (out / "summary.md").read_text()
     assert "cannot reach p < 0.05" in md and "(!)" in md
+    assert "| top1 | ce | 5 | " in md and "| n/a (n < 10) |" in md and "only from 10 runs up" in md
+
+
+def test_bootstrap_shown_from_ten_seeds(tmp_path):
+    rng = np.random.default_rng(4)
+    ce = [make_run(tmp_path / f"ce_s{s}", seed=s, top1=float(v)) for s, v in enumerate(rng.normal(0.7, 0.02, 10))]
+    focal = [make_run(tmp_path / f"fo_s{s}", seed=s, top1=float(v)) for s, v in enumerate(rng.normal(0.7, 0.02, 10))]
+    out = tmp_path / "cmp"
+    assert run_main("--group", "ce", *ce, "--group", "focal", *focal, "--metrics", "top1", "--output-dir", out,
+                    "--n-boot", "2000") == 0
+    s = _summary(out, "ce", "top1")
+    assert s["boot_note"] is None and s["min"] < s["boot_lo"] < s["mean"] < s["boot_hi"] < s["max"]
+    assert f"[{s['boot_lo']:.4f}, {s['boot_hi']:.4f}]" in (out / "summary.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's own, on the reference call
+def test_constant_paired_difference_is_flagged_not_p_zero(tmp_path, capsys):
+    # three seeds, focal one test image (of 100) better on each: scipy says p ~ 0, which is not evidence
+    base, other = [0.42, 0.41, 0.39], [0.43, 0.42, 0.40]
+    assert st.ttest_rel(other, base).pvalue < 1e-10
+    ce = [make_run(tmp_path / f"ce_s{s}", seed=s, top1=v, f1_macro=v) for s, v in enumerate(base)]
+    focal = [make_run(tmp_path / f"focal_s{s}", seed=s, top1=v, f1_macro=CE_F1[s]) for s, v in enumerate(other)]
+    out = tmp_path / "cmp"
+    assert run_main("--group", "ce", *ce, "--group", "focal", *focal, "--metrics", "top1", "f1_macro",
+                    "--output-dir", out) == 0
+    entry = json.loads((out / "summary.json").read_text())["comparisons"][0]["metrics"]
+    assert entry["top1"]["ttest"]["zero_variance"] and math.isnan(entry["top1"]["ttest"]["p"])
+    assert entry["top1"]["ttest"]["mean_diff"] == pytest.approx(0.01)
+    assert not entry["f1_macro"]["ttest"]["zero_variance"] and entry["f1_macro"]["ttest"]["p"] > 0
+    md = (out / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| top1 | 3 |"))
+    assert row.count("zero variance (z)") == 2 and "| 0 |" not in row
+    assert "(z) every paired difference is the same for top1 (+0.01 in every pair)" in md
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["focal", "top1"]["zero_variance"] == "1" and rows["focal", "top1"]["p_ttest"] == "nan"
+    assert rows["focal", "f1_macro"]["zero_variance"] == "0"
 
 
 def test_seed_pairing_drops_unpaired_seed_and_says_so(tmp_path, capsys):
@@ -237,7 +274,8 @@ def _cv_groups(tmp_path: Path, folds: int = 5, repeats: tuple[int, ...] = (0,)):
         for f in range(folds):
             a, b = 0.7 + 0.02 * rng.standard_normal(), 0.71 + 0.02 * rng.standard_normal()
             values[rep, f] = (a, b)
-            common = {"fold": f, "n_train": 400, "num_samples": 100}
+            # the shared test split (num_samples) differs from the held-out fold (n_val) on purpose
+            common = {"fold": f, "n_train": 400, "n_val": 100, "num_samples": 250}
             ce.append(make_run(tmp_path / f"ce_r{rep}_f{f}", seed=rep, top1=a, **common))
             # focal's directory names sort in reverse fold order and its seeds differ from ce's
             focal.append(make_run(tmp_path / f"focal_r{rep}_{chr(ord('z') - f)}", seed=rep + 10 * (len(repeats) == 1),
@@ -251,6 +289,7 @@ def test_cv_folds_pair_by_fold_with_corrected_ttest(tmp_path, capsys):
     assert run_main("--group", "ce", *ce, "--group", "focal", *focal, "--metrics", "top1", "--output-dir", out) == 0
     comp = json.loads((out / "summary.json").read_text())["comparisons"][0]
     assert comp["paired_by"] == ["fold"] and comp["n_pairs"] == 5 and (comp["n_train"], comp["n_test"]) == (400, 100)
+    # n_test is the validation fold (n_val), not the test split (num_samples = 250)
     base = np.array([values[0, f][0] for f in range(5)])
     other = np.array([values[0, f][1] for f in range(5)])
     d = other - base
@@ -333,3 +372,51 @@ def test_costs_missing_records_stay_blank(tmp_path):
     run = make_run(tmp_path / "bare", seed=1, top1=0.5)
     assert run_costs(run) == {"trainable_params": None, "epoch_seconds": None, "train_seconds": None,
                               "peak_memory_mb": None, "best_mb": None, "weights_mb": None, "weights_file": None}
+
+
+# ---------------------------------------------------------------- real k-fold runs from sweep.py
+
+
+@pytest.fixture(scope="module")
+def kfold_sweep(tmp_path_factory) -> Path:
+    """sweep.py: 2 variants x 2 folds, one epoch; 16 train images per class so that the held-out
+    fold (n_val = 32) and the shared test split (num_samples = 12) differ."""
+    from conftest import TINY_ARGS, run_script
+
+    from fgclf.data import generate_toy_cub
+
+    tmp = tmp_path_factory.mktemp("kfold")
+    root = generate_toy_cub(tmp / "toy", num_classes=4, train_per_class=16, test_per_class=3, image_size=32, seed=0)
+    settings = {k.lstrip("-"): v for k, v in zip(TINY_ARGS[::2], TINY_ARGS[1::2])}
+    settings.update({"data.format": "cub", "data.root": str(root), "train.epochs": 1, "optim.lr": 0.01})
+    plan = {"name": "kfold", "launch": ["--config_file", "accelerate_configs/cpu.yaml"], "seeds": [1], "folds": 2,
+            "set": settings, "variants": {"ce": {}, "fast": {"optim.lr": 0.05}}}
+    (tmp / "plan.yaml").write_text(yaml.safe_dump(plan))
+    proc = run_script("sweep.py", [str(tmp / "plan.yaml"), "--output-dir", str(tmp / "out")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / "out"
+
+
+def test_nadeau_bengio_on_real_kfold_runs_uses_the_validation_fold(kfold_sweep):
+    from fgclf.compare import compare_groups
+
+    runs = {v: [kfold_sweep / v / f"seed1_fold{f}" for f in (0, 1)] for v in ("ce", "fast")}
+    m = {v: [json.loads((r / "metrics.json").read_text()) for r in rs] for v, rs in runs.items()}
+    every = m["ce"] + m["fast"]
+    assert [x["fold"] for x in m["ce"]] == [0, 1] and all(x["num_folds"] == 2 for x in every)
+    n_train = np.mean([x["n_train"] for x in every])
+    n_val = np.mean([x["n_val"] for x in every])
+    assert n_val != every[0]["num_samples"]  # else this test could not tell the two apart
+    result = compare_groups({v: [str(r) for r in rs] for v, rs in runs.items()}, ["loss", "top1"])
+    (comp,) = result["comparisons"]
+    assert comp["paired_by"] == ["fold"] and comp["n_pairs"] == 2
+    assert (comp["n_train"], comp["n_test"]) == (n_train, n_val)
+    d = np.array([b["loss"] - a["loss"] for a, b in zip(m["ce"], m["fast"])])
+    entry = comp["metrics"]["loss"]["corrected_ttest"]
+    assert entry["correction"] == pytest.approx(1 / 2 + n_val / n_train)
+    t = d.mean() / math.sqrt((1 / 2 + n_val / n_train) * d.var(ddof=1))  # Nadeau & Bengio (2003), by hand
+    assert entry["t"] == pytest.approx(t, rel=1e-9) and entry["p"] == pytest.approx(2 * st.t.sf(abs(t), 1), rel=1e-9)
+    # the sweep's own comparison (written by sweep.py in its process) says the same
+    written = json.loads((kfold_sweep / "comparison" / "summary.json").read_text())["comparisons"][0]
+    assert (written["n_train"], written["n_test"]) == (n_train, n_val)
+    assert "n_test=32 (the held-out validation fold" in (kfold_sweep / "comparison" / "summary.md").read_text()
