@@ -11,7 +11,9 @@ every image (in parallel threads) and print a report.
     # the same check from the training script, on the data of a training config (then exits)
     python scripts/train_classifier.py --config configs/toy_effnetlite0_finetune.yaml --check-data
 
-Every image is decoded, whatever --data.verify_images says. The report: images per split and
+Every image is decoded, whatever --data.verify_images says. Every manifest problem is listed in
+one pass (the images of bad lines are left out, the rest is still checked), and a listed file
+that is not there counts as an unreadable image (``missing file``). The report: images per split and
 class, image size min/median/max, modes converted to RGB, unreadable images with the reason,
 files listed twice or with identical content, classes without (train) images, bounding boxes
 outside their image; --output also writes it as JSON. Exit status 0 when training can start on

@@ -1,7 +1,8 @@
 """Whole-dataset check without training (``scripts/check_data.py``, ``train_classifier.py --check-data``).
 
 :func:`check_dataset` parses the manifests with the same readers and split assignment as
-training (so a manifest problem is the same one-line error), decodes every image in parallel
+training (so a manifest problem is the same one-line error, but every one is listed: the
+images of bad lines are left out and the rest is still checked), decodes every image in parallel
 threads (PIL releases the GIL while decoding) and returns a :class:`DataReport`: counts per
 split and class, image sizes, the modes that get converted to RGB, unreadable images with the
 reason, files listed twice or with identical content, classes without (train) images, and
@@ -9,8 +10,10 @@ bounding boxes that leave their image. :func:`run_check` prints it and returns t
 
 What stops training is an *error* (exit status 2); the rest are warnings:
 
-* errors: a manifest/config error; an unreadable image (corrupt, truncated, zero-byte, not an
-  image), unless ``data.skip_bad_images`` (then a warning, as training then drops it); a class
+* errors: every manifest problem (bad line, duplicate or unknown id, path outside the root)
+  and a config error; an unreadable image (corrupt, truncated, zero-byte, not an image, or
+  listed but missing: ``missing file``), unless ``data.skip_bad_images`` (then a warning, as
+  training then drops it); a class
   without images, or without train images (after dropping unreadable ones); no train or no
   test image; with ``data.bbox_crop``, a box that misses its image entirely.
 * warnings: the same file listed under two ids, identical file content under two paths
@@ -105,11 +108,14 @@ def _boxes_for(rec: Records, root: Optional[str], fmt: str, bbox_crop: bool,
         return dict(zip(rec.image_ids, rec.bboxes))
     if fmt not in ("cub", "toy") or root is None or not (Path(root) / "bounding_boxes.txt").is_file():
         return None
+    problems: list[str] = []
     try:
-        return dict(read_cub_boxes(root))
-    except UserError as err:
-        warnings.append(f"{err} (bounding boxes are not used: data.bbox_crop is false)")
-        return None
+        boxes = dict(read_cub_boxes(root, problems))
+    except UserError as err:  # the file cannot be read at all
+        problems.append(str(err))
+        boxes = None
+    warnings += [f"{p} (bounding boxes are not used: data.bbox_crop is false)" for p in problems]
+    return boxes
 
 
 def check_records(rec: Records, *, fmt: str = "", root: Optional[str] = None, bbox_crop: bool = False,
@@ -228,7 +234,8 @@ def check_dataset(data=None, *, workers: Optional[int] = None, hash_files: bool 
         hash_files: Hash every file's bytes to find identical images under different names.
 
     Returns:
-        The report; a manifest error (the same UserError training raises) is its only error.
+        The report. Manifest problems (the messages training raises, one per bad line) come
+        first among its errors; when a manifest cannot be read at all they are its only errors.
     """
     from fgclf.data import load_kwargs_from_config, load_records
 
@@ -238,16 +245,19 @@ def check_dataset(data=None, *, workers: Optional[int] = None, hash_files: bool 
         kwargs = dict(load_kwargs)
         skip = bool(kwargs.pop("skip_bad_images", False))
     fmt, root = kwargs.get("format", "toy"), kwargs.get("root")
-    try:
-        rec = load_records(**kwargs, check_classes=False)
+    problems: list[str] = []
+    try:  # missing files are kept: decoding then reports each of them with the unreadable images
+        rec = load_records(**kwargs, check_classes=False, keep_missing=True, problems=problems)
     except UserError as err:
-        return DataReport(format=fmt, root=root, errors=[str(err)])
+        return DataReport(format=fmt, root=root, errors=[*problems, str(err)])
     if fmt == "toy":  # generated into the cache: report where
         from fgclf.data import ensure_toy_cub
 
         root = str(ensure_toy_cub(root, **(kwargs.get("toy_params") or {})))
-    return check_records(rec, fmt=fmt, root=root, bbox_crop=kwargs.get("bbox_crop", False),
-                         skip_bad_images=skip, workers=workers, hash_files=hash_files)
+    report = check_records(rec, fmt=fmt, root=root, bbox_crop=kwargs.get("bbox_crop", False),
+                           skip_bad_images=skip, workers=workers, hash_files=hash_files)
+    report.errors[:0] = problems
+    return report
 
 
 def _table(rows: list[list[str]]) -> list[str]:

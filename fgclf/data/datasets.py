@@ -2,7 +2,8 @@
 
 Every source is read into :class:`Records` (paths or in-memory images, 0-based labels, image
 ids, optional boxes, a split name per item), then split and wrapped in :class:`ImageDataset`.
-Manifests are validated up front, so a missing file stops a run before training starts.
+Manifests are validated up front, so a bad line or a missing file stops a run before training
+starts (a missing file is skipped like an unreadable image with ``data.skip_bad_images``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class Records:
     """A dataset as flat lists: one entry per image.
 
     ``items`` are file paths (str) or, for HF datasets, integer row indices into ``source``.
+    ``class_ids`` (CUB layout): the dataset's own id of each class, ``class_ids[label]`` (the
+    ``classes.txt`` id; NABirds' are not ``1..N``), written to the run directory's ``splits.json``.
     """
 
     items: list
@@ -41,13 +44,14 @@ class Records:
     class_names: list[str]
     bboxes: Optional[list[Optional[tuple[float, float, float, float]]]] = None
     source: Any = None  # the HF dataset object for ``hf`` records
+    class_ids: Optional[list[str]] = None
 
     def select(self, mask: Sequence[bool] | np.ndarray) -> "Records":
         """A new Records with only the entries where ``mask`` is true."""
         idx = np.flatnonzero(np.asarray(mask))
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Records(pick(self.items), pick(self.labels), pick(self.image_ids), pick(self.splits),
-                       self.class_names, pick(self.bboxes), self.source)
+                       self.class_names, pick(self.bboxes), self.source, self.class_ids)
 
     def split(self, name: str) -> "Records":
         return self.select([s == name for s in self.splits])
@@ -95,15 +99,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, bbox: Optional[tuple[float, float, float, float]] = None) -> Image.Image:
-    """Open ``path`` as RGB, optionally cropped to ``bbox`` = (x, y, width, height)."""
-    with Image.open(path) as img:
-        img.load()
-        img = to_rgb(img)
+def load_image(path: str, bbox: Optional[tuple[float, float, float, float]] = None,
+               decoder: str = "pil") -> Image.Image:
+    """Open ``path`` as RGB, optionally cropped to ``bbox`` = (x, y, width, height).
+
+    ``decoder``: ``pil`` or ``torchvision`` (plain JPEGs through ``decode_jpeg``, the same
+    pixels; see :mod:`fgclf.data.decode`).
+    """
+    from fgclf.data.decode import decode_file
+
+    img = decode_file(path, decoder)
     if bbox is not None:
         x, y, w, h = bbox
         img = img.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
     return img
+
+
+MISSING_FILE = "missing file"  # the reason given for an image a manifest lists that is not on disk
 
 
 @dataclass
@@ -122,7 +134,8 @@ def inspect_image(path: str, *, mode: str = "full", digest: bool = False) -> Ima
 
     ``full`` decodes every pixel and converts the image to RGB (:func:`to_rgb`), so anything
     training would trip over is found here; ``header`` only parses the header (``verify``).
-    A zero-byte file, a truncated image and a non-image with an image extension are errors.
+    A zero-byte file, a truncated image, a non-image with an image extension and a file that
+    is not there (:data:`MISSING_FILE`) are errors.
     """
     info = ImageInfo()
     try:
@@ -145,6 +158,8 @@ def inspect_image(path: str, *, mode: str = "full", digest: bool = False) -> Ima
                 to_rgb(img)
             else:
                 img.verify()
+    except FileNotFoundError:
+        info.error = MISSING_FILE
     except Exception as err:  # PIL raises many types for bad files
         info.error = f"{type(err).__name__}: {err}".strip()
     return info
@@ -156,9 +171,15 @@ def _check_image(path: str, mode: str) -> Optional[str]:
 
 
 def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 4) -> list[tuple[str, str]]:
-    """Decode (``full``) or open (``header``) every image; return ``[(path, reason), ...]``."""
-    if mode == "none" or not paths:
+    """Decode (``full``) or open (``header``) every image; return ``[(path, reason), ...]``.
+
+    ``none`` decodes nothing but still reports files that are not there (:data:`MISSING_FILE`):
+    a missing file can never be trained on, and the check costs one ``stat`` per file.
+    """
+    if not paths:
         return []
+    if mode == "none":
+        return [(p, MISSING_FILE) for p in paths if not os.path.isfile(p)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(lambda p: _check_image(p, mode), paths))
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
@@ -166,15 +187,25 @@ def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 
 
 # ----------------------------------------------------------------------------- CUB layout
 class _Table(dict):
-    """``{id: [values]}`` of one manifest, with the file's ``name`` and each id's ``line``."""
+    """``{id: [values]}`` of one manifest, with the file's ``name``, each id's ``line`` and the ids
+    of lines that were refused (``rejected``, when problems are collected)."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
         self.line: dict[str, int] = {}
+        self.rejected: set[str] = set()
 
     def where(self, key: str) -> str:
         return f"{self.name} line {self.line[key]}"
+
+
+def _problem(problems: Optional[list[str]], message: str) -> None:
+    """Raise ``message`` as a UserError, or, when ``problems`` collects them (the dataset check,
+    which reports every problem in one pass), record it so the caller can go on without that line."""
+    if problems is None:
+        raise UserError(message)
+    problems.append(message)
 
 
 def _read_manifest_text(path: Path) -> str:
@@ -193,12 +224,14 @@ def _read_manifest_text(path: Path) -> str:
                         "save the file as UTF-8") from None
 
 
-def _read_table(path: Path, ncols: int) -> _Table:
+def _read_table(path: Path, ncols: int, problems: Optional[list[str]] = None) -> _Table:
     """Read ``id value...`` lines into {id: [values]}.
 
     Tolerated: a UTF-8 BOM (or UTF-16 with BOM), CRLF or CR line ends, blank lines, extra spaces
     or tabs between and around fields. The last column keeps inner spaces, so file names with
-    spaces survive. A line with too few fields and a repeated id are UserErrors naming the line.
+    spaces survive. A line with too few fields and a repeated id are UserErrors naming the line
+    (with ``problems``: recorded there, the line left out). A missing or undecodable file is
+    always a UserError.
     """
     if not path.is_file():
         raise UserError(f"missing manifest file {path}")
@@ -209,46 +242,73 @@ def _read_table(path: Path, ncols: int) -> _Table:
             continue
         parts = line.strip().split(maxsplit=ncols - 1)
         if len(parts) != ncols:
-            raise UserError(f"{path.name} line {lineno}: expected {ncols} fields, got {line!r}")
+            _problem(problems, f"{path.name} line {lineno}: expected {ncols} fields, got {line!r}")
+            table.rejected.add(parts[0])
+            continue
         if parts[0] in table:
-            raise UserError(f"{path.name} line {lineno}: duplicate id {parts[0]} "
-                            f"(first on line {table.line[parts[0]]})")
+            _problem(problems, f"{path.name} line {lineno}: duplicate id {parts[0]} "
+                               f"(first on line {table.line[parts[0]]})")
+            continue
         table[parts[0]] = parts[1:]
         table.line[parts[0]] = lineno
     return table
 
 
-def read_cub_boxes(root: str | Path) -> _Table:
-    """``bounding_boxes.txt`` as {image id: (x, y, width, height)}; numbers and sizes checked."""
-    table = _read_table(Path(root) / "bounding_boxes.txt", 5)
+def read_cub_boxes(root: str | Path, problems: Optional[list[str]] = None) -> _Table:
+    """``bounding_boxes.txt`` as {image id: (x, y, width, height)}; numbers and sizes checked
+    (with ``problems``, a bad box is recorded there and its id is in ``rejected``)."""
+    table = _read_table(Path(root) / "bounding_boxes.txt", 5, problems)
     boxes = _Table(table.name)
-    boxes.line = table.line
+    boxes.line, boxes.rejected = table.line, table.rejected
     for image_id, values in table.items():
         try:
             box = tuple(float(v) for v in values)
         except ValueError:
-            raise UserError(f"{table.where(image_id)}: box {' '.join(values)!r} is not 4 numbers") from None
-        if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
-            raise UserError(f"{table.where(image_id)}: box {' '.join(values)!r} needs a finite x, y and "
-                            "a width and height > 0")
-        boxes[image_id] = box
+            box = None
+        if box is None:
+            _problem(problems, f"{table.where(image_id)}: box {' '.join(values)!r} is not 4 numbers")
+        elif not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+            _problem(problems, f"{table.where(image_id)}: box {' '.join(values)!r} needs a finite x, y and "
+                               "a width and height > 0")
+        else:
+            boxes[image_id] = box
+            continue
+        boxes.rejected.add(image_id)
     return boxes
 
 
-def _cub_class_names(classes: _Table) -> list[str]:
+def _cub_classes(root: Path, classes: _Table, labels: _Table, images: _Table,
+                 problems: Optional[list[str]]) -> tuple[list[str], list[str], dict[int, int], bool]:
+    """``(class_names, class_ids, {classes.txt id: label}, numbered_1_to_n)`` of a CUB-layout folder.
+
+    CUB numbers its classes 1..N: every line is a class and label = id - 1 (an unused one is then
+    an empty class, refused later). NABirds' ``classes.txt`` lists every node of its hierarchy
+    (ids not 1..N, a ``hierarchy.txt`` beside it): there the classes are the ids that
+    ``image_class_labels.txt`` uses, numbered 0..N-1 in id order.
+    """
+    by_int: dict[int, str] = {}
     for class_id in classes:
         if not re.fullmatch(r"[0-9]+", class_id):
-            raise UserError(f"{classes.where(class_id)}: class id {class_id!r} is not a positive integer")
-    class_ids = sorted(classes, key=int)
-    if [int(c) for c in class_ids] != list(range(1, len(class_ids) + 1)):
-        raise UserError(f"classes.txt must number classes 1..N, got ids {class_ids[:5]}...")
+            _problem(problems, f"{classes.where(class_id)}: class id {class_id!r} is not a positive integer")
+        elif int(class_id) in by_int:  # "7" and "07": the same class
+            _problem(problems, f"{classes.where(class_id)}: class id {class_id} is also on line "
+                               f"{classes.line[by_int[int(class_id)]]}")
+        else:
+            by_int[int(class_id)] = class_id
+    numbered = sorted(by_int) == list(range(1, len(by_int) + 1)) and not (root / "hierarchy.txt").is_file()
+    if numbered:
+        used = sorted(by_int)
+    else:  # images that name unknown classes are refused per image by read_cub
+        used = sorted({int(v[0]) for i, v in labels.items()
+                       if i in images and re.fullmatch(r"[0-9]+", v[0]) and int(v[0]) in by_int})
+    class_ids = [by_int[c] for c in used]
     names = [classes[c][0] for c in class_ids]
     first: dict[str, str] = {}
     for c, name in zip(class_ids, names):
         if name in first:
-            raise UserError(f"{classes.where(c)}: class name {name!r} is also on line {classes.line[first[name]]}")
-        first[name] = c
-    return names
+            _problem(problems, f"{classes.where(c)}: class name {name!r} is also on line {classes.line[first[name]]}")
+        first.setdefault(name, c)
+    return names, class_ids, {c: k for k, c in enumerate(used)}, numbered
 
 
 def _manifest_path(image_root: str, rel: str) -> Optional[str]:
@@ -270,63 +330,96 @@ def _manifest_path(image_root: str, rel: str) -> Optional[str]:
     return joined
 
 
-def read_cub(root: str | Path, *, bbox_crop: bool = False) -> Records:
+def _read_cub_manifests(root: Path, bbox_crop: bool, problems: Optional[list[str]]) -> tuple:
+    """images, labels, splits, classes and (``bbox_crop``) boxes tables; a file that cannot be
+    read at all is a UserError (with ``problems``: after reading the others, so all are named)."""
+    out, fatal = [], []
+    readers = [lambda n=n: _read_table(root / n, 2, problems)
+               for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")]
+    readers.append(lambda: read_cub_boxes(root, problems) if bbox_crop else None)
+    for read in readers:
+        try:
+            out.append(read())
+        except UserError as err:
+            if problems is None:
+                raise
+            fatal.append(str(err))
+            out.append(None)
+    if out[0] is not None and not out[0]:
+        fatal.append(f"{root / 'images.txt'} lists no images")
+    if fatal:
+        if problems is not None:
+            problems.extend(fatal[:-1])
+        raise UserError(fatal[-1])
+    return tuple(out)
+
+
+def read_cub(root: str | Path, *, bbox_crop: bool = False, keep_missing: bool = False,
+             problems: Optional[list[str]] = None) -> Records:
     """Read a CUB-200-2011 style folder (``images.txt``, ``image_class_labels.txt``, ...).
 
     Files are joined on image id in any order; class ids are 1-based in the files and
-    0-based in the returned labels. Every id must be in every file (an id that is not in
-    ``images.txt`` is an error too), image paths must stay inside ``images/`` and name
-    existing files; errors name the file and line.
+    0-based in the returned labels (NABirds' non-contiguous ids: see :func:`_cub_classes`; the
+    file's ids are kept in ``Records.class_ids``). Every id must be in every file (an id that
+    is not in ``images.txt`` is an error too), image paths must stay inside ``images/`` and
+    name existing files; errors name the file and line.
+
+    Args:
+        keep_missing: Keep images whose file is not there (the caller skips or names them as
+            bad images, :func:`find_bad_images`) instead of a UserError counting them.
+        problems: Collect every problem here instead of raising at the first; the images of
+            bad lines are left out. A manifest that cannot be read at all still raises.
     """
     root = Path(root)
-    images = _read_table(root / "images.txt", 2)
-    labels = _read_table(root / "image_class_labels.txt", 2)
-    splits = _read_table(root / "train_test_split.txt", 2)
-    classes = _read_table(root / "classes.txt", 2)
-    boxes = read_cub_boxes(root) if bbox_crop else None
-    if not images:
-        raise UserError(f"{root / 'images.txt'} lists no images")
-    class_names = _cub_class_names(classes)
+    images, labels, splits, classes, boxes = _read_cub_manifests(root, bbox_crop, problems)
+    class_names, class_ids, label_of, numbered = _cub_classes(root, classes, labels, images, problems)
     tables = (labels, splits) + ((boxes,) if boxes is not None else ())
     image_root = os.path.abspath(root / "images")
-    rec = Records([], [], [], [], class_names, [] if boxes is not None else None)
+    rec = Records([], [], [], [], class_names, [] if boxes is not None else None, class_ids=class_ids)
     missing = []
     for image_id in sorted(images, key=lambda s: (len(s), s)):
-        for table in tables:
-            if image_id not in table:
-                raise UserError(f"image id {image_id} from images.txt is missing in {table.name}")
+        absent = [t for t in tables if image_id not in t]
+        for table in absent:
+            if image_id not in table.rejected:  # else its own line was already named
+                _problem(problems, f"image id {image_id} from images.txt is missing in {table.name}")
+        if absent:
+            continue
         rel = images[image_id][0]
         path = _manifest_path(image_root, rel)
         if path is None:
-            raise UserError(f"{images.where(image_id)}: id {image_id}: path {rel!r} leaves the dataset root "
-                            f"(image paths must stay inside {image_root})")
+            _problem(problems, f"{images.where(image_id)}: id {image_id}: path {rel!r} leaves the dataset root "
+                               f"(image paths must stay inside {image_root})")
+            continue
         if not os.path.isfile(path):
             missing.append((image_id, path))
-            continue
-        label = labels[image_id][0]
+            if not keep_missing:
+                continue
+        label, is_train = labels[image_id][0], splits[image_id][0]
         if not re.fullmatch(r"-?[0-9]+", label):
-            raise UserError(f"{labels.where(image_id)}: class id {label!r} of image {image_id} is not an integer")
-        if not 1 <= int(label) <= len(class_names):
-            raise UserError(f"image id {image_id} has class {label}, outside 1..{len(class_names)} "
-                            f"({labels.where(image_id)})")
-        is_train = splits[image_id][0]
-        if is_train not in ("0", "1"):
-            raise UserError(f"{splits.where(image_id)}: is_training_image must be 1 or 0, got {is_train!r}")
-        rec.items.append(str(Path(path).resolve()))
-        rec.labels.append(int(label) - 1)
-        rec.image_ids.append(image_id)
-        rec.splits.append("train" if is_train == "1" else "test")
-        if boxes is not None:
-            rec.bboxes.append(boxes[image_id])
+            _problem(problems, f"{labels.where(image_id)}: class id {label!r} of image {image_id} is not an integer")
+        elif int(label) not in label_of:
+            _problem(problems, f"image id {image_id} has class {label}, outside 1..{len(class_names)} "
+                               f"({labels.where(image_id)})" if numbered else
+                               f"{labels.where(image_id)}: class id {label} of image {image_id} is not in classes.txt")
+        elif is_train not in ("0", "1"):
+            _problem(problems, f"{splits.where(image_id)}: is_training_image must be 1 or 0, got {is_train!r}")
+        else:
+            rec.items.append(str(Path(path).resolve()))
+            rec.labels.append(label_of[int(label)])
+            rec.image_ids.append(image_id)
+            rec.splits.append("train" if is_train == "1" else "test")
+            if boxes is not None:
+                rec.bboxes.append(boxes[image_id])
     for table in tables:
         unknown = [i for i in table if i not in images]
         if unknown:
             more = f" (and {len(unknown) - 1} more unknown ids)" if len(unknown) > 1 else ""
-            raise UserError(f"{table.where(unknown[0])}: image id {unknown[0]} is not in images.txt{more}")
-    if missing:
+            _problem(problems, f"{table.where(unknown[0])}: image id {unknown[0]} is not in images.txt{more}")
+    if missing and not keep_missing:
         image_id, path = missing[0]
         more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-        raise UserError(f"images.txt id {image_id} names a missing file: {path}{more}")
+        _problem(problems, f"images.txt id {image_id} names a missing file: {path}{more}; restore the files or "
+                           "pass --data.skip_bad_images true to train without them")
     return rec
 
 
@@ -429,13 +522,18 @@ class ImageDataset:
     """A map-style dataset over :class:`Records`: returns ``(transform(image), label)``.
 
     With ``cache`` (a :class:`fgclf.data.cache.ResizedImageCache`) image files are read from
-    their resized cache entry, built on first use.
+    their resized cache entry, built on first use. ``decoder`` (``pil``, ``torchvision``)
+    decodes the image files and the cache's entries (:mod:`fgclf.data.decode`).
     """
 
-    def __init__(self, records: Records, transform: Optional[Callable] = None, cache=None) -> None:
+    def __init__(self, records: Records, transform: Optional[Callable] = None, cache=None,
+                 decoder: str = "pil") -> None:
+        from fgclf.data.decode import check_decoder
+
         self.records = records
         self.transform = transform
         self.cache = cache
+        self.decoder = check_decoder(decoder)
         self.class_names = records.class_names
         self.targets = list(records.labels)
 
@@ -447,7 +545,9 @@ class ImageDataset:
         item = rec.items[index]
         bbox = rec.bboxes[index] if rec.bboxes is not None else None
         if isinstance(item, str):
-            return load_image(item, bbox) if self.cache is None else self.cache.load(item, bbox)
+            if self.cache is None:
+                return load_image(item, bbox, self.decoder)
+            return self.cache.load(item, bbox, decoder=self.decoder)
         return to_rgb(rec.source[int(item)]["image"])
 
     def __getitem__(self, index: int):

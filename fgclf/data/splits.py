@@ -127,8 +127,12 @@ def assign_splits(rec: Records, *, val_fraction: float, test_fraction: float, se
 
 
 def split_summary(rec: Records) -> dict:
-    """Ids per split, for the run directory (``splits.json``)."""
+    """Ids per split, for the run directory (``splits.json``); with ``rec.class_ids`` (CUB layout)
+    also ``class_ids``: the dataset's own class id of each label (``class_ids[label]``), so
+    predictions map back to NABirds' hierarchy ids."""
     out: dict = {}
     for item_id, split in zip(rec.image_ids, rec.splits):
         out.setdefault(split, []).append(item_id)
+    if rec.class_ids is not None:
+        out["class_ids"] = list(rec.class_ids)
     return out

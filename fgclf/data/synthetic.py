@@ -113,4 +113,4 @@ def add_synthetic(records: Records, synthetic: Records, *, only: bool = False) -
         bboxes = list(records.bboxes) + [None] * len(synthetic)
     return Records(list(records.items) + list(synthetic.items), list(records.labels) + list(synthetic.labels),
                    list(records.image_ids) + list(synthetic.image_ids), list(records.splits) + list(synthetic.splits),
-                   records.class_names, bboxes, records.source)
+                   records.class_names, bboxes, records.source, records.class_ids)

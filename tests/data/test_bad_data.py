@@ -214,8 +214,44 @@ def test_every_missing_file_is_counted(tmp_path):
     root = _write(tmp_path)
     for i in (3, 6):
         (root / "images" / CLASSES[(i - 1) % 2] / f"img_{i}.png").unlink()
-    with pytest.raises(UserError, match=r"images.txt id 3 names a missing file: .*img_3.png \(and 1 more missing files\)"):
+    with pytest.raises(UserError, match=r"images.txt id 3 names a missing file: .*img_3.png \(and 1 more missing "
+                                        r"files\); restore the files or pass --data.skip_bad_images true"):
         read_cub(root)
+
+
+def _config(root: Path, **kw) -> SimpleNamespace:
+    base = dict(format="cub", root=str(root), bbox_crop=False, val_fraction=0.0, test_fraction=0.2, split_seed=0,
+                num_folds=0, fold=0, verify_images="full", skip_bad_images=False, toy_num_classes=2,
+                toy_train_per_class=1, toy_test_per_class=1, toy_image_size=8, toy_seed=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("verify", ["full", "header", "none"])
+def test_missing_files_are_bad_images_skipped_with_the_flag(tmp_path, verify):
+    """A partial copy: listed files that are not there are skipped and listed like unreadable
+    ones (whatever verify_images), the other images keep the labels and splits of the full copy."""
+    full = read_cub(_write(tmp_path / "full"))
+    root = _write(tmp_path / "partial")
+    lost = [root / "images" / "001.A/img_3.png", root / "images" / "002.B/img_6.png"]
+    for path in lost:
+        path.unlink()
+    rec, bad = load_records_from_config(_config(root, verify_images=verify, skip_bad_images=True))
+    assert bad == [(str(p.resolve()), "missing file") for p in lost]
+    keep = [i not in ("3", "6") for i in full.image_ids]
+    assert rec.image_ids == full.select(keep).image_ids and rec.labels == full.select(keep).labels
+    assert rec.splits == full.select(keep).splits
+    with pytest.raises(UserError, match=r"^images.txt id 3 names a missing file: .*img_3.png \(and 1 more missing "
+                                        r"files\); restore the files or pass --data.skip_bad_images true"):
+        load_records_from_config(_config(root, verify_images=verify))
+
+
+def test_missing_and_unreadable_images_are_skipped_together(tmp_path):
+    root = _write(tmp_path)
+    (root / "images" / "001.A/img_1.png").unlink()
+    (root / "images" / "002.B/img_2.png").write_bytes(b"")
+    rec, bad = load_records_from_config(_config(root, skip_bad_images=True))
+    assert [(Path(p).name, why) for p, why in bad] == [("img_1.png", "missing file"), ("img_2.png", "zero-byte file")]
+    assert rec.image_ids == [str(i) for i in range(3, 9)]
 
 
 @pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "001.A/../../images.txt", "../classes.txt"])
@@ -231,7 +267,8 @@ def test_paths_outside_the_image_root_are_refused(tmp_path, rel):
     ("image_class_labels.txt", "3 1", "3 3", r"image id 3 has class 3, outside 1..2 \(image_class_labels.txt line 3\)"),
     ("train_test_split.txt", "3 1", "3 yes", r"train_test_split.txt line 3: is_training_image must be 1 or 0, got 'yes'"),
     ("classes.txt", "2 002.B", "two 002.B", r"classes.txt line 2: class id 'two' is not a positive integer"),
-    ("classes.txt", "2 002.B", "3 002.B", r"classes.txt must number classes 1..N"),
+    # not 1..N: the ids the images use are the classes (NABirds); image 2's class 2 is then unknown
+    ("classes.txt", "2 002.B", "3 002.B", r"^image_class_labels.txt line 2: class id 2 of image 2 is not in classes.txt$"),
     ("classes.txt", "2 002.B", "2 001.A", r"classes.txt line 2: class name '001.A' is also on line 1"),
     ("bounding_boxes.txt", "3 2.0 1.0 8.0 5.0", "3 2.0 1.0 eight 5.0", r"bounding_boxes.txt line 3: box '2.0 1.0 eight 5.0' is not 4 numbers"),
     ("bounding_boxes.txt", "3 2.0 1.0 8.0 5.0", "3 2.0 1.0 0 5.0", r"bounding_boxes.txt line 3: box .* width and height > 0"),

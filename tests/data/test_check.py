@@ -142,16 +142,52 @@ def test_class_problems_are_all_listed(toy_root, tmp_path):
                                        "(15 test)")
 
 
-def test_manifest_error_is_the_reports_only_error(toy_root, tmp_path, capsys):
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+
+
+def test_every_manifest_problem_is_listed_and_the_rest_is_checked(toy_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(toy_root, root)
-    (root / "images.txt").write_text((root / "images.txt").read_text() + "7 x.jpg\n")
-    expected = "images.txt line 61: duplicate id 7 (first on line 7)"
-    report = check_dataset(format="cub", root=str(root))
-    assert report.errors == [expected] and report.num_images == 0
+    rel = _manifest(root, "images.txt")
+    (root / "images.txt").write_text((root / "images.txt").read_text() + "7 x.jpg\n")  # duplicate id
+    _edit(root / "train_test_split.txt", "\n12 0\n", "\n12 yes\n")  # bad values: images 12 and 13 left out
+    _edit(root / "image_class_labels.txt", "\n13 ", "\n13 x")
+    (root / "image_class_labels.txt").write_text((root / "image_class_labels.txt").read_text() + "999 1\n")
+    lost = root / "images" / rel["20"]
+    lost.unlink()
+    expected = ["images.txt line 61: duplicate id 7 (first on line 7)",
+                "train_test_split.txt line 12: is_training_image must be 1 or 0, got 'yes'",
+                f"image_class_labels.txt line 13: class id 'x{_manifest(toy_root, 'image_class_labels.txt')['13']}' "
+                "of image 13 is not an integer",
+                "image_class_labels.txt line 61: image id 999 is not in images.txt",
+                f"unreadable image {lost.resolve()}: missing file"]
+    report = check_dataset(format="cub", root=str(root), hash_files=False)
+    assert report.errors == expected
+    # the images of the good lines are still decoded and counted; the lost file is among them
+    test = [i for i, t in _manifest(toy_root, "train_test_split.txt").items() if t == "0" and i not in ("12", "13")]
+    assert report.num_images == 58 and report.split_counts["test"] == len(test)
+    assert [(u["id"], u["reason"]) for u in report.unreadable] == [("20", "missing file")]
     assert run_check(DataConfig(format="cub", root=str(root)), output=str(tmp_path / "r.json")) == 2
-    assert capsys.readouterr().err == f"error: {expected}\n"
-    assert json.loads((tmp_path / "r.json").read_text())["errors"] == [expected]
+    assert capsys.readouterr().err.splitlines() == [f"error: {e}" for e in report.errors]
+    assert json.loads((tmp_path / "r.json").read_text())["errors"] == report.errors
+    # with the training flag the lost file is a warning, the manifest problems stay errors
+    skipping = check_dataset(format="cub", root=str(root), skip_bad_images=True, hash_files=False)
+    assert skipping.errors == report.errors[:-1]
+    assert f"unreadable image {lost.resolve()}: missing file" in skipping.warnings
+
+
+def test_manifests_that_cannot_be_read_are_all_named(toy_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    (root / "train_test_split.txt").unlink()
+    (root / "classes.txt").write_bytes((root / "classes.txt").read_bytes() + "5 caf\u00e9\n".encode("latin-1"))
+    report = check_dataset(format="cub", root=str(root))
+    assert report.errors == [f"missing manifest file {root / 'train_test_split.txt'}",
+                             "classes.txt line 5 is not UTF-8 text (byte 0xe9); save the file as UTF-8"]
+    assert report.num_images == 0
 
 
 def test_imagefolder_and_non_image_files(tmp_path):

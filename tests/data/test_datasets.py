@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fgclf.data import (create_dataset, find_bad_images, load_records, read_cub, read_hf, read_imagefolder,
-                        stratified_holdout, to_rgb)
+                        split_summary, stratified_holdout, to_rgb)
 from fgclf.errors import UserError
 
 
@@ -45,6 +45,7 @@ def test_cub_join_on_id_any_order_one_based(cub):
     assert rec.labels == [0 if i % 2 else 1 for i in range(1, 13)]
     assert rec.splits == ["train" if i <= 8 else "test" for i in range(1, 13)]
     assert all(Path(p).name == f"img {i}.png" for i, p in zip(range(1, 13), rec.items))  # spaces in names
+    assert rec.class_ids == ["1", "2"] and split_summary(rec)["class_ids"] == ["1", "2"]
 
 
 def test_cub_bbox_crop(cub):
@@ -64,6 +65,119 @@ def test_cub_path_outside_root_is_rejected(cub):
     (cub / "images.txt").write_text("1 ../../etc/passwd\n")
     with pytest.raises(UserError, match="leaves the dataset root"):
         read_cub(cub)
+
+
+# NABirds: classes.txt lists every hierarchy node (ids from 0, not 1..N); images use leaf ids only
+NABIRDS_NODES = {0: ("Birds", None), 1: ("Perching Birds", 0), 22: ("Hawks", 0), 295: ("Bewick's Wren", 1),
+                 817: ("Red-tailed Hawk (Adult)", 22), 818: ("Red-tailed Hawk (Immature)", 22),
+                 1010: ("Zone-tailed Hawk", 22)}
+
+
+def _write_nabirds(root: Path, leaves=(1010, 295, 817, 295, 1010, 817, 1010, 295, 817, 295, 817, 1010)) -> list:
+    """A NABirds-layout folder: UUID image ids, zero-padded class folders, unpadded class ids in
+    image_class_labels.txt, shuffled lines; returns [(image id, class id, is_train)] in id order."""
+    rows = [(f"{k:08x}-21dc-4d0c-bfe1-4cae3c85c829", c, int(k < 8)) for k, c in enumerate(leaves)]
+    for image_id, c, _ in rows:
+        (root / "images" / f"{c:04d}").mkdir(parents=True, exist_ok=True)
+        path = root / "images" / f"{c:04d}" / f"{image_id.replace('-', '')}.jpg"
+        Image.new("RGB", (12, 10), (c % 256, 0, 0)).save(path)
+    order = list(rows)
+    random.Random(0).shuffle(order)
+    (root / "images.txt").write_text("".join(f"{i} {c:04d}/{i.replace('-', '')}.jpg\n" for i, c, _ in order))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, c, _ in order))
+    (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t in order))
+    (root / "bounding_boxes.txt").write_text("".join(f"{i} 1 1 8 6\n" for i, _, _ in order))
+    (root / "classes.txt").write_text("".join(f"{c} {name}\n" for c, (name, _) in NABIRDS_NODES.items()))
+    (root / "hierarchy.txt").write_text("".join(f"{c} {parent}\n" for c, (_, parent) in NABIRDS_NODES.items()
+                                                if parent is not None))
+    return rows
+
+
+@pytest.mark.parametrize("hierarchy", [True, False])
+def test_nabirds_leaf_ids_are_numbered_0_to_n_and_the_original_ids_kept(tmp_path, hierarchy):
+    rows = _write_nabirds(tmp_path)
+    if not hierarchy:  # the ids alone (0..1010, not 1..N) say it is not CUB's numbering
+        (tmp_path / "hierarchy.txt").unlink()
+    rec = read_cub(tmp_path, bbox_crop=True)
+    used = [295, 817, 1010]  # the leaves images use, in id order; 818 has no images, internal nodes none
+    assert rec.class_ids == ["295", "817", "1010"]
+    assert rec.class_names == ["Bewick's Wren", "Red-tailed Hawk (Adult)", "Zone-tailed Hawk"]
+    assert rec.image_ids == [i for i, _, _ in rows]
+    assert rec.labels == [used.index(c) for _, c, _ in rows]
+    assert rec.splits == ["train" if t else "test" for _, _, t in rows]
+    split = load_records(format="cub", root=str(tmp_path), val_fraction=0.0)
+    summary = split_summary(split)
+    assert summary["class_ids"] == ["295", "817", "1010"]
+    assert summary["train"] == [i for i, _, t in rows if t] and summary["test"] == [i for i, _, t in rows if not t]
+
+
+def test_nabirds_image_of_a_class_missing_from_classes_txt_names_the_line(tmp_path):
+    _write_nabirds(tmp_path)
+    lines = (tmp_path / "image_class_labels.txt").read_text().splitlines()
+    lines[4] = lines[4].split()[0] + " 333"
+    (tmp_path / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"^image_class_labels.txt line 5: class id 333 of image "
+                                        rf"{lines[4].split()[0]} is not in classes.txt$"):
+        read_cub(tmp_path)
+
+
+def _nabirds_copy(toy_root: Path, root: Path) -> Path:
+    """The toy data with NABirds-style class ids (toy 1, 2, 3, 4 -> 817, 22, 1010, 295, a root
+    node 0 and hierarchy.txt) and the file of image id 1 lost; returns that file's path."""
+    import shutil
+
+    shutil.copytree(toy_root, root)
+    to_nabirds = {"1": 817, "2": 22, "3": 1010, "4": 295}  # toy class id -> NABirds-style leaf id
+    names = dict(ln.split(" ", 1) for ln in (root / "classes.txt").read_text().splitlines())
+    (root / "classes.txt").write_text("0 Birds\n" + "".join(f"{to_nabirds[c]} {n}\n" for c, n in names.items()))
+    (root / "hierarchy.txt").write_text("".join(f"{v} 0\n" for v in to_nabirds.values()))
+    labels = dict(ln.split(" ", 1) for ln in (root / "image_class_labels.txt").read_text().splitlines())
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {to_nabirds[c]}\n" for i, c in labels.items()))
+    lost = root / "images" / dict(ln.split(" ", 1) for ln in (root / "images.txt").read_text().splitlines())["1"]
+    lost.unlink()
+    return lost
+
+
+def test_nabirds_copy_with_a_lost_file_loads_like_training_does(toy_root, tmp_path):
+    """What train_classifier.py writes: splits.json (split_summary) with the original class ids,
+    bad_images.txt with the lost file; the labels follow the ids' order, not the toy's."""
+    from types import SimpleNamespace
+
+    from fgclf.data import load_records_from_config
+
+    lost = _nabirds_copy(toy_root, tmp_path / "data")
+    toy = read_cub(toy_root)
+    toy_label = dict(zip(toy.image_ids, toy.labels))
+    cfg = SimpleNamespace(format="cub", root=str(tmp_path / "data"), bbox_crop=False, val_fraction=0.15,
+                          test_fraction=0.2, split_seed=0, num_folds=0, fold=0, verify_images="none",
+                          skip_bad_images=True, toy_num_classes=2, toy_train_per_class=1, toy_test_per_class=1,
+                          toy_image_size=8, toy_seed=0)
+    rec, bad = load_records_from_config(cfg)
+    assert bad == [(str(lost.resolve()), "missing file")] and "1" not in rec.image_ids and len(rec) == 59
+    assert split_summary(rec)["class_ids"] == ["22", "295", "817", "1010"]
+    by_toy = {1: 2, 2: 0, 3: 3, 4: 1}  # toy class id -> rank of its NABirds id among 22, 295, 817, 1010
+    assert rec.labels == [by_toy[toy_label[i] + 1] for i in rec.image_ids]
+
+
+@pytest.mark.slow
+def test_nabirds_layout_trains_and_writes_the_original_ids_and_missing_files(toy_root, tmp_path):
+    """train_classifier.py on the NABirds-style copy: splits.json maps labels to the original ids,
+    bad_images.txt names the lost file (about 15 s; 60 s on a busy 2-core machine)."""
+    import json
+
+    from conftest import TINY_ARGS, run_script
+
+    root = tmp_path / "data"
+    lost = _nabirds_copy(toy_root, root)
+    out = tmp_path / "run"
+    proc = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(root), *TINY_ARGS,
+                                              "--train.epochs", "1", "--train.output_dir", str(out),
+                                              "--data.skip_bad_images", "true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["class_ids"] == ["22", "295", "817", "1010"]
+    assert "1" not in splits["train"] + splits.get("val", []) + splits["test"]
+    assert (out / "bad_images.txt").read_text() == f"{lost.resolve()}\tmissing file\n"
 
 
 def _folder(root: Path, splits: bool) -> None:
