@@ -2,7 +2,8 @@
 # Every GPU-only check, in a few minutes on one GPU. CI has no GPU; run this where one exists:
 #   bash bench/gpu_check.sh
 # It installs into .venv if needed (make install), then runs the tests marked `gpu` (fp16/bf16 vs
-# fp32, the CUDA training-memory estimate within 25 %), a one-GPU demo-sized fine-tune under the
+# fp32, the CUDA training-memory estimate within 25 %, FSDP2 testing the best epoch's weights, plain
+# and LoRA), a one-GPU demo-sized fine-tune under the
 # fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU), a bf16 run with
 # channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px; with 2 or more
 # GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.

@@ -2,6 +2,7 @@
 """Pipeline-parallel step time against one process, next to the theoretical bubble.
 
     .venv/bin/python bench/pipeline_bubble.py                          # resnet18, 64 px, batch 32, K=2
+    .venv/bin/python bench/pipeline_bubble.py --model resnet50 --balance-only   # stage balance table only
     .venv/bin/python bench/pipeline_bubble.py --model vit_tiny_patch16_224 --image-size 64 --stages 2
     # on a GPU machine (NCCL), e.g. 4 stages:
     .venv/bin/python bench/pipeline_bubble.py --device cuda --stages 4 --microbatches 1 4 8 16
@@ -13,6 +14,12 @@ the busy share ``1 - bubble``, where ``bubble = (K - 1) / (M + K - 1)``; the tab
 measured speedup beside that ideal ``K * (1 - bubble)``. Microbatches also shrink per-call work,
 which the bubble formula does not know about, so a second baseline runs the same M microbatches
 in one process: the speedup against it isolates what the pipeline itself buys.
+
+First a balance table (one process): the stages each ``pp.balance`` (params, flops, time) cuts, each
+stage's share of the FLOPs and its measured forward+backward time (one thread, the smallest
+microbatch), and the imbalance max/mean of the stage times, which bounds the pipeline's speedup at
+``K / imbalance``. The times that judge the cuts are a second measurement, not the one the ``time``
+balance was cut with.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
-    p.add_argument("--balance", default="time", choices=["params", "time"])
+    p.add_argument("--balance", default="time", choices=["time", "flops", "params"])
+    p.add_argument("--balance-only", action="store_true", help="print the balance table and stop")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting (after 2 warm-up steps)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
@@ -117,6 +125,45 @@ def _worker(rank: int, args, init_file: str, out_file: str) -> None:
     dist.destroy_process_group()
 
 
+def balance_table(args) -> list[dict]:
+    """Per balance: the cut, each stage's FLOP share and measured ms, and max/mean of the stage times."""
+    import torch
+
+    from fgclf.pipeline import BALANCE, partition, sequential_units, unit_costs
+
+    torch.set_num_threads(1)
+    model = _model(args).train()
+    units = sequential_units(model)
+    x = torch.randn(args.batch_size // max(args.microbatches), 3, args.image_size, args.image_size)
+    flops = unit_costs(units, x, "flops")
+    costs = {"params": unit_costs(units, x, "params"), "flops": flops, "time": unit_costs(units, x, "time")}
+    judge = unit_costs(units, x, "time")  # a second measurement: the yardstick for every cut
+    rows = []
+    for balance in BALANCE[::-1]:
+        bounds = partition(costs[balance], args.stages)
+        ms = [sum(judge[a:b]) * 1e3 for a, b in zip(bounds, bounds[1:])]
+        share = [sum(flops[a:b]) / sum(flops) for a, b in zip(bounds, bounds[1:])]
+        rows.append({"balance": balance, "bounds": bounds, "ms": ms, "flop_share": share,
+                     "imbalance": max(ms) / (sum(ms) / len(ms))})
+    return rows
+
+
+def print_balance_table(args, rows: list[dict]) -> None:
+    k = args.stages
+    print(f"\n{args.model} @ {args.image_size}px, microbatch {args.batch_size // max(args.microbatches)}, {k} stages, "
+          "one thread; stage times from a second measurement\n")
+    print("| pp.balance | cut (units) | FLOP share per stage | ms per stage (fwd+bwd) | imbalance max/mean | "
+          "speedup bound K/imbalance |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['balance']} | {r['bounds']} | {' / '.join(f'{s:.0%}' for s in r['flop_share'])} | "
+              f"{' / '.join(f'{m:.1f}' for m in r['ms'])} | {r['imbalance']:.2f} | {k / r['imbalance']:.2f}x |")
+    base = rows[0]["imbalance"]
+    print("\nslowest stage against params balance: " + ", ".join(
+        f"{r['balance']} {max(r['ms']) / max(rows[0]['ms']):.2f}x" for r in rows[1:])
+        + f" (params imbalance {base:.2f})")
+
+
 def baseline(args, microbatches: int = 1) -> list[float]:
     """One process (one thread / one GPU), the whole model, the batch in ``microbatches`` pieces."""
     import torch
@@ -147,6 +194,9 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: batch size {args.batch_size} does not split into {bad} microbatches", file=sys.stderr)
         return 2
+    print_balance_table(args, balance_table(args))
+    if args.balance_only:
+        return 0
     base = statistics.median(baseline(args))
     same_mb = {m: statistics.median(baseline(args, m)) for m in args.microbatches}
     with tempfile.TemporaryDirectory() as tmp:

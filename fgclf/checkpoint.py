@@ -305,24 +305,77 @@ class Checkpointer:
                             f"(missing e.g. {missing}, unexpected e.g. {sorted(keys - expected)[:3]})")
 
     def load_best_weights(self, model: nn.Module) -> bool:
-        """Load the ``best`` weights into the (unwrapped) model; False when there are none."""
+        """Load the ``best`` weights into the trained model (collective); False when there are none.
+
+        ``model`` is the prepared one. A plain or DDP model takes the file with ``load_state_dict``;
+        a sharded one cannot (a ZeRO-3 parameter is an empty placeholder on every process, an FSDP
+        one a shard), so :func:`_load_full_state` puts the full weights through the sharding.
+        """
         from safetensors.torch import load_file
 
         self.accelerator.wait_for_everyone()
-        target = self.accelerator.unwrap_model(model)
-        if self.meta.get("peft"):
-            from peft import set_peft_model_state_dict
-
-            path = self.best / ADAPTER_NAME
-            if not path.is_file():
-                return False
-            set_peft_model_state_dict(target, load_file(str(path), device="cpu"))
-            return True
-        path = self.best / "model.safetensors"
+        peft = bool(self.meta.get("peft"))
+        path = self.best / (ADAPTER_NAME if peft else "model.safetensors")
         if not path.is_file():
             return False
-        target.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+        _load_full_state(self.accelerator, model, load_file(str(path), device="cpu"), peft=peft)
         return True
+
+
+def _load_full_state(accelerator, model: nn.Module, state: dict, *, peft: bool) -> None:
+    """Load a full (unsharded) state dict, or a PEFT adapter's, into the prepared ``model`` (collective).
+
+    ZeRO-3: inside ``deepspeed.zero.GatheredParameters`` every process holds the whole parameters,
+    loads the same file, and process 0's values are partitioned again on exit (the whole model is
+    gathered at once, as the ``best`` export already does). FSDP (1 or 2): torch's
+    ``set_model_state_dict`` with ``full_state_dict`` sends process 0's tensors into every shard.
+    """
+    from contextlib import nullcontext
+
+    from accelerate.utils import DistributedType
+
+    target = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if peft:  # the adapter file uses PEFT's names: let PEFT say which model keys they are
+            state = _peft_keys_for_load(target, state)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not peft)
+        set_model_state_dict(model, state if accelerator.is_main_process else {}, options=options)
+        return
+    gather = nullcontext()
+    params = list(target.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gather:
+        if peft:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(target, state)
+        else:
+            target.load_state_dict(state, strict=True)
+
+
+def _peft_keys_for_load(peft_model: nn.Module, adapter: dict) -> dict:
+    """The adapter state under the model's own parameter names, as ``set_peft_model_state_dict``
+    renames it (captured from its ``load_state_dict`` call instead of loading)."""
+    from peft import set_peft_model_state_dict
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    captured: dict = {}
+
+    def capture(state_dict, strict=True, assign=False):
+        captured.update(state_dict)
+        return _IncompatibleKeys([], [])
+
+    peft_model.load_state_dict = capture  # an instance attribute: shadows the method for this one call
+    try:
+        set_peft_model_state_dict(peft_model, adapter)
+    finally:
+        del peft_model.load_state_dict
+    return captured
 
 
 def load_adapter_model(ckpt_dir: str | Path) -> nn.Module:

@@ -39,3 +39,45 @@ def test_cuda_memory_estimate_within_25_percent(name, batch):
     result = measure_training_memory(model, input_size=(3, 224, 224), batch_size=batch)
     assert result["device"].startswith("cuda")
     assert 0.75 <= result["ratio"] <= 1.25, format_memory(result["estimate"], result)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_fsdp2_tests_the_best_epoch_weights(toy_root, tmp_path, peft):
+    """FSDP2 shards every parameter (DTensor): the best weights go back in through
+    ``set_model_state_dict`` (a plain ``load_state_dict`` cannot fill the shards), so the test logits
+    are those of the best epoch (2 of 3 here), the ones its export gives in a plain process."""
+    import os
+    import subprocess
+
+    import numpy as np
+    from conftest import ACCELERATE, REPO, export_logits
+
+    extra = []
+    if peft:  # LoRA on the ResNet's convs: the adapter file's keys are mapped to the model's by PEFT
+        import timm
+        from safetensors.torch import save_file
+
+        base = tmp_path / "base.safetensors"
+        save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(base))
+        extra = ["--model.name", "test_resnet", "--model.weights", str(base), "--peft", "lora"]
+    out = tmp_path / "fsdp"
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"),
+           "--num_processes", str(min(2, torch.cuda.device_count())), "--mixed_precision", "no",
+           str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub", "--data.root", str(toy_root),
+           *TINY_ARGS, *extra, "--train.epochs", "3", "--data.aug.preset", "none", "--optim.lr", "0.01",
+           "--train.early_stopping_metric", "loss", "--train.output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] < metrics["epochs_run"], "the best epoch is the last: this run proves nothing"
+    logits = np.load(out / "predictions.npz")["logits"]
+    if not peft:
+        np.testing.assert_allclose(export_logits(out, toy_root), logits, atol=1e-3)
+    else:  # the merged export equals the adapter the run tested with
+        from fgclf.checkpoint import load_adapter_model
+        from conftest import export_model_and_test_images
+
+        _, x = export_model_and_test_images(out, toy_root)
+        with torch.no_grad():
+            np.testing.assert_allclose(load_adapter_model(out / "checkpoints/best")(x).numpy(), logits, atol=1e-3)

@@ -167,3 +167,40 @@ def test_time_balancing_measures_without_changing_the_model():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_flop_costs_equal_a_hand_count_and_are_the_same_every_time():
+    """``flops``: the head of a ResNet is pooling + one Linear: forward 2*B*F*C, backward (input and
+    weight gradients) twice that; counting twice gives the same numbers (no per-process agreement needed)."""
+    from fgclf.pipeline import unit_costs
+
+    model = _model("test_resnet").train()
+    units = sequential_units(model)
+    x = torch.randn(3, 3, 32, 32)
+    costs = unit_costs(units, x, "flops")
+    assert costs == unit_costs(units, x, "flops")
+    features = model.fc.in_features
+    assert costs[-1] == 6 * 3 * features * 5
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_flops_balance_evens_out_resnet50_where_parameter_balance_overloads_stage_0():
+    """ResNet-50's late blocks hold most parameters, its early ones most of the work: cut by parameters,
+    stage 0 of 2 gets ~89 % of the FLOPs; cut by FLOPs, neither stage has more than 55 %. The default
+    is measured time (bench/pipeline_bubble.py: FLOPs miss memory-bound blocks at small sizes)."""
+    import timm
+
+    from fgclf.config import PipelineConfig
+    from fgclf.pipeline import unit_costs
+
+    assert PipelineConfig().balance == "time"
+    torch.manual_seed(0)
+    units = sequential_units(timm.create_model("resnet50", num_classes=10))
+    flops = unit_costs(units, torch.randn(1, 3, 32, 32), "flops")
+
+    def shares(balance: str) -> list[float]:
+        bounds = partition(unit_costs(units, None, "params") if balance == "params" else flops, 2)
+        return [sum(flops[a:b]) / sum(flops) for a, b in zip(bounds, bounds[1:])]
+
+    assert shares("params")[0] > 0.8
+    assert max(shares("flops")) < 0.55

@@ -45,26 +45,66 @@ def test_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
     create_model(f"file:{tmp_path / 'ds/checkpoints/best'}", num_classes=4)
 
 
-def test_zero3_kill_and_resume_matches_one_process_and_exports_the_whole_model(toy_root, tmp_path):
-    """ZeRO-3 shards the weights too: killed in epoch 2 and resumed, it ends where one process ends,
+def _zero3_sharding_everything(tmp_path) -> str:
+    """An accelerate config whose DeepSpeed JSON shards every tensor: with DeepSpeed's default
+    ``stage3_param_persistence_threshold`` (1e5) every tensor of the tiny test model stays whole on
+    each process, so nothing would be partitioned and a plain ``load_state_dict`` would pass."""
+    ds_json = tmp_path / "zero3_shard_all.json"
+    ds_json.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True}}))
+    cfg = yaml.safe_load((REPO / "accelerate_configs" / "deepspeed_zero3_json.yaml").read_text())
+    cfg["deepspeed_config"]["deepspeed_config_file"] = str(ds_json)
+    path = tmp_path / "zero3_shard_all.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_zero3_kill_and_resume_matches_one_process_and_tests_the_best_epoch(toy_root, tmp_path):
+    """ZeRO-3 with every tensor partitioned: killed in epoch 2 and resumed, it ends where one process
+    ends; the test metrics come from the best epoch's weights (epoch 2 of 3, loaded into the shards),
     and best/ holds the gathered model (its logits are the run's test logits)."""
+    import torch
     from conftest import export_logits, train_toy
 
-    common = ["--train.epochs", "3", "--data.aug.preset", "none", "--optim.lr", "0.01"]
+    config = _zero3_sharding_everything(tmp_path)
+    common = ["--train.epochs", "3", "--data.aug.preset", "none", "--optim.lr", "0.01",
+              "--train.early_stopping_metric", "loss"]
     train_toy(toy_root, tmp_path / "one", *common)
     # 32 train images / batch 8 = 4 updates per epoch: update 6 is inside epoch 2
-    killed = _deepspeed(toy_root, tmp_path / "ds", *common, config="deepspeed_zero3.yaml",
+    killed = _deepspeed(toy_root, tmp_path / "ds", *common, config=config,
                         env_extra={"FGCLF_DEBUG_KILL_AT_STEP": "6"})
     assert killed.returncode != 0
     assert json.loads((tmp_path / "ds/checkpoints/last/trainer_state.json").read_text())["epoch"] == 1
-    resumed = _deepspeed(toy_root, tmp_path / "ds", *common, "--resume", "last", config="deepspeed_zero3.yaml")
+    resumed = _deepspeed(toy_root, tmp_path / "ds", *common, "--resume", "last", config=config)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
+    # really sharded: the module's own state in DeepSpeed's checkpoint holds only empty placeholders
+    states = list((tmp_path / "ds/checkpoints/last/state").rglob("*mp_rank_00_model_states.pt"))
+    assert states, "no DeepSpeed model states in last/"
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    assert module and all(v.numel() == 0 for k, v in module.items() if "weight" in k or "bias" in k), \
+        {k: tuple(v.shape) for k, v in list(module.items())[:5]}
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "ds"))
+    assert a["best_epoch"] == b["best_epoch"] == 2 and b["epochs_run"] == 3  # the best is not the last epoch
     for key in ("top1", "f1_macro", "auroc_macro", "loss"):
         assert abs(a[key] - b[key]) < 1e-4, (key, a[key], b[key])
-    np.testing.assert_allclose(export_logits(tmp_path / "ds", toy_root),
-                               np.load(tmp_path / "ds/predictions.npz")["logits"], atol=1e-5)
+    ds_logits = np.load(tmp_path / "ds/predictions.npz")["logits"]
+    np.testing.assert_allclose(np.load(tmp_path / "one/predictions.npz")["logits"], ds_logits, atol=1e-3)
+    np.testing.assert_allclose(export_logits(tmp_path / "ds", toy_root), ds_logits, atol=1e-5)
+
+
+def test_weight_penalty_under_zero3_is_refused(toy_root, tmp_path):
+    """An explicit L1/Lp penalty sums the parameters, which ZeRO-3 leaves as empty placeholders on every
+    process (the penalty would be 0): refused before the run directory appears."""
+    proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", "--loss.regularizer", "l1",
+                      config=_zero3_sharding_everything(tmp_path))
+    assert proc.returncode != 0
+    assert "loss.regularizer l1" in last_error_line(proc) and "ZeRO-3" in last_error_line(proc), proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
 
 
 def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_path):
