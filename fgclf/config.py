@@ -73,7 +73,9 @@ class DataConfig:
         root: Dataset folder (or HF hub name). For ``toy`` it defaults to the fgclf cache.
         image_size: Training/eval crop size; null means the model's pretrained input size
             (for ``toy`` data, the images' own size).
-        bbox_crop: Crop each image to its bounding box first (CUB layout only).
+        bbox_crop: Crop each image to its bounding box first (CUB layout only). This crops the
+            val and test images too, with their ground-truth boxes: an oracle that published
+            "no annotation" CUB results do not use.
         val_fraction: Fraction of train held out (stratified, seeded) when the dataset has no
             validation split; 0 trains on all of it, without validation (no early stopping
             or plateau schedule; the last epoch is the one tested).
@@ -88,10 +90,16 @@ class DataConfig:
             trivialaugment, autoaugment, augmix) and parts that override it (``aug.rotation``,
             ``aug.gaussian_noise``, ``aug.random_erasing``, ...).
         num_workers: DataLoader worker processes per training process.
+        persistent_workers: Keep the train/eval workers alive between epochs (saves their start-up
+            each epoch; exact resume still holds: augmentation is seeded per sample).
+        prefetch_factor: Batches each worker loads ahead (null: torch's default, 2).
         cache: Read images through a cache of copies resized once to the evaluation resize size
             (``floor(crop / crop_pct)``; e.g. 512 for 448) and reused by later runs and seeds.
-            Evaluation pixels are unchanged; train crops come from the resized copy.
+            Stored as JPEG 95 (images already that small are read from their originals):
+            evaluation pixels within JPEG-95 error (~42 dB); train crops come from the copy.
         cache_dir: Folder of that cache (null: ``<fgclf cache>/resized``).
+        decoder: Image decoder for training and evaluation: ``pil``, or ``torchvision``
+            (``torchvision.io.decode_jpeg`` for plain JPEGs, PIL for the rest; the same pixels).
         verify_images: ``full`` decodes every image before training so a corrupt file stops
             the run at once; ``header`` only opens them; ``none`` skips the check.
         skip_bad_images: Drop unreadable images (listed in the run directory) instead of
@@ -114,8 +122,11 @@ class DataConfig:
     split_seed: int = 0
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 2
+    persistent_workers: bool = False
+    prefetch_factor: Optional[int] = None
     cache: bool = False
     cache_dir: Optional[str] = None
+    decoder: str = "pil"
     verify_images: Literal["full", "header", "none"] = "full"
     skip_bad_images: bool = False
     toy_num_classes: int = 12
@@ -301,6 +312,9 @@ class TrainConfig:
             which oneDNN and cuDNN run faster for most CNNs (see bench/engine_overhead.py).
         compile: ``torch.compile`` the model (accelerate's dynamo plugin, inductor backend):
             a one-time compile, then faster steps on GPUs.
+        sync_bn: Synchronise BatchNorm statistics over all processes (SyncBatchNorm), so that
+            ``batch_size`` images, not ``batch_size / processes``, make each layer's statistics;
+            a no-op on one process. Not with ``--parallel pipeline``.
     """
 
     epochs: int = 5
@@ -322,6 +336,7 @@ class TrainConfig:
     tta_flip: bool = False
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False
 
 
 @dataclass
@@ -355,14 +370,16 @@ class PipelineConfig:
             microbatches shrink the idle bubble ``(K - 1) / (M + K - 1)``.
         schedule: ``gpipe`` (all forwards, then all backwards) or ``1f1b`` (interleaved, less
             activation memory).
-        balance: Cut the model into stages of equal ``params`` (memory) or equal measured
-            forward+backward ``time`` (throughput; measured on process 0).
+        balance: Cut the model into stages of equal measured forward+backward ``time``
+            (throughput; measured on process 0 and shared), equal counted ``flops`` (the same on
+            every process, but blind to memory-bound layers) or equal ``params`` (memory; in a
+            ResNet it puts most of the work on stage 0).
     """
 
     stages: Optional[int] = None
     microbatches: int = 4
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
-    balance: Literal["params", "time"] = "params"
+    balance: Literal["time", "flops", "params"] = "time"
 
 
 @dataclass

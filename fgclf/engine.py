@@ -390,6 +390,9 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                           else accelerator.skip_first_batches(train_loader, state.step_in_epoch))
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(state.epoch)  # same shuffle for epoch e whether resumed or not
+            dataset = getattr(train_loader, "dataset", None)
+            if hasattr(dataset, "set_epoch"):  # per-sample augmentation seeds (accelerate does not always pass it on)
+                dataset.set_epoch(state.epoch)
             record = train_fn(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
                               clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
                               train_mode=train_mode, on_update=on_update, regularizer=regularizer,

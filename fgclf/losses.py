@@ -120,6 +120,40 @@ class _ClassWeighted(nn.Module):
         _check_per_class(self.class_weights, num_classes, "class_weights")
         return None if self.class_weights is None else self.class_weights.to(like.device, like.dtype)
 
+    def weight_sum(self, logits: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """The weighted mean's normaliser for this batch (``sum_i w_{y_i}``; soft: ``sum w_c t_ic``), or None."""
+        weight = self._weight(logits.shape[1], logits)
+        if weight is None:
+            return None
+        target = _soft_or_index(logits, target)
+        weight = weight.float()
+        return (target.float() * weight).sum() if target.is_floating_point() else weight[target].sum()
+
+
+class GlobalWeightedMean(nn.Module):
+    """A class-weighted loss whose normaliser is the *global* batch's weight sum.
+
+    Each of ``W`` data-parallel processes computes ``sum_local w l / sum_local w``, and DDP then
+    averages the gradients: the mean of per-process weighted means, not the weighted mean of the
+    whole batch (each shard's classes weigh differently). This rescales process ``r``'s loss by
+    ``W * S_r / S`` (``S_r``: its weight sum, ``S``: all-reduced), so the average over processes is
+    exactly ``sum_all w l / sum_all w``, the single-process value. One tiny all-reduce per step.
+
+    Args:
+        loss: A loss with class weights (``weight_sum``).
+        accelerator: The run's ``Accelerator`` (its ``reduce`` and process count).
+    """
+
+    def __init__(self, loss: nn.Module, accelerator) -> None:
+        super().__init__()
+        self.loss, self.accelerator = loss, accelerator
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = self.loss(logits, target)
+        local = self.loss.weight_sum(logits, target).detach()
+        total = self.accelerator.reduce(local.clone(), "sum")
+        return value * (local * self.accelerator.num_processes / total.clamp_min(torch.finfo(total.dtype).tiny))
+
 
 # ----------------------------------------------------------------------------- losses
 class CrossEntropyLoss(_ClassWeighted):

@@ -21,7 +21,7 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
 
     ``split_batches=True`` makes ``batch_size`` mean the same thing on 1 or 8 processes, and
     the seedable sampler gives epoch ``e`` the same shuffle whether or not the run was resumed
-    (it is seeded from ``torch.initial_seed()``: call ``set_seed`` before ``prepare``).
+    (seeded from ``data_seed``: call :func:`seed_shared` before ``prepare``).
     Mixed precision comes from the accelerate config unless ``mixed_precision`` overrides it.
 
     Under DeepSpeed the engine clips and accumulates by its own config: ``clip_grad_norm`` (None:
@@ -66,6 +66,32 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
             raise UserError(f"train.grad_accum_steps is {grad_accum_steps} but the DeepSpeed config says "
                             f"gradient_accumulation_steps: {ds_accum}; make them equal")
     return accelerator
+
+
+def seed_shared(accelerator, seed: int) -> None:
+    """Seed every RNG with ``seed`` on every process, and the train sampler's shuffle too.
+
+    Call before building the model (every process must start from the same weights: a pipeline
+    builds the whole model on each process) and before ``prepare`` (accelerate's seedable sampler
+    reads ``data_seed``: every process walks the same global order, for any process count).
+    """
+    from accelerate.utils import set_seed
+
+    accelerator.dataloader_config.data_seed = int(seed)
+    set_seed(int(seed))
+
+
+def seed_per_process(accelerator, seed: int) -> None:
+    """Seed process ``r``'s RNGs with ``seed + r`` (timm's rule) once the model and loaders exist.
+
+    What the training processes draw themselves (dropout and drop-path masks, mixup/cutmix) then
+    differs between processes instead of repeating the same masks on every shard; augmentation
+    has its own per-sample seeds (:class:`fgclf.data.PerSampleSeeds`). A resume restores each
+    process's saved RNG state over this.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed) + accelerator.process_index)
 
 
 def set_run_dir(accelerator, run_dir: Path) -> None:
@@ -245,6 +271,8 @@ def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[
 #                                  (``N:swap``: between the two renames of fgclf.utils.replace_dir)
 #   FGCLF_DEBUG_FAIL_SAVE=N        at the same point the N-th write fails: OSError ENOSPC (``N:EACCES``...)
 #   FGCLF_DEBUG_RANK=R             only process R (its RANK) applies the variables above (default: all)
+#   FGCLF_DEBUG_AUG_LOG=DIR        each train sample loaded appends "index rng-digest" to
+#                                  DIR/aug_r<RANK>_w<worker>.txt (the draws its augmentation starts from)
 
 _debug_saves = 0  # writes of `last` by this process (FGCLF_DEBUG_KILL_IN_SAVE / _FAIL_SAVE)
 _debug_swap_armed = False
@@ -330,3 +358,36 @@ def debug_fault(point: str, path: Optional[Path] = None) -> None:
 
         code = getattr(errno, fail[1] or "ENOSPC")
         raise OSError(code, os.strerror(code), f"{path} (FGCLF_DEBUG_FAIL_SAVE)")
+
+
+class _AugLog:
+    """FGCLF_DEBUG_AUG_LOG: note the torch CPU RNG state each sample's transform starts from."""
+
+    def __init__(self, dataset, folder: str) -> None:
+        self.dataset, self.folder = dataset, folder
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import hashlib
+
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        digest = hashlib.sha1(torch.random.default_generator.get_state().numpy().tobytes()).hexdigest()[:16]
+        name = f"aug_r{os.environ.get('RANK', '0')}_w{info.id if info else 'main'}.txt"
+        with open(Path(self.folder) / name, "a") as f:
+            f.write(f"{index} {digest}\n")
+        return self.dataset[index]
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "folder"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def debug_aug_log(dataset):
+    """``dataset``, or with FGCLF_DEBUG_AUG_LOG=DIR one that logs each sample's RNG state (tests)."""
+    folder = os.environ.get("FGCLF_DEBUG_AUG_LOG")
+    return _AugLog(dataset, folder) if folder else dataset

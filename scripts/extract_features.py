@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     data_cfg = fd.input_config_for(cfg.data, resolve_data_config(model))
     eval_tf = fd.create_transform(data_cfg, is_training=False)
-    splits = {s: fd.create_dataset(records=records, split=s, transform=eval_tf) for s in ("train", "val", "test")}
+    splits = {s: fd.create_dataset(records=records, split=s, transform=eval_tf, decoder=cfg.data.decoder)
+              for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise UserError("the dataset needs at least one train and one test image")
     model = model.to(accelerator.device)  # inference only: no DDP wrapper, each process runs its shard

@@ -188,11 +188,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # same preprocessing both sides: resize + centre crop to `size`, [0, 1] tensors (mean 0, std 1)
     tf = fd.create_transform({"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
                               "crop_pct": 1.0, "interpolation": "bicubic"}, is_training=False)
-    real_ds = fd.create_dataset(records=records, split=args.real_split, transform=tf)
+    real_ds = fd.create_dataset(records=records, split=args.real_split, transform=tf, decoder=data_cfg.decoder)
     generated = sorted({c for _, c in files}, key=class_names.index)
     fake_rec = fd.Records([f for f, _ in files], [class_names.index(c) for _, c in files],
                           [os.path.relpath(f, fake_dir) for f, _ in files], ["test"] * len(files), class_names)
-    fake_ds = fd.ImageDataset(fake_rec, tf)
+    fake_ds = fd.ImageDataset(fake_rec, tf, decoder=data_cfg.decoder)
 
     # ---------------------------------------------------------------- features
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     reference = None
     if args.reference:  # real images of another split, scored like the generated ones
         ref_split = "val" if args.real_split == "train" else "train"
-        ref_ds = fd.create_dataset(records=records, split=ref_split, transform=tf)
+        ref_ds = fd.create_dataset(records=records, split=ref_split, transform=tf, decoder=data_cfg.decoder)
         loader = torch.utils.data.DataLoader(ref_ds, batch_size=args.batch_size, shuffle=False,
                                              num_workers=data_cfg.num_workers)
         f, y = extract_features(loader, extractor=extractor, return_labels=True)

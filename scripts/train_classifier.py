@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, check_resume_config, command_line, create_accelerator,  # noqa: E402
-                           debug_callbacks, debug_loss, default_run_name, ignore_stop_signals, prepare_run_dir,
-                           resolve_resume, script_main, set_run_dir, shutdown)
+                           debug_aug_log, debug_callbacks, debug_loss, default_run_name, ignore_stop_signals,
+                           prepare_run_dir, resolve_resume, script_main, seed_per_process, seed_shared, set_run_dir,
+                           shutdown)
 
 
 def validate(cfg: TrainClassifierConfig) -> None:
@@ -53,6 +54,7 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
         (0 <= d.test_fraction < 1, "data.test_fraction must be in [0, 1)"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
         (not (cfg.peft != "none" and cfg.model.strategy == "linear_probe"),
          "--peft and model.strategy=linear_probe exclude each other (PEFT already freezes the body)"),
         (cfg.resume is None or cfg.resume == "last" or Path(cfg.resume).exists(),
@@ -76,6 +78,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
+            (not t.sync_bn, "--parallel pipeline: train.sync_bn does not apply (each stage sees whole microbatches; "
+                            "BatchNorm statistics are per microbatch)"),
             (not o.name.lower().startswith(("lamb", "lars", "larc")),
              f"--parallel pipeline: optimizer {o.name} clips by its own global gradient norm, which one stage "
              "cannot see; use adamw/sgd with train.clip_grad_norm"),
@@ -135,15 +139,23 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
 
         cache = ResizedImageCache(d.cache_dir or default_cache_dir(), eval_resize_size(data_cfg),
                                   data_cfg.get("interpolation") or "bilinear")
+        cache.check_space(records.items, records.bboxes)  # refuses a full disk; prints the size (main process)
     splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf,
-                                   cache=cache) for s in ("train", "val", "test")}
+                                   cache=cache, decoder=d.decoder) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise UserError("the dataset needs at least one train and one test image")
 
+    # each train sample is augmented from (seed, epoch, index): the same draws for any process or worker count
+    # and after a resume, and different samples (so different draws) on different processes
+    splits["train"] = fd.PerSampleSeeds(debug_aug_log(splits["train"]), seed=cfg.train.seed)
+    workers = {"num_workers": d.num_workers}
+    if d.num_workers:
+        workers.update(worker_init_fn=ignore_stop_signals, persistent_workers=d.persistent_workers,
+                       prefetch_factor=d.prefetch_factor)
+
     def loader(ds, bs, shuffle):
-        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=d.num_workers,
-                                           drop_last=False, pin_memory=torch.cuda.is_available(),
-                                           worker_init_fn=ignore_stop_signals if d.num_workers else None)
+        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=False,
+                                           pin_memory=torch.cuda.is_available(), **workers)
 
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     loaders = {"train": loader(splits["train"], cfg.train.batch_size, True),
@@ -214,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(cfg.data)
     output_dir, resume_dir = resolve_resume(cfg.resume, cfg.train.output_dir)
     # ---------------------------------------------------------------- accelerator
-    from accelerate.utils import set_seed
-
     from fgclf import checkpoint as ck
     from fgclf.engine import EVAL_LOSS, StopTraining, TrainState, evaluate, fit
     from fgclf.metrics import format_metrics_table
@@ -231,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
         if value % accelerator.num_processes and cfg.parallel == "data":  # a pipeline's processes share batches
             raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if cfg.loss.regularizer and ds_plugin is not None and ds_plugin.deepspeed_config.get(
+            "zero_optimization", {}).get("stage") == 3:  # each process would sum its empty parameter placeholders
+        raise UserError(f"loss.regularizer {cfg.loss.regularizer} sums the whole weights, which ZeRO-3 splits across "
+                        "processes; use ZeRO-2 or optim.weight_decay instead")
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
@@ -239,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     elif t.seed == "random":  # drawn on the main process, shared, printed and recorded
         t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
         accelerator.print(f"random seed: {t.seed}")
-    set_seed(t.seed)
+    seed_shared(accelerator, t.seed)  # the same on every process: model init, splits, the sampler's shuffle
     # ---------------------------------------------------------------- data + model
     records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     class_names = records.class_names
@@ -260,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         model = model.to(memory_format=torch.channels_last)
+    if t.sync_bn:  # before prepare: DDP then wraps the synchronised layers
+        from fgclf.models import convert_sync_batchnorm, count_batchnorms
+
+        if not count_batchnorms(model):
+            raise UserError(f"train.sync_bn: {cfg.model.name} has no BatchNorm layers")
+        if accelerator.num_processes > 1:
+            model = convert_sync_batchnorm(model, accelerator.device)
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
     loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
                                       len(class_names))
@@ -313,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
     mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
                          switch_prob=cfg.mixup.switch_prob, num_classes=len(class_names))
+    if runner is None and accelerator.num_processes > 1 and getattr(loss_fn, "class_weights", None) is not None:
+        from fgclf.losses import GlobalWeightedMean
+
+        loss_fn = GlobalWeightedMean(loss_fn, accelerator)  # the weighted mean of the global batch, not per process
     if runner is None:
         model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"],
                                                                           loaders["test"])
@@ -326,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         hooks = {"train_fn": runner.train_one_epoch, "eval_fn": runner.evaluate}
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
     # ---------------------------------------------------------------- loop
+    if runner is None:  # dropout, drop-path and mixup: one stream per process (the pipeline seeds its stages)
+        seed_per_process(accelerator, t.seed)
     state = checkpointer.load_last(resume_dir) if resume_dir is not None else TrainState()
     if resume_dir is not None:
         if accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():  # drop lines after the checkpoint

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- data + models
     records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     class_names = records.class_names
-    train_set = fd.create_dataset(records=records, split="train", transform=gan_transform(g.image_size, t.hflip))
+    train_set = fd.create_dataset(records=records, split="train", transform=gan_transform(g.image_size, t.hflip),
+                                  decoder=cfg.data.decoder)
     if len(train_set) < t.batch_size:
         raise UserError(f"the train split has {len(train_set)} images, fewer than train.batch_size {t.batch_size}")
     spec = gan_spec(g, len(class_names))

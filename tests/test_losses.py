@@ -332,3 +332,35 @@ def test_penalty_selecting_nothing_raises():
     model.requires_grad_(False)
     with pytest.raises(UserError, match="selects no trainable parameters"):
         create_regularizer("l1", weight=1.0)(model)
+
+
+@pytest.mark.parametrize("name,soft", [("ce", False), ("focal", False), ("ce", True)])
+def test_class_weighted_mean_over_two_processes_equals_the_whole_batch(name, soft):
+    """Two data-parallel shards: the average of their GlobalWeightedMean losses (what DDP's gradient
+    averaging optimises) equals the single-process weighted mean; the plain per-shard means do not."""
+    from fgclf.losses import GlobalWeightedMean
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 4, generator=g, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 3, 1])  # shard 0 holds the frequent class, shard 1 the rare ones
+    target = torch.nn.functional.one_hot(y, 4).float() * 0.8 + 0.05 if soft else y
+    loss = create_loss(name, class_weights=[0.5, 2.0, 3.0, 1.0])
+    whole = loss(logits, target)
+    shards = [slice(0, 4), slice(4, 8)]
+    total = sum(loss.weight_sum(logits[s], target[s]) for s in shards)
+
+    class TwoProcesses:  # accelerate's reduce("sum") across the two shards
+        num_processes = 2
+
+        def reduce(self, tensor, op):
+            assert op == "sum"
+            return total.detach().clone()
+
+    wrapped = GlobalWeightedMean(loss, TwoProcesses())
+    ddp = sum(wrapped(logits[s], target[s]) for s in shards) / 2
+    naive = sum(loss(logits[s], target[s]) for s in shards) / 2
+    assert float(ddp) == pytest.approx(float(whole), rel=1e-6)
+    assert abs(float(naive) - float(whole)) > 1e-3  # the defect: per-process normalisation
+    g_whole, = torch.autograd.grad(whole, logits)
+    g_ddp, = torch.autograd.grad(ddp, logits)
+    torch.testing.assert_close(g_ddp, g_whole)

@@ -14,15 +14,19 @@ from fgclf.data.splits import (assign_splits, check_class_coverage, class_covera
                                stratified_holdout)
 from fgclf.data.toy import TOY_DEFAULTS, default_toy_root, ensure_toy_cub, generate_toy_cub
 from fgclf.data.mixup import MixupCutmix, create_mixup, tta_flip_logits
+from fgclf.data.seeds import PerSampleSeeds, sample_seed
 from fgclf.data.transforms import (AugmentConfig, create_transform, list_augmentations, list_auto_augment_policies,
                                    register_augmentation, resolve_augment, resolve_input_config)
 from fgclf.errors import UserError
 
+# (root, bbox_crop, keep_missing, problems) -> Records; only manifests can name missing files or bad lines
 _READERS = {
-    "cub": lambda root, bbox_crop: read_cub(root, bbox_crop=bbox_crop),
-    "toy": lambda root, bbox_crop: read_cub(root, bbox_crop=bbox_crop),
-    "imagefolder": lambda root, bbox_crop: read_imagefolder(root),
-    "hf": lambda root, bbox_crop: read_hf(root),
+    "cub": lambda root, bbox_crop, keep, problems: read_cub(root, bbox_crop=bbox_crop, keep_missing=keep,
+                                                            problems=problems),
+    "toy": lambda root, bbox_crop, keep, problems: read_cub(root, bbox_crop=bbox_crop, keep_missing=keep,
+                                                            problems=problems),
+    "imagefolder": lambda root, bbox_crop, keep, problems: read_imagefolder(root),
+    "hf": lambda root, bbox_crop, keep, problems: read_hf(root),
 }
 
 
@@ -34,7 +38,8 @@ def list_formats() -> list[str]:
 def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: bool = False,
                  val_fraction: float = 0.15, test_fraction: float = 0.2, split_seed: int = 0,
                  num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None,
-                 check_classes: bool = True) -> Records:
+                 check_classes: bool = True, keep_missing: bool = False,
+                 problems: Optional[list[str]] = None) -> Records:
     """Read a dataset and assign every image to ``train``, ``val`` or ``test``.
 
     Args:
@@ -48,6 +53,10 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         check_classes: Refuse classes without images or without train images (see
             :func:`fgclf.data.splits.check_class_coverage`); :mod:`fgclf.data.check` turns it
             off to list them in its report instead.
+        keep_missing: Keep images a manifest lists whose file is not there (the caller treats
+            them as bad images) instead of a UserError; see :func:`fgclf.data.datasets.read_cub`.
+        problems: Collect the manifest problems here instead of raising at the first (the
+            images of bad lines are left out); :mod:`fgclf.data.check` reports them all.
     """
     if format not in _READERS:
         raise UserError(f"unknown data format '{format}'; known: {', '.join(_READERS)}")
@@ -57,7 +66,7 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         raise UserError(f"data.format={format} needs --data.root")
     elif format != "hf" and not Path(root).is_dir():
         raise UserError(f"dataset folder does not exist: {root}")
-    rec = _READERS[format](root, bbox_crop)
+    rec = _READERS[format](root, bbox_crop, keep_missing, problems)
     return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed,
                          num_folds=num_folds, fold=fold, check_classes=check_classes)
 
@@ -67,10 +76,12 @@ def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
 
     Returns the records (unreadable images dropped when ``d.skip_bad_images``) and the list
     of ``(path, reason)`` of the images that were dropped; without that flag the first
-    unreadable image is a UserError naming it. Dropping images must leave every class with
-    train images, else that is a UserError too.
+    unreadable image is a UserError naming it. A file a manifest lists that is not there (a
+    partial copy) is a bad image too: skipped with the flag (reason ``missing file``, whatever
+    ``d.verify_images``), named by the manifest reader without it. Dropping images must leave
+    every class with train images, else that is a UserError too.
     """
-    rec = load_records(**load_kwargs_from_config(d))
+    rec = load_records(**load_kwargs_from_config(d), keep_missing=bool(d.skip_bad_images))
     bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
     if bad and not d.skip_bad_images:
         path, why = bad[0]
@@ -101,22 +112,23 @@ def input_config_for(d, model_data_config: dict) -> dict:
 
 def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: str = "train",
                    transform: Optional[Callable] = None, records: Optional[Records] = None, cache=None,
-                   **kwargs) -> ImageDataset:
+                   decoder: str = "pil", **kwargs) -> ImageDataset:
     """One split of a dataset as a torch map-style dataset of ``(image, label)``.
 
     Pass ``records`` (from :func:`load_records`) to reuse one parse for several splits;
     otherwise ``kwargs`` go to :func:`load_records`. ``cache``: a
-    :class:`fgclf.data.cache.ResizedImageCache` that image files are read through.
+    :class:`fgclf.data.cache.ResizedImageCache` that image files are read through; ``decoder``:
+    ``pil`` or ``torchvision`` (:mod:`fgclf.data.decode`).
     """
     if records is None:
         records = load_records(format=format, root=root, **kwargs)
     if split not in ("train", "val", "test"):
         raise UserError(f"unknown split '{split}'; use train, val or test")
-    return ImageDataset(records.split(split), transform, cache=cache)
+    return ImageDataset(records.split(split), transform, cache=cache, decoder=decoder)
 
 
 __all__ = [
-    "AugmentConfig", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
+    "AugmentConfig", "PerSampleSeeds", "sample_seed", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
     "resolve_augment", "tta_flip_logits", "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
     "check_class_coverage", "class_coverage", "ImageInfo", "inspect_image", "load_kwargs_from_config", "read_cub_boxes",
     "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",

@@ -9,6 +9,7 @@ Public API::
     read_checkpoint_config(dir)
     apply_peft(model, *, method="lora", r=8, alpha=16, dropout=0.0, target_modules=None)
     default_target_modules(model), list_peft_methods()
+    convert_sync_batchnorm(model, device), count_batchnorms(model)  # --train.sync_bn
     summarize_model, format_summary, estimate_training_memory, measure_training_memory  # accounting
     OFFLINE_PRETRAINED
 """
@@ -18,12 +19,14 @@ from fgclf.models._factory import (
 )
 from fgclf.models._offline import OFFLINE_PRETRAINED
 from fgclf.models._peft import apply_peft, default_target_modules, list_peft_methods
+from fgclf.models._syncbn import GlobalBatchNorm, convert_sync_batchnorm, count_batchnorms
 from fgclf.models._summary import (ModelSummary, estimate_training_memory, format_memory, format_summary,
                                    measure_training_memory, summarize_model)
 
 __all__ = [
     "ModelSummary", "estimate_training_memory", "format_memory", "format_summary", "measure_training_memory",
-    "summarize_model", "OFFLINE_PRETRAINED", "apply_peft", "check_model_name", "count_parameters", "create_model",
+    "summarize_model", "OFFLINE_PRETRAINED", "GlobalBatchNorm", "apply_peft", "convert_sync_batchnorm",
+    "count_batchnorms", "check_model_name", "count_parameters", "create_model",
     "default_target_modules", "list_models", "list_peft_methods", "read_checkpoint_config",
     "resolve_data_config", "save_pretrained", "unwrap_model",
 ]

@@ -209,11 +209,14 @@ def test_channels_last_and_the_image_cache_give_the_same_run(toy_root, single_ru
     larger sources are covered by tests/data/test_cache.py). Both leave a loadable export."""
     out = tmp_path / "fast"
     _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
-           "--train.channels_last", "true", "--data.cache", "true", "--data.cache_dir", str(tmp_path / "cache"))
+           "--train.channels_last", "true", "--data.cache", "true", "--data.cache_dir", str(tmp_path / "cache"),
+           "--data.decoder", "torchvision")  # decode_jpeg gives PIL's pixels: the same run
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (single_run, out))
     for key in ("top1", "f1_macro", "loss"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    assert len(list((tmp_path / "cache").rglob("*.rgb"))) == 60  # every train/val/test image once
+    entries = list((tmp_path / "cache").rglob("*.img"))
+    # each image once, as a 13-byte "read the original" marker (toy images are below the cache size)
+    assert len(entries) == 60 and all(e.stat().st_size == 13 for e in entries)
     np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-4)
 
 
