@@ -25,6 +25,7 @@ def one_process(toy_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~3 min; the step itself equals one process in tests/test_pipeline.py (default suite)
 def test_pipeline_run_matches_one_process(toy_root, one_process, tmp_path):
     out = tmp_path / "pp"
     proc = _train(toy_root, out, *COMMON, *PIPE, "--pp.schedule", "1f1b", nproc=2)
