@@ -31,7 +31,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
