@@ -101,7 +101,8 @@ class DataConfig:
         decoder: Image decoder for training and evaluation: ``pil``, or ``torchvision``
             (``torchvision.io.decode_jpeg`` for plain JPEGs, PIL for the rest; the same pixels).
         verify_images: ``full`` decodes every image before training so a corrupt file stops
-            the run at once; ``header`` only opens them; ``none`` skips the check (files missing from disk are still reported).
+            the run at once; ``header`` only opens them; ``none`` skips the check (files
+            missing from disk are still reported).
         skip_bad_images: Drop unreadable images (listed in the run directory) instead of
             stopping.
         toy_num_classes: Classes of the generated toy dataset.
