@@ -316,6 +316,11 @@ class TrainConfig:
         sync_bn: Synchronise BatchNorm statistics over all processes (SyncBatchNorm), so that
             ``batch_size`` images, not ``batch_size / processes``, make each layer's statistics;
             a no-op on one process. Not with ``--parallel pipeline``.
+        drop_last: Drop each epoch's last, incomplete training batch (as timm does). Then N
+            processes train exactly as one process (otherwise accelerate fills the last batch of
+            a multi-process run with samples from the start of the epoch, and a single process
+            trains on a smaller last batch), and BatchNorm never normalises a batch of one image.
+            ``--parallel pipeline`` always drops it.
     """
 
     epochs: int = 5
@@ -338,6 +343,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    drop_last: bool = True
 
 
 @dataclass

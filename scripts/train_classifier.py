@@ -80,6 +80,7 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
             (not t.sync_bn, "--parallel pipeline: train.sync_bn does not apply (each stage sees whole microbatches; "
                             "BatchNorm statistics are per microbatch)"),
+            (t.drop_last, "--parallel pipeline always drops the last incomplete training batch; keep train.drop_last true"),
             (not o.name.lower().startswith(("lamb", "lars", "larc")),
              f"--parallel pipeline: optimizer {o.name} clips by its own global gradient norm, which one stage "
              "cannot see; use adamw/sgd with train.clip_grad_norm"),
@@ -153,10 +154,14 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
         workers.update(worker_init_fn=ignore_stop_signals, persistent_workers=d.persistent_workers,
                        prefetch_factor=d.prefetch_factor)
 
-    def loader(ds, bs, shuffle):
-        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=False,
+    def loader(ds, bs, shuffle):  # shuffle: training (the last incomplete batch dropped unless drop_last false)
+        return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=shuffle and cfg.train.drop_last,
                                            pin_memory=torch.cuda.is_available(), **workers)
 
+    if cfg.train.drop_last and len(splits["train"]) < cfg.train.batch_size:
+        raise UserError(f"the train split has {len(splits['train'])} images, fewer than train.batch_size "
+                        f"{cfg.train.batch_size}, so every batch would be dropped; lower train.batch_size or set "
+                        "train.drop_last false")
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     loaders = {"train": loader(splits["train"], cfg.train.batch_size, True),
                "val": loader(splits["val"], eval_bs, False) if len(splits["val"]) else None,

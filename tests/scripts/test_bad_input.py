@@ -131,6 +131,7 @@ def _validate(*argv: str) -> None:
     (("--parallel", "pipeline", "--train.batch_size", "8", "--pp.microbatches", "3"),
      "train.batch_size 8 must be a multiple of pp.microbatches 3"),
     (("--parallel", "pipeline", "--peft", "lora"), "--parallel pipeline trains the whole model"),
+    (("--parallel", "pipeline", "--train.drop_last", "false"), "--parallel pipeline always drops the last"),
     (("--train.early_stopping_metric", "top7"), "unknown early_stopping_metric 'top7'"),
     (("--loss.name", "focall"), "unknown loss 'focall'; did you mean: focal"),
 ])
@@ -194,3 +195,22 @@ def test_peft_target_that_matches_nothing_is_refused_before_training():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ----------------------------------------------------------------------------- launcher environments
+@pytest.mark.parametrize("env,needle", [  # the same refusals under a real launch: test_deepspeed.py (slow)
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP needs GPUs"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "1"}, "ACCELERATE_USE_CPU=1 silently turns"),
+])
+def test_launcher_environments_that_cannot_work_are_refused(monkeypatch, env, needle):
+    import torch
+
+    from fgclf.runtime import create_accelerator
+
+    if torch.cuda.is_available() and "ACCELERATE_USE_FSDP" in env:
+        pytest.skip("FSDP runs where there is a GPU")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError) as err:
+        create_accelerator()
+    assert needle in str(err.value) and "\n" not in str(err.value)
