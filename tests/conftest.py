@@ -1,10 +1,15 @@
 """Shared fixtures: a private fgclf cache, a tiny generated CUB-layout dataset, script runners."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -40,9 +45,60 @@ def toy_root(tmp_path_factory) -> Path:
                             test_per_class=5, image_size=32, seed=0)
 
 
+# A single-process run without extra environment goes through the script's ``main(argv)`` in this
+# process: a subprocess would pay ~10 s of imports per run and prove nothing more (the scripts'
+# entry points are ``sys.exit(main())``). FGCLF_TEST_SUBPROCESS=1 runs every script as a subprocess.
+IN_PROCESS = os.environ.get("FGCLF_TEST_SUBPROCESS", "") != "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _script_module(script: str):
+    spec = importlib.util.spec_from_file_location(f"_inproc_{Path(script).stem}", REPO / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next run may choose other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _run_in_process(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``scripts/<script>``'s ``main(args)`` here, with what a subprocess would give: exit status
+    (an uncaught exception: 1 with its traceback on stderr), stdout and stderr."""
+    module = _script_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = [str(REPO / "scripts" / script), *args]  # recorded as the run's command
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main(list(args))
+            except SystemExit as exc:  # argparse (--help, bad flags) and explicit exits
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 -- a crash, as a subprocess would report it
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        _reset_accelerate()
+    return subprocess.CompletedProcess([PYTHON, script, *args], code or 0, out.getvalue(), err.getvalue())
+
+
 def run_script(script: str, args: list[str], *, nproc: int = 1, launch: bool = False, env: dict | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``scripts/<script>`` directly (nproc=1) or under ``accelerate launch`` (gloo on CPU)."""
+    """Run ``scripts/<script>``: in this process (nproc=1, no launcher, no extra environment),
+    directly as a subprocess (with ``env``: fault injection kills or signals its process) or under
+    ``accelerate launch`` (gloo on CPU)."""
+    if nproc == 1 and not launch and not env and IN_PROCESS:
+        return _run_in_process(script, [str(a) for a in args])
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     target = [str(REPO / "scripts" / script), *args]
     if nproc > 1:

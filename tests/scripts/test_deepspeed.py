@@ -23,6 +23,7 @@ def _deepspeed(toy_root, out, *extra, env_extra=None, config="deepspeed_zero2.ya
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ZeRO-3 (kill, resume, best epoch) stays in the default suite
 def test_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
     common = ["--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01"]
     ds = _deepspeed(toy_root, tmp_path / "ds", *common)
@@ -107,11 +108,13 @@ def test_weight_penalty_under_zero3_is_refused(toy_root, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # a refusal under a real 2-process launch
 def test_cpu_flag_that_would_silently_drop_deepspeed_is_refused(toy_root, tmp_path):
     proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", env_extra={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in last_error_line(proc)
 
 
+@pytest.mark.slow  # a refusal under a real 2-process launch
 def test_fsdp_without_gpu_is_refused_instead_of_running_alone_twice(toy_root, tmp_path):
     """Without a GPU accelerate starts FSDP processes that each believe they are the only one (they
     trained and wrote the same run directory side by side): refused with a pointer to ZeRO-3."""

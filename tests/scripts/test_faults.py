@@ -70,7 +70,10 @@ def reference(toy_root, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("signame, step, code, resume", [("TERM", 7, 143, True), ("INT", 4, 130, False)])
+@pytest.mark.parametrize("signame, step, code, resume", [
+    ("TERM", 7, 143, True),
+    pytest.param("INT", 4, 130, False, marks=pytest.mark.slow),  # the same path with another signal
+])
 def test_stop_signal_finishes_the_update_writes_last_and_resume_matches(toy_root, reference, tmp_path,
                                                                        signame, step, code, resume):
     """SIGTERM/SIGINT: the update in progress ends, `last` holds it, exit 128 + signal with a message;
@@ -137,6 +140,7 @@ def _kill_then_resume(toy_root: Path, out: Path, reference: Path, kind: str, n: 
     _assert_same_result(reference, out, what)
 
 
+@pytest.mark.slow  # 3 kills at random updates; the fixed-update kill/signal resumes stay in the default suite
 def test_kill_at_random_moments_then_resume_matches_uninterrupted(toy_root, reference, tmp_path):
     """kill -9 at five seeded-random moments, two of them in the middle of a checkpoint write and one
     between its renames: the previous complete checkpoint is found every time, and each resumed run
@@ -182,6 +186,7 @@ def test_nonfinite_losses_stop_the_run_naming_them_and_the_last_good_checkpoint(
     _assert_same_result(reference, out, "nan from update 5")
 
 
+@pytest.mark.slow  # tests/scripts/test_realistic_runs.py signals process 1 of 2 and resumes, in the default suite
 def test_signal_reaching_one_process_stops_all_at_the_same_update(toy_root, tmp_path):
     """2 gloo processes, SIGTERM to process 1 only after update 6: both agree at the next update's
     poll, `last` holds update 7 and the launcher fails with the stop message shown."""

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_ARGS, run_script
 
 
-@pytest.mark.parametrize("name,kwargs", [("test_vit", '{"img_size": 32}'), ("test_resnet", "{}")])
+@pytest.mark.parametrize("name,kwargs", [("test_vit", '{"img_size": 32}'),
+                                         pytest.param("test_resnet", "{}", marks=pytest.mark.slow)])
 def test_lora_two_processes_adapter_reload_and_merged_export(toy_root, tmp_path, name, kwargs):
     import timm
     import torch

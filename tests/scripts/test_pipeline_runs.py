@@ -45,6 +45,7 @@ def test_pipeline_run_matches_one_process(toy_root, one_process, tmp_path):
     assert [s["stage"] for s in stages] == [0, 1] and stages[0]["units"][1] == stages[1]["units"][0]
 
 
+@pytest.mark.slow  # the pipeline step equality and 1f1b run stay in the default suite
 def test_pipeline_kill_then_resume_matches_uninterrupted(toy_root, tmp_path):
     common = (*COMMON, *PIPE, "--train.epochs", "3", "--data.aug.preset", "basic", "--train.checkpoint_every_steps", "1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -65,9 +66,10 @@ def test_pipeline_kill_then_resume_matches_uninterrupted(toy_root, tmp_path):
 @pytest.mark.parametrize("extra, nproc, message", [
     (("--pp.microbatches", "3"), 1, "must be a multiple of pp.microbatches 3"),
     (("--peft", "lora"), 1, "--parallel pipeline trains the whole model"),
-    (("--pp.stages", "3"), 2, "pp.stages is 3 but accelerate started 2 processes"),
+    pytest.param(("--pp.stages", "3"), 2, "pp.stages is 3 but accelerate started 2 processes", marks=pytest.mark.slow),
     ((), 1, "--parallel pipeline needs one process per stage"),
-    (("--model.name", "test_convnext"), 2, "splits timm ResNet, EfficientNet and ViT models"),
+    pytest.param(("--model.name", "test_convnext"), 2, "splits timm ResNet, EfficientNet and ViT models",
+                 marks=pytest.mark.slow),  # (2 launched processes each: slow)
 ])
 def test_pipeline_user_errors(toy_root, tmp_path, extra, nproc, message):
     out = tmp_path / "run"

@@ -25,6 +25,7 @@ def _plan(tmp_path: Path, toy_root: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # sweep.py runs in the default suite through tests/scripts/test_compare_runs.py (k-fold)
 def test_tiny_sweep_report_matches_its_runs(toy_root, tmp_path):
     plan, out = _plan(tmp_path, toy_root), tmp_path / "sweep"
     proc = run_script("sweep.py", [str(plan), "--output-dir", str(out)])
