@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from torch.nn import functional as F
 
-    from fgclf.engine import TrainState, train_one_epoch
+    from fgclf.engine import FitOptions, TrainState, train_one_epoch
     from fgclf.losses import create_loss
+    from fgclf.methods import StepParts, create_method
     from fgclf.models import create_model
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.runtime import create_accelerator, set_run_dir
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         set_run_dir(acc_a, Path(tmp.name))
         opt_a = create_optimizer(models["fgclf"], name="adamw", lr=args.lr, weight_decay=args.weight_decay)
         sched_a = create_scheduler(opt_a, name=args.scheduler, epochs=args.repeats + 1, updates_per_epoch=args.steps)
-        loss_a = create_loss("ce")
+        method_a = create_method("plain", parts=StepParts(loss_fn=create_loss("ce")))
         models["fgclf"], opt_a, dl_a, warm_a = acc_a.prepare(models["fgclf"], opt_a, loader(n_warm, n_warm + n),
                                                               loader(0, n_warm))
         acc_a.register_for_checkpointing(sched_a)
@@ -155,8 +156,8 @@ def run(args: argparse.Namespace) -> dict:
 
         def step_a(dl) -> None:
             with contextlib.redirect_stderr(devnull):  # tqdm picks sys.stderr when the bar is made
-                train_one_epoch(acc_a, models["fgclf"], dl, opt_a, sched_a, loss_a, state=state,
-                                clip_grad_norm=None, log_every=args.log_every, progress=True, on_update=on_update)
+                train_one_epoch(acc_a, models["fgclf"], dl, opt_a, sched_a, method_a, state=state,
+                                options=FitOptions(log_every=args.log_every, progress=True), on_update=on_update)
             state.epoch += 1
             state.step_in_epoch = 0
 

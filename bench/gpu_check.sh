@@ -5,7 +5,8 @@
 # fp32, the CUDA training-memory estimate within 25 %, FSDP2 testing the best epoch's weights, plain
 # and LoRA), a one-GPU demo-sized fine-tune under the
 # fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU), a bf16 run with
-# channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px; with 2 or more
+# channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px, WS-DAN and iSQRT-COV toy runs in bf16
+# (the tests marked gpu also train every fine-grained method in bf16); with 2 or more
 # GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,12 @@ out=runs/gpu_check/bf16-nhwc-compile-$(date +%s)
 .venv/bin/accelerate launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
   --config configs/toy_effnetlite0_finetune.yaml --train.channels_last true --train.compile true \
   --train.output_dir "$out" --train.progress false
+for method in wsdan isqrt_cov; do
+  out=runs/gpu_check/$method-bf16-$(date +%s)
+  .venv/bin/accelerate launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
+    --config configs/toy_effnetlite0_finetune.yaml --method.name $method --train.epochs 3 \
+    --train.output_dir "$out" --train.progress false
+done
 $PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
   --models tf_efficientnet_lite0 resnet50
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")

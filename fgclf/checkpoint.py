@@ -31,7 +31,8 @@ from fgclf.runtime import debug_fault
 from fgclf.utils import atomic_write_json, replace_dir
 
 # config.json keys that must match for a checkpoint to be resumed or loaded into this run
-_COMPATIBLE_KEYS = ("model_name", "num_classes", "peft")
+_COMPATIBLE_KEYS = ("model_name", "num_classes", "peft", "method")
+_PLAIN = {"name": "plain", "options": {}}  # what a checkpoint from before methods existed was trained with
 ADAPTER_NAME = "adapter_model.safetensors"
 OBJECTS_DIR = "objects"
 FROZEN_NAME = "frozen.json"
@@ -267,10 +268,13 @@ class Checkpointer:
             raise UserError(f"not an fgclf checkpoint (no config.json): {ckpt_dir}")
         theirs = json.loads(cfg_path.read_text())
         for key in _COMPATIBLE_KEYS:
-            if theirs.get(key) != self.meta.get(key):
+            if key == "method":
+                mine, other = self.meta.get(key) or _PLAIN, theirs.get(key) or _PLAIN
+            else:
+                mine, other = self.meta.get(key), theirs.get(key)
+            if other != mine:
                 what = "classifier size" if key == "num_classes" else key
-                raise UserError(f"cannot resume from {ckpt_dir}: {what} is {theirs.get(key)!r} there but "
-                                f"{self.meta.get(key)!r} in this run")
+                raise UserError(f"cannot resume from {ckpt_dir}: {what} is {other!r} there but {mine!r} in this run")
 
     def load_last(self, ckpt_dir: Optional[str | Path] = None) -> TrainState:
         """Restore model, optimizer, scheduler and RNG from ``ckpt_dir`` (default ``last``)."""

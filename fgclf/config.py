@@ -209,6 +209,13 @@ class LossConfig:
             is the usual (decoupled, for AdamW) L2; use this for L1/sparsity or other p.
         reg_weight: Weight of that penalty.
         reg_p: The p of ``lp`` (>= 1 or ``inf``).
+        confusion: A penalty on the batch's predictions that combines with any method:
+            ``pairwise`` (Pairwise Confusion, Dubey et al. ECCV 2018: the squared distance between
+            the class-probability vectors of neighbouring images of the batch, whatever their
+            labels) or ``entropy`` (maximum entropy, Dubey et al. NeurIPS 2018: minus the mean
+            entropy of the predictions). Works with every method and with mixup.
+        confusion_weight: Weight of that penalty (the papers' lambda / gamma; the authors suggest
+            0.1-0.2 x the number of classes for ``pairwise``).
     """
 
     name: str = "ce"
@@ -220,6 +227,58 @@ class LossConfig:
     regularizer: Optional[str] = None
     reg_weight: float = 0.0
     reg_p: Optional[Union[float, str]] = None
+    confusion: Optional[Literal["pairwise", "entropy"]] = None
+    confusion_weight: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    """The fine-grained method (``fgclf.methods``): how the backbone is wrapped, what a training step
+    computes and how a prediction is made. Options left null keep the method's default; setting an
+    option of another method is an error.
+
+    Args:
+        name: ``plain`` (the backbone as it is), ``bcnn`` (bilinear pooling, Lin et al. 2015),
+            ``cbp`` (compact bilinear pooling by Tensor Sketch, Gao et al. 2016), ``isqrt_cov``
+            (covariance pooling with a Newton-Schulz matrix square root, Li et al. 2018),
+            ``wsdan`` (attention cropping and dropping, Hu et al. 2019) or ``cal``
+            (counterfactual attention on WS-DAN, Rao et al. 2021).
+        reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
+            (bcnn/cbp default: none; isqrt_cov: 256).
+        dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0).
+        sketch_dim: cbp: Tensor Sketch dimension (default 8192).
+        seed: cbp: seed of the sketch's hashes and signs (default 0).
+        iterations: isqrt_cov: Newton-Schulz iterations (default 5).
+        num_maps: wsdan, cal: attention maps M (default 32).
+        beta: wsdan, cal: rate of the feature-centre update (default 0.05).
+        center_weight: wsdan, cal: weight of the feature-centre loss (default 1).
+        crop_theta: wsdan, cal: the attention crop keeps where the picked map exceeds
+            U(low, high) x its maximum (default [0.4, 0.6]).
+        drop_theta: wsdan, cal: the attention drop erases where the picked map exceeds
+            U(low, high) x its maximum (default [0.2, 0.5]).
+        crop_padding: wsdan, cal: the crop box grows by this fraction of the image side (default 0.1).
+        eval_crops: wsdan, cal: [theta, padding] of each crop around the mean attention map that
+            inference averages with the raw view (wsdan [[0.1, 0.05]]; cal [[0.3, 0.1], [0.2, 0.1],
+            [0.1, 0.05]]).
+        sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
+            1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
+            larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
+    """
+
+    name: str = "plain"
+    reduce_dim: Optional[int] = None
+    dropout: Optional[float] = None
+    sketch_dim: Optional[int] = None
+    seed: Optional[int] = None
+    iterations: Optional[int] = None
+    num_maps: Optional[int] = None
+    beta: Optional[float] = None
+    center_weight: Optional[float] = None
+    crop_theta: Optional[tuple[float, float]] = None
+    drop_theta: Optional[tuple[float, float]] = None
+    crop_padding: Optional[float] = None
+    eval_crops: Optional[list[tuple[float, float]]] = None
+    sqrt_eps: Optional[float] = None
 
 
 @dataclass
@@ -248,8 +307,9 @@ class OptimConfig:
         lr: Peak learning rate.
         weight_decay: The optimizer's L2 / decoupled weight decay (never on norms and biases).
         momentum: Momentum for SGD-like optimizers.
-        head_lr_scale: Multiplier of the classifier head's lr (e.g. 10: a new head learns
-            faster than the pretrained body).
+        head_lr_scale: Multiplier of the lr of the new layers: the classifier head and a
+            method's own layers (pooling reduction, attention), e.g. 10: new layers learn faster
+            than the pretrained body.
         layer_decay: Layer-wise lr decay for timm models (null: off; e.g. 0.75).
         scheduler: ``cosine``, ``cosine_restarts`` (SGDR), ``multistep``, ``plateau`` (drops
             the lr by ``gamma`` when the watched validation metric stalls) or ``constant``.
@@ -406,6 +466,7 @@ class TrainClassifierConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)

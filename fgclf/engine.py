@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fgclf.data.mixup import tta_flip_logits
 from fgclf.errors import UserError
 from fgclf.metrics import compute_metrics
 from fgclf.report import append_jsonl
@@ -216,38 +215,81 @@ def input_dtype(accelerator) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
 
 
-def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, loss_fn: nn.Module, *,
-                    state: TrainState, clip_grad_norm: Optional[float] = None, log_every: int = 10,
-                    progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
+@dataclass
+class FitOptions:
+    """How ``fit`` runs, apart from the model, data, optimizer and method.
+
+    Attributes:
+        epochs: Train until this many epochs are complete.
+        metric: Validation metric that picks ``best`` and drives early stopping (``loss`` is
+            minimised, anything else maximised).
+        patience: Epochs without a ``min_delta`` improvement before stopping (0: never).
+        min_delta: Smallest change that counts as an improvement.
+        clip_grad_norm: Clip the gradient norm to this value (None: no clipping).
+        log_every: Log the running loss every this many updates.
+        checkpoint_every_steps: Also write ``last`` every this many updates (0: epoch ends only).
+        progress: tqdm bars on the main process.
+        train_mode: Puts the model in training mode (a transfer strategy keeps frozen parts in eval).
+        callbacks: Run after every optimizer update with the :class:`TrainState`.
+        epoch_callbacks: Run on every process after each epoch's validation (e.g. attention pictures).
+        max_nonfinite_steps: Consecutive non-finite losses tolerated (:class:`RunGuard`).
+        seed: The run's seed (per-sample random choices of a method, see ``StepContext.uniform``).
+    """
+
+    epochs: int = 1
+    metric: str = "top1"
+    patience: int = 0
+    min_delta: float = 0.0
+    clip_grad_norm: Optional[float] = None
+    log_every: int = 10
+    checkpoint_every_steps: int = 0
+    progress: bool = True
+    train_mode: Optional[Callable[[nn.Module], None]] = None
+    callbacks: tuple = ()
+    epoch_callbacks: tuple = ()
+    max_nonfinite_steps: int = 3
+    seed: int = 0
+
+
+def _plain(method):
+    """``method``, or ``plain`` around a bare loss function (``fit(..., nn.CrossEntropyLoss(), ...)``)."""
+    from fgclf.methods import Method, StepParts, create_method
+
+    return method if isinstance(method, Method) else create_method("plain", parts=StepParts(loss_fn=method))
+
+
+def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, method, *,
+                    state: TrainState, options: Optional[FitOptions] = None,
                     on_update: Optional[Callable[[TrainState], None]] = None,
-                    regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None,
-                    mixup: Optional[Callable] = None, guard: Optional[RunGuard] = None) -> dict:
+                    guard: Optional[RunGuard] = None) -> dict:
     """One pass over ``loader`` (already prepared, possibly skipping finished batches).
 
-    ``guard`` (from ``fit``) is shown every loss and update, with device ops only; ``on_update``
-    runs after every optimizer update (``fit`` checkpoints and polls the guard there).
+    ``method`` (a :class:`fgclf.methods.Method`, or a bare loss for ``plain``) computes each step's
+    loss; this loop owns ``accumulate / backward / clip / step``. ``guard`` (from ``fit``) is shown
+    every loss and update, with device ops only; ``on_update`` runs after every optimizer update
+    (``fit`` checkpoints and polls the guard there).
 
     Returns:
-        ``{"train_loss", "lr", "samples", "epoch_time"}``: the loss (including any
-        ``regularizer`` penalty) averaged over all processes and batches of this epoch, and the
-        number of training samples seen by all processes together.
+        ``{"train_loss", "lr", "samples", "epoch_time"}`` plus ``train/<term>`` for the method's
+        loss terms: the loss (every term included) averaged over all processes and batches of this
+        epoch, and the number of training samples seen by all processes together.
     """
-    (train_mode or (lambda m: m.train()))(model)
-    cast = input_dtype(accelerator)
-    start, loss_sum, batches, samples = time.perf_counter(), None, 0, 0
+    from fgclf.methods import StepContext
+
+    method, o = _plain(method), options or FitOptions()
+    (o.train_mode or (lambda m: m.train()))(model)
+    ctx = StepContext(accelerator=accelerator, cast=input_dtype(accelerator), seed=o.seed, epoch=state.epoch)
+    start, loss_sum, batches, samples, term_sums = time.perf_counter(), None, 0, 0, {}
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
-    for images, labels in bar:
-        if mixup is not None:  # soft targets from then on; every loss accepts them
-            images, labels = mixup(images, labels)
+               disable=not (o.progress and accelerator.is_local_main_process))
+    for batch in bar:
+        ctx.start_batch(state.step_in_epoch, state.global_step)
         with accelerator.accumulate(model):
-            logits = model(images if cast is None else images.to(cast))
-            loss = loss_fn(logits.float(), labels)
-            if regularizer is not None:  # explicit L1/Lp penalty (not the optimizer's weight decay)
-                loss = loss + regularizer(model)
+            out = method.training_step(model, batch, ctx)
+            loss = out.loss
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            if accelerator.sync_gradients and o.clip_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
@@ -256,14 +298,17 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
         if guard is not None:
             guard.observe(detached)
         loss_sum = detached if loss_sum is None else loss_sum + detached
+        for name, value in out.terms.items():  # summed on the device; read once at the epoch end
+            value = value.detach().float()
+            term_sums[name] = value if name not in term_sums else term_sums[name] + value
         batches += 1
-        samples += images.shape[0]
+        samples += batch[0].shape[0]
         state.step_in_epoch += 1
         if accelerator.sync_gradients:
             state.global_step += 1
             if guard is not None:
                 guard.end_update(state.global_step)
-            if log_every and state.global_step % log_every == 0:
+            if o.log_every and state.global_step % o.log_every == 0:
                 running = loss_sum.item() / batches  # the only host sync, at log intervals
                 bar.set_postfix(loss=f"{running:.4f}")
                 accelerator.log({"train/loss_running": running,
@@ -273,26 +318,30 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     bar.close()
     mean_loss = accelerator.reduce(loss_sum / max(batches, 1), "mean").item() if batches else float("nan")
     samples = int(accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item())
-    return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
+    terms = {f"train/{name}": accelerator.reduce(total / batches, "mean").item() for name, total in term_sums.items()}
+    return {"train_loss": mean_loss, **terms, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
             "epoch_time": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def evaluate(accelerator, model: nn.Module, loader, *, loss_fn: Optional[nn.Module] = None,
-             progress: bool = False, desc: str = "eval", tta_flip: bool = False) -> EvalOutput:
+def evaluate(accelerator, model: nn.Module, loader, *, method=None, loss_fn: Optional[nn.Module] = None,
+             progress: bool = False, desc: str = "eval") -> EvalOutput:
     """Logits and labels of every sample in ``loader``, gathered from all processes.
 
-    ``gather_for_metrics`` drops the samples that distributed samplers duplicate to even out
-    the last batch, so each sample counts exactly once; order is the dataset's order.
+    Logits come from ``method.predict`` (the method's inference, with its test-time flip), or
+    from the model's forward without a method. ``gather_for_metrics`` drops the samples that
+    distributed samplers duplicate to even out the last batch, so each sample counts exactly
+    once; order is the dataset's order.
     """
     model.eval()
     cast = input_dtype(accelerator)
+    predict = method.predict if method is not None else (lambda m, x: m(x))
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False,
                                disable=not (progress and accelerator.is_local_main_process)):
         if cast is not None:
             images = images.to(cast)
-        logits = (tta_flip_logits(model, images) if tta_flip else model(images)).float()
+        logits = predict(model, images).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits)  # stays on the device: one copy to the host at the end, not one per batch
         all_labels.append(labels)
@@ -320,28 +369,27 @@ def _checkpoint_note(run_dir: Path) -> str:
     return f"the last good checkpoint is {path} (update {st['global_step']}, {where})"
 
 
-def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, scheduler, loss_fn: nn.Module, *,
-        epochs: int, state: TrainState, checkpointer, run_dir: str | Path, num_classes: int,
-        metric: str = "top1", patience: int = 0, min_delta: float = 0.0,
-        clip_grad_norm: Optional[float] = None, log_every: int = 10, checkpoint_every_steps: int = 0,
-        progress: bool = True, train_mode: Optional[Callable[[nn.Module], None]] = None,
-        regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None, mixup: Optional[Callable] = None,
-        tta_flip: bool = False, callbacks: tuple[Callable[[TrainState], None], ...] = (),
-        max_nonfinite_steps: int = 3,
-        train_fn: Optional[Callable[..., dict]] = None, eval_fn: Optional[Callable[..., EvalOutput]] = None) -> TrainState:
-    """Train for ``epochs`` from ``state``, validating and checkpointing after every epoch.
+def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, scheduler, method, *,
+        state: TrainState, checkpointer, run_dir: str | Path, num_classes: int,
+        options: Optional[FitOptions] = None, train_fn: Optional[Callable[..., dict]] = None,
+        eval_fn: Optional[Callable[..., EvalOutput]] = None) -> TrainState:
+    """Train from ``state`` to ``options.epochs``, validating and checkpointing after every epoch.
 
-    The watched ``metric`` (``loss`` is minimised, anything else maximised) selects the
-    ``best`` checkpoint and drives early stopping after ``patience`` epochs without a
+    ``method`` computes each training step and each prediction (a bare loss means ``plain``).
+    The watched ``options.metric`` (``loss`` is minimised, anything else maximised) selects the
+    ``best`` checkpoint and drives early stopping after ``options.patience`` epochs without a
     ``min_delta`` improvement. ``last`` is written at every epoch end (and every
     ``checkpoint_every_steps`` updates) so that ``--resume`` continues from it.
     ``train_fn``/``eval_fn`` replace :func:`train_one_epoch`/:func:`evaluate` (same signatures),
-    e.g. with a pipeline-parallel runner's. ``callbacks`` run after every update.
+    e.g. with a pipeline-parallel runner's.
 
     Ending early (:class:`RunGuard`): SIGTERM/SIGINT finish the current update, write ``last``
     and raise :class:`StopTraining`; more than ``max_nonfinite_steps`` consecutive updates with
     a non-finite loss raise :class:`NonFiniteLoss` naming them and the last good checkpoint.
     """
+    method, o = _plain(method), options or FitOptions()
+    epochs, metric, patience, min_delta = o.epochs, o.metric, o.patience, o.min_delta
+    checkpoint_every_steps, max_nonfinite_steps = o.checkpoint_every_steps, o.max_nonfinite_steps
     train_fn, eval_fn = train_fn or train_one_epoch, eval_fn or evaluate
     mode = "min" if metric == "loss" else "max"
     run_dir = Path(run_dir)
@@ -376,7 +424,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
         save = save and guard.can_save
         if save:
             checkpointer.save_last(st)
-        for callback in callbacks:
+        for callback in o.callbacks:
             callback(st)
         if guard.stopping():
             stop(st, guard.stopping(), saved=save)
@@ -393,17 +441,15 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             dataset = getattr(train_loader, "dataset", None)
             if hasattr(dataset, "set_epoch"):  # per-sample augmentation seeds (accelerate does not always pass it on)
                 dataset.set_epoch(state.epoch)
-            record = train_fn(accelerator, model, loader, optimizer, scheduler, loss_fn, state=state,
-                              clip_grad_norm=clip_grad_norm, log_every=log_every, progress=progress,
-                              train_mode=train_mode, on_update=on_update, regularizer=regularizer,
-                              mixup=mixup, guard=guard)
+            record = train_fn(accelerator, model, loader, optimizer, scheduler, method, state=state, options=o,
+                              on_update=on_update, guard=guard)
             check(state, epoch_end=True)
             state.epoch += 1
             state.step_in_epoch = 0
             record = {"epoch": state.epoch, "step": state.global_step, **record}
             if val_loader is not None:
-                out = eval_fn(accelerator, model, val_loader, loss_fn=EVAL_LOSS, progress=progress, desc="val",
-                              tta_flip=tta_flip)
+                out = eval_fn(accelerator, model, val_loader, method=method, loss_fn=EVAL_LOSS, progress=o.progress,
+                              desc="val")
                 scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
                 record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
                                **{f"val/{k}": v for k, v in scores.items()}})
@@ -433,6 +479,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                if k in ("epoch", "train_loss", "val/loss", "val/top1", "val/f1_macro", "lr"))
                 accelerator.print(msg + (" (early stop)" if state.stopped_early else ""))
+            for callback in o.epoch_callbacks:  # every process: callbacks may run the (wrapped) model
+                callback(state)
             guard.poll()  # a signal during validation or the checkpoint: stop now, `last` is this epoch end
             if guard.stopping():
                 stop(state, guard.stopping(), saved=True)

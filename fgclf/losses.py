@@ -55,6 +55,7 @@ __all__ = [
 
 LOSSES: Registry[nn.Module] = Registry("loss")
 REGULARIZERS: Registry["LpPenalty"] = Registry("regularizer")
+LOGIT_PENALTIES: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("confusion penalty")
 
 WeightsLike = Union[torch.Tensor, Sequence[float]]
 
@@ -387,6 +388,52 @@ def _lp(*, p: Union[float, str], weight: float, include: str = "weights",
     return LpPenalty(p, weight, include=include, exclude_norm_bias=exclude_norm_bias)
 
 
+# ----------------------------------------------------------------------------- penalties on predictions
+class PairwiseConfusion:
+    """Pairwise Confusion (Dubey et al., "Pairwise Confusion for Fine-Grained Visual Classification",
+    ECCV 2018): ``weight * sum_k ||p_2k - p_2k+1||^2 / B`` over the softmax probabilities ``p`` of a
+    batch of ``B`` images paired as (0, 1), (2, 3), ...; an odd last image stays unpaired.
+
+    Pulling the predictions of random pairs together keeps the network from being over-confident
+    on the small cues of a fine-grained training set. As in the paper's Caffe code (``EuclideanLoss``
+    on the two halves of the batch: the squared distance over ``B``) every pair counts, whatever its
+    labels. Pairs are neighbours rather than the two halves of the batch so that they stay inside
+    each process's part of the global batch: N processes compute what one process does.
+    """
+
+    def __init__(self, weight: float) -> None:
+        self.weight = _penalty_weight(weight)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float(), dim=1)
+        pairs = p.shape[0] // 2
+        diff = p[0:2 * pairs:2] - p[1:2 * pairs:2]
+        return self.weight * diff.square().sum() / p.shape[0]
+
+
+class EntropyPenalty:
+    """Maximum-entropy training (Dubey et al., "Maximum-Entropy Fine-Grained Classification",
+    NeurIPS 2018): ``CE - weight * H(p)``, so this adds ``weight * mean_i sum_c p_ic log p_ic`` (minus
+    the mean entropy of the softmax predictions), as the authors' ``EntropicConfusion``."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = _penalty_weight(weight)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=1)
+        return self.weight * (log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def _penalty_weight(weight: float) -> float:
+    if not (math.isfinite(float(weight)) and float(weight) >= 0):
+        raise UserError(f"loss.confusion_weight must be a finite number >= 0; got {weight}")
+    return float(weight)
+
+
+LOGIT_PENALTIES.register("pairwise")(PairwiseConfusion)
+LOGIT_PENALTIES.register("entropy")(EntropyPenalty)
+
+
 # ----------------------------------------------------------------------------- factories
 def _build(registry: Registry, name: str, kwargs: dict) -> object:
     """Call ``registry``'s factory, turning unknown / missing keyword arguments into UserErrors."""
@@ -434,3 +481,17 @@ def create_regularizer(name: str, **kwargs: object) -> LpPenalty:
         A callable ``penalty(model)`` -> scalar tensor to add to the loss.
     """
     return _build(REGULARIZERS, name, kwargs)
+
+
+def list_logit_penalties() -> list[str]:
+    """Registered penalties on the batch's predictions (``loss.confusion``)."""
+    return LOGIT_PENALTIES.names()
+
+
+def create_logit_penalty(name: str, *, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pairwise`` (:class:`PairwiseConfusion`) or ``entropy`` (:class:`EntropyPenalty`) with ``weight``.
+
+    Returns:
+        A callable ``penalty(logits)`` -> scalar tensor to add to the loss.
+    """
+    return LOGIT_PENALTIES.get(name)(weight)

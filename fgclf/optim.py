@@ -44,9 +44,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def _head_param_ids(model: nn.Module) -> set[int]:
-    from fgclf.models._checkpoint import classifier_names
+    from fgclf.models._checkpoint import new_module_names
 
-    heads = set(classifier_names(model))
+    heads = set(new_module_names(model))  # the classifier and a method's new layers
     return {id(p) for name, module in model.named_modules() if name in heads for p in module.parameters()}
 
 

@@ -430,13 +430,18 @@ class PipelineRunner:
             self.model.load_state_dict(merged, strict=True)
 
     # -- engine hooks (signatures of fgclf.engine.train_one_epoch / evaluate)
-    def train_one_epoch(self, accelerator, model, loader, optimizer, scheduler, loss_fn, *, state,
-                        clip_grad_norm=None, log_every=10, progress=True, train_mode=None, on_update=None,
-                        regularizer=None, mixup=None, guard=None) -> dict:
+    def train_one_epoch(self, accelerator, model, loader, optimizer, scheduler, method, *, state, options=None,
+                        on_update=None, guard=None) -> dict:
         from tqdm.auto import tqdm
 
-        if regularizer is not None or mixup is not None:
-            raise UserError("pipeline mode supports neither loss.regularizer nor mixup yet")
+        from fgclf.engine import FitOptions
+
+        o = options or FitOptions()
+        parts = getattr(method, "parts", None)
+        if getattr(method, "name", "plain") != "plain" or (parts is not None and (
+                parts.regularizer is not None or parts.mixup is not None or parts.logit_penalty is not None)):
+            raise UserError("pipeline mode runs the plain method without loss.regularizer, loss.confusion or mixup")
+        train_mode, progress, log_every, clip_grad_norm = o.train_mode, o.progress, o.log_every, o.clip_grad_norm
         (train_mode or (lambda m: m.train()))(self.model)
         start, loss_sum, batches, samples = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0, 0
         bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
@@ -470,12 +475,12 @@ class PipelineRunner:
         return {"train_loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
                 "epoch_time": time.perf_counter() - start}
 
-    def evaluate(self, accelerator, model, loader, *, loss_fn=None, progress=False, desc="eval", tta_flip=False):
+    def evaluate(self, accelerator, model, loader, *, method=None, loss_fn=None, progress=False, desc="eval"):
         from tqdm.auto import tqdm
 
         from fgclf.engine import EvalOutput
 
-        if tta_flip:
+        if method is not None and method.parts.tta_flip:
             raise UserError("pipeline mode does not support train.tta_flip yet")
         self.model.eval()
         all_logits, all_labels = [], []

@@ -6,7 +6,7 @@ from typing import Callable
 from torch import nn
 
 from fgclf.errors import UserError
-from fgclf.models._checkpoint import classifier_names
+from fgclf.models._checkpoint import classifier_names, new_module_names
 
 
 def _frozen_bn_eval(model: nn.Module, *, all_bn: bool) -> None:
@@ -61,7 +61,7 @@ def apply_strategy(model: nn.Module, strategy: str, *, freeze_bn: bool = False) 
         return train_mode_full
     if strategy != "linear_probe":
         raise UserError(f"unknown strategy '{strategy}'; known: full, partial:N, linear_probe")
-    heads = classifier_names(model)
+    heads = new_module_names(model)  # the classifier, and a method's own layers (pooling reduction, attention)
     head_modules = [module for name, module in model.named_modules() if name in heads]
     if not head_modules:
         raise UserError(f"linear_probe: no classifier module named {heads} in {type(model).__name__}")

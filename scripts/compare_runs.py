@@ -45,15 +45,15 @@ DEFAULT_METRICS = ["top1", "top5", "f1_macro", "auroc_macro", "loss", "best_epoc
 
 
 def comparison_table(run_dirs: list[Path], metrics: list[str]) -> str:
-    """A Markdown table: run | model | strategy/peft | metric columns."""
-    rows = ["| run | model | method | " + " | ".join(metrics) + " |",
-            "|---|---|---|" + "---:|" * len(metrics)]
+    """A Markdown table: run | model | method | strategy/peft | metric columns."""
+    rows = ["| run | model | method | trains | " + " | ".join(metrics) + " |",
+            "|---|---|---|---|" + "---:|" * len(metrics)]
     for run in run_dirs:
         path = run / "metrics.json"
         if not path.is_file():
             raise UserError(f"{run} has no metrics.json (not a finished run)")
         m = json.loads(path.read_text())
-        method = m.get("peft") if m.get("peft") not in (None, "none") else m.get("strategy", "")
+        trains = m.get("peft") if m.get("peft") not in (None, "none") else m.get("strategy", "")
         cells = []
         for key in metrics:
             value = m.get(key)
@@ -61,7 +61,8 @@ def comparison_table(run_dirs: list[Path], metrics: list[str]) -> str:
                 cells.append("nan" if math.isnan(value) else (f"{value:.1f}" if key == "train_seconds" else f"{value:.4f}"))
             else:
                 cells.append("" if value is None else str(value))
-        rows.append(f"| {run.name} | {m.get('model', '')} | {method} | " + " | ".join(cells) + " |")
+        rows.append(f"| {run.name} | {m.get('model', '')} | {m.get('method', 'plain')} | {trains} | "
+                    + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -73,8 +73,11 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (cfg.peft == "none" and cfg.model.strategy == "full",
              "--parallel pipeline trains the whole model: no --peft, model.strategy=full"),
             (t.grad_accum_steps == 1, "--parallel pipeline accumulates over pp.microbatches; keep train.grad_accum_steps 1"),
-            (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip,
-             "--parallel pipeline does not support mixup, loss.regularizer or train.tta_flip yet"),
+            (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip
+             and cfg.loss.confusion is None,
+             "--parallel pipeline does not support mixup, loss.regularizer, loss.confusion or train.tta_flip yet"),
+            (cfg.method.name == "plain", f"--parallel pipeline splits a plain timm model; method {cfg.method.name} "
+                                         "needs --parallel data"),
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
@@ -88,6 +91,11 @@ def validate(cfg: TrainClassifierConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    from fgclf.methods import method_from_config
+
+    method = method_from_config(cfg.method)  # unknown method or an option of another method: refused here
+    if "hard_labels" in method.requires and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
+        raise UserError(f"method {method.name} needs hard labels (its centre loss is per class); turn mixup/cutmix off")
     from fgclf.losses import list_losses, list_regularizers
     from fgclf.optim import list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
@@ -170,20 +178,33 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
 
 
 def build_model(cfg: TrainClassifierConfig, num_classes: int):
-    """Backbone from the model factory, then the transfer strategy or PEFT adapters."""
+    """Backbone from the model factory, wrapped by the method, then the transfer strategy or PEFT adapters."""
+    from fgclf.methods import method_from_config
     from fgclf.models import apply_peft, count_parameters, create_model
     from fgclf.transfer import apply_strategy, head_is_new, init_head
 
-    m = cfg.model
+    m, method = cfg.model, method_from_config(cfg.method)
     model_kwargs = {**m.kwargs, **{k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
                                                      ("attn_drop_rate", m.attn_drop_rate)) if v is not None}}
-    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
-                         trust_remote_code=m.trust_remote_code, **model_kwargs)
-    if m.name.startswith("file:"):  # an export of this run must rebuild the same architecture
+    exported = None
+    if m.name.startswith("file:"):  # an export of this run must rebuild the same architecture (and method)
         from fgclf.models import read_checkpoint_config
 
-        model_kwargs = {**read_checkpoint_config(m.name[len("file:"):])["model_kwargs"], **model_kwargs}
-    if head_is_new(model, name=m.name, pretrained=m.pretrained, weights=m.weights, num_classes=num_classes):
+        stored = read_checkpoint_config(m.name[len("file:"):])
+        exported = (stored.get("method") or {}).get("name", "plain")
+        if exported != "plain" and exported != method.name:
+            raise UserError(f"{m.name} was trained with method {exported}; continue it with --method.name {exported} "
+                            "(or start from a plain export)")
+    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
+                         trust_remote_code=m.trust_remote_code, **model_kwargs)
+    if exported is not None:
+        model_kwargs = {**stored["model_kwargs"], **model_kwargs}
+    pretrained_body = m.pretrained or m.weights is not None or exported is not None
+    if method.name != "plain" and exported != method.name:  # a new method around the backbone: its head is new
+        model = method.build(model, num_classes)
+        if pretrained_body:
+            init_head(model, m.head_init)
+    elif head_is_new(model, name=m.name, pretrained=m.pretrained, weights=m.weights, num_classes=num_classes):
         init_head(model, m.head_init)  # never touches a trained head loaded from a file
     train_mode = apply_strategy(model, m.strategy, freeze_bn=m.freeze_bn)
     peft_meta = None
@@ -196,11 +217,14 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
     return model, train_mode, model_kwargs, peft_meta, count_parameters(model)
 
 
-def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes: int):
-    """The loss with only the options the user set, and the optional weight penalty."""
+def build_parts(cfg: TrainClassifierConfig, train_labels: list[int], num_classes: int):
+    """The step's parts (:class:`fgclf.methods.StepParts`): the loss with only the options the user set,
+    mixup/cutmix, the optional weight penalty, the optional penalty on predictions and test-time flip."""
     import numpy as np
 
-    from fgclf.losses import class_balanced_weights, create_loss, create_regularizer
+    from fgclf.data import create_mixup
+    from fgclf.losses import class_balanced_weights, create_logit_penalty, create_loss, create_regularizer
+    from fgclf.methods import StepParts
 
     lc = cfg.loss
     kwargs = {k: v for k, v in (("label_smoothing", lc.label_smoothing), ("gamma", lc.gamma),
@@ -212,7 +236,26 @@ def build_loss(cfg: TrainClassifierConfig, train_labels: list[int], num_classes:
     if lc.regularizer:
         reg_kwargs = {"weight": lc.reg_weight, **({"p": lc.reg_p} if lc.reg_p is not None else {})}
         regularizer = create_regularizer(lc.regularizer, **reg_kwargs)
-    return create_loss(lc.name, **kwargs), regularizer
+    mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
+                         switch_prob=cfg.mixup.switch_prob, num_classes=num_classes)
+    penalty = create_logit_penalty(lc.confusion, weight=lc.confusion_weight) if lc.confusion else None
+    return StepParts(loss_fn=create_loss(lc.name, **kwargs), mixup=mixup, regularizer=regularizer,
+                     logit_penalty=penalty, tta_flip=cfg.train.tta_flip)
+
+
+def method_pictures(accelerator, method, model, test_set, run_dir: Path) -> tuple:
+    """The per-epoch picture of a method that draws one (WS-DAN/CAL attention maps and crops) on the
+    first 8 test images, written to ``run_dir/<method>/epoch_NNN.png``; none for the others."""
+    if not hasattr(method, "draw"):
+        return ()
+    import torch
+
+    images = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))])
+    folder = run_dir / method.name
+
+    def draw(state) -> None:
+        method.draw(accelerator, model, images, folder / f"epoch_{state.epoch:03d}.png")
+    return (draw,)
 
 
 @script_main
@@ -232,12 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir, resume_dir = resolve_resume(cfg.resume, cfg.train.output_dir)
     # ---------------------------------------------------------------- accelerator
     from fgclf import checkpoint as ck
-    from fgclf.engine import EVAL_LOSS, StopTraining, TrainState, evaluate, fit
+    from fgclf.engine import EVAL_LOSS, FitOptions, StopTraining, TrainState, evaluate, fit
+    from fgclf.methods import method_from_config
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
     from fgclf import data as fd
-    from fgclf.data import create_mixup, split_summary
+    from fgclf.data import split_summary
     from fgclf.utils import atomic_write_json, atomic_write_text, package_versions
 
     t = cfg.train
@@ -288,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
     splits, loaders, data_cfg = build_loaders(cfg, records, model)
-    loss_fn, regularizer = build_loss(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
-                                      len(class_names))
+    parts = build_parts(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
+                        len(class_names))
     runner = stages = None
     if cfg.parallel == "pipeline":  # this process's stage; every process walks the same batches
         from fgclf.pipeline import PipelineCheckpointer, setup_pipeline
@@ -297,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         runner, loaders, stages = setup_pipeline(
             accelerator, model, splits, input_size=data_cfg["input_size"], stages=cfg.pp.stages,
             microbatches=cfg.pp.microbatches, schedule=cfg.pp.schedule, balance=cfg.pp.balance,
-            batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=loss_fn,
+            batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=parts.loss_fn,
             resume_dir=resume_dir)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
-            "model_kwargs": model_kwargs, "peft": peft_meta,
+            "model_kwargs": model_kwargs, "peft": peft_meta, "method": method_from_config(cfg.method).metadata(),
             "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
                      "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None},
             "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
@@ -338,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
                                  milestones=o.milestones, gamma=o.gamma, restart_epochs=o.restart_epochs,
                                  restart_mult=o.restart_mult, plateau_patience=o.plateau_patience,
                                  plateau_mode="min" if t.early_stopping_metric == "loss" else "max")
-    mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
-                         switch_prob=cfg.mixup.switch_prob, num_classes=len(class_names))
-    if runner is None and accelerator.num_processes > 1 and getattr(loss_fn, "class_weights", None) is not None:
+    if runner is None and accelerator.num_processes > 1 and getattr(parts.loss_fn, "class_weights", None) is not None:
         from fgclf.losses import GlobalWeightedMean
 
-        loss_fn = GlobalWeightedMean(loss_fn, accelerator)  # the weighted mean of the global batch, not per process
+        parts.loss_fn = GlobalWeightedMean(parts.loss_fn, accelerator)  # the weighted mean of the global batch
+    parts.loss_fn = debug_loss(parts.loss_fn)  # a test hook (no-op unless FGCLF_DEBUG_NAN_AT_STEP is set)
+    method = method_from_config(cfg.method, parts=parts)
     if runner is None:
         model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"],
                                                                           loaders["test"])
@@ -366,13 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
     try:  # SIGTERM/SIGINT end fit after the current update, with `last` written; debug_* are test hooks (no-ops)
-        state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, debug_loss(loss_fn),
-                    epochs=t.epochs, state=state, checkpointer=checkpointer, run_dir=run_dir,
-                    num_classes=len(class_names), metric=t.early_stopping_metric, patience=t.early_stopping_patience,
-                    min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm, log_every=t.log_every,
-                    checkpoint_every_steps=t.checkpoint_every_steps, max_nonfinite_steps=t.max_nonfinite_steps,
-                    progress=t.progress, train_mode=train_mode, regularizer=regularizer, mixup=mixup,
-                    tta_flip=t.tta_flip, callbacks=debug_callbacks(), **hooks)
+        options = FitOptions(epochs=t.epochs, metric=t.early_stopping_metric, patience=t.early_stopping_patience,
+                             min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm,
+                             log_every=t.log_every, checkpoint_every_steps=t.checkpoint_every_steps,
+                             max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
+                             callbacks=debug_callbacks(), seed=t.seed,
+                             epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
+        state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, method, state=state,
+                    checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
     except StopTraining as stop:  # no test evaluation: say how to continue, shut down cleanly, exit 128 + signal
         if accelerator.is_main_process:  # before the shutdown barrier: a launcher may end us once another exits
             again = "--resume last" if cfg.train.output_dir else f"--resume {run_dir}"
@@ -382,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
-    out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, loss_fn=EVAL_LOSS, progress=t.progress, desc="test",
-                   tta_flip=t.tta_flip)
+    out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, method=method, loss_fn=EVAL_LOSS,
+                                         progress=t.progress, desc="test")
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
-                 "model": cfg.model.name, "peft": cfg.peft, "strategy": cfg.model.strategy, "parameters": params,
+                 "model": cfg.model.name, "method": cfg.method.name, "peft": cfg.peft, "strategy": cfg.model.strategy,
+                 "parameters": params,
                  "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                  "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}
         if cfg.data.num_folds:

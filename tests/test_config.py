@@ -60,6 +60,10 @@ def test_every_shipped_config_parses_and_documents_its_command(path):
     scripts = [script for script in SCRIPT_CONFIGS if script in text.split("\n\n")[0]]
     assert len(scripts) == 1, "the header names the script the config is for"
     cfg = parse_config(SCRIPT_CONFIGS[scripts[0]], ["--config", str(path)])
+    if isinstance(cfg, TrainClassifierConfig):  # the method and its options exist
+        from fgclf.methods import method_from_config
+
+        method_from_config(cfg.method)
     raw = yaml.safe_load(text)
     for section, values in raw.items():
         if isinstance(values, dict):

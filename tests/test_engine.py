@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fgclf.checkpoint import Checkpointer
-from fgclf.engine import TrainState, evaluate, fit
+from fgclf.engine import FitOptions, TrainState, evaluate, fit
+from fgclf.methods import StepParts, create_method
 from fgclf.optim import create_scheduler
 from fgclf.runtime import create_accelerator
 
@@ -35,8 +36,9 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path, lr, patience
     meta = {"model_name": "linear", "num_classes": 3, "class_names": list("abc"), "model_kwargs": {}, "peft": None}
     ck = Checkpointer(acc, tmp_path, meta=meta)
     ck.save_best = lambda m, s: None  # plain nn.Linear is not an exportable timm model
-    state = fit(acc, model, train, val, opt, sched, nn.CrossEntropyLoss(), epochs=6, state=TrainState(),
-                checkpointer=ck, run_dir=tmp_path, num_classes=3, metric="loss", patience=patience)
+    state = fit(acc, model, train, val, opt, sched, nn.CrossEntropyLoss(), state=TrainState(),
+                checkpointer=ck, run_dir=tmp_path, num_classes=3,
+                options=FitOptions(epochs=6, metric="loss", patience=patience))
     # lr=0: the loss never improves after epoch 1, so stopping comes `patience` epochs later
     assert state.epoch == expected_epochs and state.stopped_early == bool(patience)
     assert state.best_epoch == 1 and state.global_step == 3 * expected_epochs
@@ -71,7 +73,7 @@ def test_gradient_clipping_limits_the_update_norm():
     loader = DataLoader(_problem(10), batch_size=10)
     model, opt, loader = acc.prepare(model, opt, loader)
     train_one_epoch(acc, model, loader, opt, sched, nn.CrossEntropyLoss(), state=TrainState(),
-                    clip_grad_norm=1e-3, progress=False)
+                    options=FitOptions(clip_grad_norm=1e-3, progress=False))
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-4)
 
@@ -93,8 +95,8 @@ def test_regularizer_gradient_is_added_to_the_loss():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=1)
     model, opt, loader = acc.prepare(model, opt, DataLoader(data, batch_size=10))
-    train_one_epoch(acc, model, loader, opt, sched, nn.CrossEntropyLoss(), state=TrainState(), progress=False,
-                    regularizer=create_regularizer("l1", weight=0.5))
+    method = create_method("plain", parts=StepParts(regularizer=create_regularizer("l1", weight=0.5)))
+    train_one_epoch(acc, model, loader, opt, sched, method, state=TrainState(), options=FitOptions(progress=False))
     torch.testing.assert_close(model.weight.detach(), expected_w)
     torch.testing.assert_close(model.bias.detach(), expected_b)
 

@@ -81,3 +81,28 @@ def test_fsdp2_tests_the_best_epoch_weights(toy_root, tmp_path, peft):
         _, x = export_model_and_test_images(out, toy_root)
         with torch.no_grad():
             np.testing.assert_allclose(load_adapter_model(out / "checkpoints/best")(x).numpy(), logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal"])
+def test_methods_train_in_bf16_on_cuda_and_export(toy_root, tmp_path, method):
+    """Each fine-grained method under bf16 autocast on the GPU: finite losses, and its export (fp32,
+    CPU) predicts the same classes as the run's bf16 test logits for nearly every image."""
+    import math
+
+    import numpy as np
+    from conftest import export_logits
+
+    options = {"bcnn": ["--method.reduce_dim", "32"], "cbp": ["--method.sketch_dim", "512"],
+               "isqrt_cov": ["--method.reduce_dim", "32"], "wsdan": ["--method.num_maps", "8"],
+               "cal": ["--method.num_maps", "8"]}[method]
+    out = tmp_path / method
+    proc = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+                                              "--data.image_size", "64", "--train.epochs", "2",
+                                              "--train.mixed_precision", "bf16", "--method.name", method, *options,
+                                              "--train.output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) for r in history)
+    logits = np.load(out / "predictions.npz")["logits"]
+    agree = (export_logits(out, toy_root).argmax(1) == logits.argmax(1)).mean()
+    assert agree >= 0.9, agree

@@ -141,6 +141,19 @@ def classifier_names(model: nn.Module) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+def new_module_names(model: nn.Module) -> list[str]:
+    """The layers a model adds to its pretrained body: the classifier, plus a fine-grained method's own
+    layers (``new_modules`` of :class:`fgclf.methods.MethodModel`: pooling reductions, attention).
+
+    They are what ``linear_probe`` trains, what PEFT keeps fully trainable and what
+    ``optim.head_lr_scale`` speeds up."""
+    declared = getattr(model, "new_modules", None)
+    if declared:
+        names = dict(model.named_modules())
+        return [n for n in declared if n in names]
+    return classifier_names(model)
+
+
 def head_size_in(state_dict: dict[str, torch.Tensor], model: nn.Module) -> int | None:
     """Number of classes of the classifier stored in ``state_dict`` (None if it holds no head)."""
     for name in classifier_names(model):

@@ -219,6 +219,11 @@ def _create_from_dir(directory: str, num_classes: int | None, kwargs: dict[str, 
     stored = int(config["num_classes"])
     model = create_model(config["model_name"], num_classes=stored, pretrained=False,
                          **{**config["model_kwargs"], **kwargs})
+    method = config.get("method") or {}
+    if method.get("name", "plain") != "plain":  # a fine-grained method's model: rebuilt around the backbone
+        from fgclf.methods import create_method
+
+        model = create_method(method["name"], **method.get("options", {})).build(model, stored)
     load_weights_into(model, read_weights(Path(directory) / WEIGHTS_NAME), source=directory)
     if num_classes is not None and num_classes != stored:
         model.reset_classifier(num_classes)

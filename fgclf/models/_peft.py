@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from fgclf.errors import UserError
-from fgclf.models._checkpoint import classifier_names
+from fgclf.models._checkpoint import new_module_names
 from fgclf.registry import Registry
 
 PEFT_METHODS: Registry = Registry("peft method")
@@ -77,8 +77,8 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def _adaptable_names(model: nn.Module) -> list[str]:
-    """Names of modules peft can adapt (Linear / Conv), excluding the classifier."""
-    heads = classifier_names(model)
+    """Names of modules peft can adapt (Linear / Conv), excluding the classifier and a method's new layers."""
+    heads = new_module_names(model)
     return [n for n, m in model.named_modules()
             if isinstance(m, _ADAPTABLE) and not any(_matches(n, h) or n.startswith(h + ".") for h in heads)]
 
@@ -194,14 +194,28 @@ def apply_peft(model: nn.Module, *, method: str = "lora", r: int = 8, alpha: int
     if not targets:
         raise UserError("target_modules is empty")
     _check_targets(model, targets)
-    save = [h for h in classifier_names(model) if _has_parameters(model, h)]
+    save = [h for h in new_module_names(model) if _has_parameters(model, h)]  # trained fully, saved with the adapter
     config = make_config(targets, save, r, alpha, dropout)
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # peft's message for unsupported layers / bad combinations
         raise UserError(f"cannot apply {method} to {type(model).__name__}: {str(e)[:300]}") from None
+    _check_saved_modules(wrapped, save)
     _check_adapters_run(wrapped, method)
     return wrapped
+
+
+def _check_saved_modules(model: nn.Module, save: list[str]) -> None:
+    """UserError when peft's suffix match made more layers fully trainable than the head (and a
+    method's layers): e.g. a head called ``fc`` would also catch a block's ``se.fc``."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    wrapped = sorted(n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    extra = [n for n in wrapped if n not in save]
+    if extra:
+        raise UserError(f"PEFT would train {', '.join(extra[:3])} fully as well: its name ends like the head's "
+                        f"({', '.join(save)}); rename the head or choose target_modules")
 
 
 def _check_adapters_run(model: nn.Module, method: str) -> None:

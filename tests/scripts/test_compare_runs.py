@@ -69,7 +69,7 @@ def test_table_mode_unchanged(tmp_path, capsys):
     assert run_main(a, b, "--metrics", "top1", "best_epoch", "--output", tmp_path / "t.md") == 0
     table = capsys.readouterr().out
     assert table == (tmp_path / "t.md").read_text()
-    assert "| a | resnet18 | full | 0.5000 | 3 |" in table and "| b | resnet18 | full | 0.7500 | 4 |" in table
+    assert "| a | resnet18 | plain | full | 0.5000 | 3 |" in table and "| b | resnet18 | plain | full | 0.7500 | 4 |" in table
 
 
 def test_groups_match_scipy_and_statsmodels(tmp_path, capsys):

@@ -282,7 +282,7 @@ def test_fit_with_no_nonfinite_tolerance_stops_at_the_first(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from fgclf.checkpoint import Checkpointer
-    from fgclf.engine import NonFiniteLoss, TrainState, fit
+    from fgclf.engine import FitOptions, NonFiniteLoss, TrainState, fit
     from fgclf.optim import create_scheduler
     from fgclf.runtime import create_accelerator
 
@@ -304,8 +304,8 @@ def test_fit_with_no_nonfinite_tolerance_stops_at_the_first(tmp_path):
         return F.cross_entropy(logits, labels) * (float("nan") if calls >= 5 else 1.0)
 
     with pytest.raises(NonFiniteLoss) as err:
-        fit(acc, model, train, None, opt, sched, loss_fn, epochs=3, state=TrainState(), checkpointer=ck,
-            run_dir=tmp_path, num_classes=3, checkpoint_every_steps=1, max_nonfinite_steps=0)
+        fit(acc, model, train, None, opt, sched, loss_fn, state=TrainState(), checkpointer=ck, run_dir=tmp_path,
+            num_classes=3, options=FitOptions(epochs=3, checkpoint_every_steps=1, max_nonfinite_steps=0))
     assert str(err.value).startswith("non-finite training loss (nan/inf) at update 5 (more than "
                                      "train.max_nonfinite_steps=0 in a row); the last good checkpoint is "
                                      f"{tmp_path / 'checkpoints' / 'last'} (update 4, in epoch 2)")

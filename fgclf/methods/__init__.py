@@ -1,0 +1,21 @@
+"""Fine-grained methods as plug-ins of the engine (see ``_base`` for the interface).
+
+Public API::
+
+    create_method(name="plain", *, parts=None, **options), list_methods(), method_class(name)
+    method_from_config(MethodConfig, parts=...)
+    Method, StepOutput, StepContext, StepParts, register_method
+    MethodModel  # what non-plain methods build around a timm backbone
+
+Registered: ``plain``; second-order pooling ``bcnn``, ``cbp``, ``isqrt_cov`` (:mod:`.pooling`);
+attention cropping ``wsdan``, ``cal`` (:mod:`.attention`).
+"""
+from fgclf.methods._base import (Method, StepContext, StepOutput, StepParts, create_method, list_methods,
+                                 method_class, method_from_config, register_method)
+from fgclf.methods._model import MethodModel
+from fgclf.methods import plain as _plain  # noqa: F401  (registers)
+from fgclf.methods import pooling as _pooling  # noqa: F401  (registers)
+from fgclf.methods import attention as _attention  # noqa: F401  (registers)
+
+__all__ = ["Method", "MethodModel", "StepContext", "StepOutput", "StepParts", "create_method", "list_methods",
+           "method_class", "method_from_config", "register_method"]
