@@ -241,8 +241,9 @@ class MethodConfig:
         name: ``plain`` (the backbone as it is), ``bcnn`` (bilinear pooling, Lin et al. 2015),
             ``cbp`` (compact bilinear pooling by Tensor Sketch, Gao et al. 2016), ``isqrt_cov``
             (covariance pooling with a Newton-Schulz matrix square root, Li et al. 2018),
-            ``wsdan`` (attention cropping and dropping, Hu et al. 2019) or ``cal``
-            (counterfactual attention on WS-DAN, Rao et al. 2021).
+            ``wsdan`` (attention cropping and dropping, Hu et al. 2019), ``cal``
+            (counterfactual attention on WS-DAN, Rao et al. 2021) or ``pmg`` (progressive
+            multi-granularity jigsaw training, Du et al. 2020).
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
         dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0).
@@ -260,6 +261,13 @@ class MethodConfig:
         eval_crops: wsdan, cal: [theta, padding] of each crop around the mean attention map that
             inference averages with the raw view (wsdan [[0.1, 0.05]]; cal [[0.3, 0.1], [0.2, 0.1],
             [0.1, 0.05]]).
+        granularities: pmg: jigsaw sizes n (n x n patches) of the three stage classifiers' steps,
+            fine to coarse (default [8, 4, 2]).
+        feature_size: pmg: width of the stage blocks and classifiers (default 512).
+        steps: pmg: ``separate`` (one optimizer step per granularity and one for the whole image,
+            as the paper; needs train.grad_accum_steps 1) or ``sum`` (the four losses, one step).
+        inference: pmg: ``combined`` (the four classifiers' logits added, the paper's) or ``concat``.
+        concat_weight: pmg: weight of the whole-image classifier's loss (default 2).
         sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
             1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
             larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
@@ -279,6 +287,11 @@ class MethodConfig:
     crop_padding: Optional[float] = None
     eval_crops: Optional[list[tuple[float, float]]] = None
     sqrt_eps: Optional[float] = None
+    granularities: Optional[list[int]] = None
+    feature_size: Optional[int] = None
+    steps: Optional[Literal["separate", "sum"]] = None
+    inference: Optional[Literal["combined", "concat"]] = None
+    concat_weight: Optional[float] = None
 
 
 @dataclass

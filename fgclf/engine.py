@@ -284,23 +284,26 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                disable=not (o.progress and accelerator.is_local_main_process))
     for batch in bar:
         ctx.start_batch(state.step_in_epoch, state.global_step)
-        with accelerator.accumulate(model):
-            out = method.training_step(model, batch, ctx)
-            loss = out.loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and o.clip_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
-            optimizer.zero_grad(set_to_none=True)
-        detached = loss.detach().float()
-        if guard is not None:
-            guard.observe(detached)
-        loss_sum = detached if loss_sum is None else loss_sum + detached
-        for name, value in out.terms.items():  # summed on the device; read once at the epoch end
-            value = value.detach().float()
-            term_sums[name] = value if name not in term_sums else term_sums[name] + value
+        for substep in range(method.substeps):  # PMG: one optimizer step per granularity; others: one
+            ctx.substep = substep
+            with accelerator.accumulate(model):
+                out = method.training_step(model, batch, ctx)
+                loss = out.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and o.clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
+                optimizer.step()
+                if (accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+                        and substep == method.substeps - 1):
+                    scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
+                optimizer.zero_grad(set_to_none=True)
+            detached = loss.detach().float()
+            if guard is not None:
+                guard.observe(detached)
+            loss_sum = detached if loss_sum is None else loss_sum + detached  # a batch's steps add up
+            for name, value in out.terms.items():  # summed on the device; read once at the epoch end
+                value = value.detach().float()
+                term_sums[name] = value if name not in term_sums else term_sums[name] + value
         batches += 1
         samples += batch[0].shape[0]
         state.step_in_epoch += 1

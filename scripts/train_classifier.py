@@ -94,6 +94,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
     from fgclf.methods import method_from_config
 
     method = method_from_config(cfg.method)  # unknown method or an option of another method: refused here
+    if method.substeps > 1 and t.grad_accum_steps > 1:
+        raise UserError(f"method {method.name} takes {method.substeps} optimizer steps per batch; keep "
+                        "train.grad_accum_steps 1 (or --method.steps sum)")
     if "hard_labels" in method.requires and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise UserError(f"method {method.name} needs hard labels (its centre loss is per class); turn mixup/cutmix off")
     from fgclf.losses import list_losses, list_regularizers

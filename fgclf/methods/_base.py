@@ -66,10 +66,24 @@ class StepContext:
     epoch: int = 0
     batch_index: int = 0
     global_step: int = 0
-    draws: int = 0  # uniform() calls in this batch so far
+    substep: int = 0  # which of the method's optimizer steps on this batch (Method.substeps)
+    draws: int = 0  # random draws in this batch so far
 
     def start_batch(self, batch_index: int, global_step: int) -> None:
-        self.batch_index, self.global_step, self.draws = batch_index, global_step, 0
+        self.batch_index, self.global_step, self.substep, self.draws = batch_index, global_step, 0, 0
+
+    def _generator(self) -> torch.Generator:
+        """A generator keyed by (seed, epoch, batch, draw count), the same on every process."""
+        import numpy as np
+
+        key = np.random.SeedSequence([int(self.seed), self.epoch, self.batch_index, self.draws]).generate_state(
+            1, np.uint64)[0]
+        self.draws += 1
+        return torch.Generator().manual_seed(int(key) & (2**63 - 1))
+
+    def shared_randperm(self, n: int) -> torch.Tensor:
+        """A permutation of ``range(n)`` for the whole global batch: the same on every process."""
+        return torch.randperm(n, generator=self._generator())
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.cast is None else images.to(self.cast)
@@ -90,13 +104,7 @@ class StepContext:
         sample, not to the process: N processes draw what one process draws for the same global
         batch, and a resumed run draws what the uninterrupted one did.
         """
-        import numpy as np
-
-        key = np.random.SeedSequence([int(self.seed), self.epoch, self.batch_index, self.draws]).generate_state(
-            1, np.uint64)[0]
-        self.draws += 1
-        g = torch.Generator().manual_seed(int(key) & (2**63 - 1))
-        draw = torch.rand(local_batch * self.num_processes, *shape, generator=g)
+        draw = torch.rand(local_batch * self.num_processes, *shape, generator=self._generator())
         start = local_batch * self.process_index
         return draw[start:start + local_batch].to(device) if device is not None else draw[start:start + local_batch]
 
@@ -127,6 +135,9 @@ class Method:
 
     Class attributes:
         name: Registry name.
+        substeps: Optimizer steps per batch (PMG's one per granularity); the engine calls
+            ``training_step`` once per step with ``ctx.substep`` set, and counts the batch as one
+            update for the lr schedule and checkpoints.
         options: Option name -> default value; ``create_method`` refuses any other option.
         requires: What the method needs, checked before training: ``"feature_map"`` (a backbone
             whose ``forward_features`` gives a spatial map or patch tokens), ``"hard_labels"``
@@ -135,6 +146,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    substeps: int = 1
     options: ClassVar[dict[str, Any]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""

@@ -46,9 +46,9 @@ def to_feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int
                     "map or patch tokens; this method needs a CNN or ViT-style backbone")
 
 
-def _used_parameters(output: torch.Tensor) -> set[int]:
-    """ids of the parameters ``output``'s autograd graph reaches (no backward pass)."""
-    seen, used, stack = set(), set(), [output.grad_fn]
+def _used_parameters(outputs: list[torch.Tensor]) -> set[int]:
+    """ids of the parameters the autograd graphs of ``outputs`` reach (no backward pass)."""
+    seen, used, stack = set(), set(), [o.grad_fn for o in outputs]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
@@ -61,16 +61,27 @@ def _used_parameters(output: torch.Tensor) -> set[int]:
     return used
 
 
-def prepare_backbone(backbone: nn.Module) -> tuple[int, list[str]]:
-    """Remove ``backbone``'s classifier and freeze the parameters its ``forward_features`` never uses.
+def last_feature_map(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """``[forward_features(x)]`` as an NCHW map (what most methods pool)."""
+    return [to_feature_map(backbone, backbone.forward_features(x), tuple(x.shape[-2:]))]
+
+
+def prepare_backbone(backbone: nn.Module, features: Callable[[nn.Module, torch.Tensor], list] = last_feature_map,
+                     ) -> tuple[list[int], list[str]]:
+    """Remove ``backbone``'s classifier and freeze the parameters that ``features`` never uses.
 
     The backbone's own pooling head may keep parameters after ``reset_classifier(0)`` (a ViT's
-    ``fc_norm``, ConvNeXt's ``head.norm``); a method that pools the feature map itself never uses
-    them, and under DDP a trainable parameter without a gradient is an error. One eval-mode
-    forward pass of a zero image at the model's input size finds them (and the channel count).
+    ``fc_norm``, ConvNeXt's ``head.norm``), and a method reading intermediate stages skips the
+    layers after them (EfficientNet's ``conv_head``); under DDP a trainable parameter without a
+    gradient is an error. One eval-mode forward pass of a zero image at the model's input size
+    finds them (and the channel counts).
+
+    Args:
+        backbone: A timm model.
+        features: ``(backbone, images) -> list of NCHW maps`` the method uses.
 
     Returns:
-        (channels of the feature map, names of the parameters frozen).
+        (channels of each map, names of the parameters frozen).
     """
     if not hasattr(backbone, "forward_features") or not hasattr(backbone, "reset_classifier"):
         raise UserError(f"{type(backbone).__name__} does not follow timm's model contract (forward_features, "
@@ -83,15 +94,15 @@ def prepare_backbone(backbone: nn.Module) -> tuple[int, list[str]]:
     try:
         with torch.enable_grad():
             probe = torch.zeros(1, *size, dtype=param.dtype, device=param.device, requires_grad=True)
-            fmap = to_feature_map(backbone, backbone.forward_features(probe), tuple(size[1:]))
+            maps = features(backbone, probe)
     finally:
         backbone.train(was_training)
-    used = _used_parameters(fmap)
+    used = _used_parameters(maps)
     unused = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in used]
     for name, p in backbone.named_parameters():
         if name in unused:
             p.requires_grad_(False)
-    return int(fmap.shape[1]), unused
+    return [int(m.shape[1]) for m in maps], unused
 
 
 class MethodModel(nn.Module):
@@ -107,15 +118,19 @@ class MethodModel(nn.Module):
     """
 
     new_modules: tuple[str, ...] = ("fg_head",)
+    classifier_name: str = "fg_head"  # the final Linear (zero-initialised on a pretrained body, reset by reset_classifier)
     head_bias: bool = True
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int,
+                 features: Callable[[nn.Module, torch.Tensor], list] = last_feature_map) -> None:
         super().__init__()
-        self.channels, self.unused_backbone_params = prepare_backbone(backbone)
+        channels, self.unused_backbone_params = prepare_backbone(backbone, features)
+        self.channels = channels[-1]  # of the last map
+        self.stage_channels = channels
         self.backbone = backbone
         self.num_classes = num_classes
         cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
-        cfg.update(classifier="fg_head", num_classes=num_classes, input_size=input_size_of(backbone))
+        cfg.update(classifier=self.classifier_name, num_classes=num_classes, input_size=input_size_of(backbone))
         self.pretrained_cfg = cfg
         self.default_cfg = cfg
 
