@@ -242,8 +242,9 @@ class MethodConfig:
             ``cbp`` (compact bilinear pooling by Tensor Sketch, Gao et al. 2016), ``isqrt_cov``
             (covariance pooling with a Newton-Schulz matrix square root, Li et al. 2018),
             ``wsdan`` (attention cropping and dropping, Hu et al. 2019), ``cal``
-            (counterfactual attention on WS-DAN, Rao et al. 2021) or ``pmg`` (progressive
-            multi-granularity jigsaw training, Du et al. 2020).
+            (counterfactual attention on WS-DAN, Rao et al. 2021), ``pmg`` (progressive
+            multi-granularity jigsaw training, Du et al. 2020) or ``transfg`` (ViT part
+            selection and contrastive loss, He et al. 2022).
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
         dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0).
@@ -268,6 +269,10 @@ class MethodConfig:
             as the paper; needs train.grad_accum_steps 1) or ``sum`` (the four losses, one step).
         inference: pmg: ``combined`` (the four classifiers' logits added, the paper's) or ``concat``.
         concat_weight: pmg: weight of the whole-image classifier's loss (default 2).
+        slide_step: transfg: stride of the patch embedding (default 12: overlapping 16 px patches; the
+            patch size: no overlap).
+        contrastive_weight: transfg: weight of the contrastive loss on the class token (default 1).
+        alpha: transfg: margin of that loss for pairs of different classes (default 0.4).
         sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
             1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
             larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
@@ -292,6 +297,9 @@ class MethodConfig:
     steps: Optional[Literal["separate", "sum"]] = None
     inference: Optional[Literal["combined", "concat"]] = None
     concat_weight: Optional[float] = None
+    slide_step: Optional[int] = None
+    contrastive_weight: Optional[float] = None
+    alpha: Optional[float] = None
 
 
 @dataclass

@@ -105,6 +105,21 @@ def prepare_backbone(backbone: nn.Module, features: Callable[[nn.Module, torch.T
     return [int(m.shape[1]) for m in maps], unused
 
 
+def unwrap_to(model: nn.Module, cls: type) -> nn.Module:
+    """The ``cls`` module inside DDP, DeepSpeed, ``torch.compile`` and PEFT wrappers."""
+    net = model
+    while not isinstance(net, cls):
+        if callable(getattr(net, "get_base_model", None)):  # peft.PeftModel
+            net = net.get_base_model()
+        elif hasattr(net, "module"):  # DDP, DeepSpeed's engine
+            net = net.module
+        elif hasattr(net, "_orig_mod"):  # torch.compile
+            net = net._orig_mod
+        else:
+            raise TypeError(f"no {cls.__name__} inside {type(model).__name__}")
+    return net
+
+
 class MethodModel(nn.Module):
     """A backbone plus a method's layers; subclasses define ``forward_head`` (and ``forward``).
 

@@ -47,6 +47,35 @@ def attention_grid(images: torch.Tensor, maps: torch.Tensor, boxes: torch.Tensor
         axes[row, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def part_grid(images: torch.Tensor, boxes: list, path: Path, *, title: str) -> None:
+    """Each image with squares on its selected parts: ``boxes[i]`` lists ``(y, x, size)`` in pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = images.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
+    for i in range(n):
+        ax = axes[0, i]
+        ax.imshow(_displayable(images[i]))
+        for y, x, size in boxes[i]:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="yellow", lw=1.0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure to ``path`` through a temporary name (its folder is created)."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -41,7 +41,7 @@ from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.methods._base import Method, StepContext, StepOutput, register_method
-from fgclf.methods._model import MethodModel
+from fgclf.methods._model import MethodModel, unwrap_to
 
 EPS = 1e-12  # attention-map sampling weights sqrt(mean + EPS)
 
@@ -197,7 +197,7 @@ class _AttentionMethod(Method):
                         ctx: StepContext) -> torch.Tensor:
         """The centre loss against the current (normalised) centres, then the centre update with the
         whole global batch's features (gathered), so every process applies the same update."""
-        net = _unwrap(model, ctx)
+        net = _unwrap(model)
         centres = F.normalize(net.feature_center[labels], dim=-1)
         loss = (features.float() - centres).square().sum(1).mean()
         with torch.no_grad():
@@ -241,19 +241,8 @@ class _AttentionMethod(Method):
                            title=f"{self.name}: mean attention, crop at {theta:g} x max (padding {padding:g})")
 
 
-def _unwrap(model: nn.Module, ctx: Optional[StepContext] = None) -> nn.Module:
-    """The AttentionModel inside DDP, DeepSpeed, ``torch.compile`` and PEFT wrappers."""
-    net = model
-    while not isinstance(net, AttentionModel):
-        if callable(getattr(net, "get_base_model", None)):  # peft.PeftModel
-            net = net.get_base_model()
-        elif hasattr(net, "module"):  # DDP, DeepSpeed's engine
-            net = net.module
-        elif hasattr(net, "_orig_mod"):  # torch.compile
-            net = net._orig_mod
-        else:
-            raise TypeError(f"no AttentionModel inside {type(model).__name__}")
-    return net
+def _unwrap(model: nn.Module) -> AttentionModel:
+    return unwrap_to(model, AttentionModel)
 
 
 _ATTENTION_OPTIONS = {"num_maps": 32, "beta": 0.05, "center_weight": 1.0, "crop_theta": (0.4, 0.6),

@@ -20,7 +20,8 @@ from fgclf.methods import StepParts, create_method
 
 OPTIONS = {"plain": {}, "bcnn": {"reduce_dim": 8}, "cbp": {"reduce_dim": 8, "sketch_dim": 64},
            "isqrt_cov": {"reduce_dim": 8}, "wsdan": {"num_maps": 4}, "cal": {"num_maps": 4},
-           "pmg": {"feature_size": 16}}
+           "pmg": {"feature_size": 16}, "transfg": {"slide_step": 12}}
+BACKBONES = {"transfg": ("test_vit", {"img_size": 64})}  # the others: a GroupNorm EfficientNet
 # PMG compares one batch of 16 (its four optimizer steps): its classifiers' BatchNorm1d layers normalise
 # 8 vectors per process over many steps, and the rounding of the global statistics then grows past 2e-5
 # (the parameter sums still agree to 1e-5 after two batches).
@@ -30,7 +31,8 @@ OPTIONS = {"plain": {}, "bcnn": {"reduce_dim": 8}, "cbp": {"reduce_dim": 8, "ske
 # (eps 1e-12 / 1e-6) has gradients up to 1 / (2 sqrt(eps)): a 1e-6 relative change of the input moves
 # WS-DAN's stem gradient by ~5 % here; with eps 1e-4 the same computation is well conditioned.
 ONE_UPDATE = ("wsdan", "cal", "pmg")
-LR = {"plain": 0.01, "bcnn": 0.01, "cbp": 0.01, "isqrt_cov": 0.01, "wsdan": 1e-3, "cal": 1e-3, "pmg": 0.01}  # x100 logits: gentler
+LR = {"plain": 0.01, "bcnn": 0.01, "cbp": 0.01, "isqrt_cov": 0.01, "wsdan": 1e-3, "cal": 1e-3, "pmg": 0.01,
+      "transfg": 0.01}  # x100 logits: gentler
 DISTRIBUTED = {**OPTIONS, "wsdan": {"num_maps": 4, "sqrt_eps": 1e-4}, "cal": {"num_maps": 4, "sqrt_eps": 1e-4}}
 CLASSES = 3
 
@@ -47,7 +49,8 @@ def _build(name: str, *, sync: bool = False, penalty: bool = False, options: dic
     torch.manual_seed(0)
     parts = StepParts(logit_penalty=create_logit_penalty("pairwise", weight=1.0) if penalty else None)
     method = create_method(name, parts=parts, **options[name])
-    model = method.build(timm.create_model("test_efficientnet_gn", num_classes=CLASSES), CLASSES)
+    arch, kwargs = BACKBONES.get(name, ("test_efficientnet_gn", {}))
+    model = method.build(timm.create_model(arch, num_classes=CLASSES, **kwargs), CLASSES)
     if sync:
         model = convert_sync_batchnorm(model, "cpu")
     return method, model
@@ -128,7 +131,7 @@ def test_every_method_on_two_processes_equals_one_process():
     _reset_accelerate()
 
 
-@pytest.mark.parametrize("name", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg"])
+@pytest.mark.parametrize("name", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg", "transfg"])
 def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path, name):
     """``fit`` stopped after epoch 1 (``last`` written) and resumed into fresh objects ends where the
     uninterrupted 2-epoch run ends: weights, BatchNorm statistics, feature centres, random crops."""
@@ -147,8 +150,9 @@ def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path, name):
         opt = create_optimizer(model, name="adamw", lr=1e-3)
         sched = create_scheduler(opt, name="cosine", epochs=2, updates_per_epoch=2)
         model, opt, train = acc.prepare(model, opt, DataLoader(_data(), batch_size=8, shuffle=True))
-        meta = {"model_name": "test_efficientnet_gn", "num_classes": CLASSES, "class_names": list("abc"),
-                "model_kwargs": {}, "peft": None, "method": method.metadata()}
+        arch, kwargs = BACKBONES.get(name, ("test_efficientnet_gn", {}))
+        meta = {"model_name": arch, "num_classes": CLASSES, "class_names": list("abc"),
+                "model_kwargs": kwargs, "peft": None, "method": method.metadata()}
         ck = Checkpointer(acc, out, meta=meta)
         ck.track_states(scheduler=sched)
         state = ck.load_last() if resume else TrainState()
@@ -178,7 +182,8 @@ def test_peft_trains_only_the_adapters_and_the_methods_own_layers(name):
 
     method, model = _build(name)
     new = set(model.new_modules)
-    peft_model = apply_peft(model, method="lora", r=2, target_modules=["conv_pw", "conv_pwl"])
+    targets = None if name in BACKBONES else ["conv_pw", "conv_pwl"]  # the ViT: its default qkv/proj/fc1/fc2
+    peft_model = apply_peft(model, method="lora", r=2, target_modules=targets)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or any(f".{m}." in n for m in new) for n in trainable), sorted(trainable)
     layers = {m for m in new if any(p.numel() for p in getattr(model, m).parameters())}
@@ -221,7 +226,8 @@ def test_an_export_rebuilds_the_method_and_its_inference(tmp_path, name):
     method, model = _build(name)
     if hasattr(model, "feature_center"):
         model.feature_center.normal_()
-    save_pretrained(model.eval(), tmp_path, model_name="test_efficientnet_gn", num_classes=CLASSES,
+    arch, kwargs = BACKBONES.get(name, ("test_efficientnet_gn", {}))
+    save_pretrained(model.eval(), tmp_path, model_name=arch, num_classes=CLASSES, model_kwargs=kwargs,
                     class_names=list("abc"), extra={"method": method.metadata()})
     loaded = create_model(f"file:{tmp_path}", num_classes=CLASSES).eval()
     assert type(loaded) is type(model)
