@@ -243,11 +243,13 @@ class MethodConfig:
             (covariance pooling with a Newton-Schulz matrix square root, Li et al. 2018),
             ``wsdan`` (attention cropping and dropping, Hu et al. 2019), ``cal``
             (counterfactual attention on WS-DAN, Rao et al. 2021), ``pmg`` (progressive
-            multi-granularity jigsaw training, Du et al. 2020) or ``transfg`` (ViT part
-            selection and contrastive loss, He et al. 2022).
+            multi-granularity jigsaw training, Du et al. 2020), ``transfg`` (ViT part
+            selection and contrastive loss, He et al. 2022) or ``api_net`` (attentive pairwise
+            interaction on P x K batches, Zhuang et al. 2020).
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
-        dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0).
+        dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0); api_net: on the
+            mutual vector and before the classifier (default 0.5).
         sketch_dim: cbp: Tensor Sketch dimension (default 8192).
         seed: cbp: seed of the sketch's hashes and signs (default 0).
         iterations: isqrt_cov: Newton-Schulz iterations (default 5).
@@ -273,6 +275,10 @@ class MethodConfig:
             patch size: no overlap).
         contrastive_weight: transfg: weight of the contrastive loss on the class token (default 1).
         alpha: transfg: margin of that loss for pairs of different classes (default 0.4).
+        samples_per_class: api_net: K images of each of P = train.batch_size / K classes per batch
+            (default 4).
+        hidden: api_net: width of the mutual-vector MLP (default 512).
+        rank_margin: api_net: margin of the score-ranking loss (default 0.05).
         sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
             1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
             larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
@@ -300,6 +306,9 @@ class MethodConfig:
     slide_step: Optional[int] = None
     contrastive_weight: Optional[float] = None
     alpha: Optional[float] = None
+    samples_per_class: Optional[int] = None
+    hidden: Optional[int] = None
+    rank_margin: Optional[float] = None
 
 
 @dataclass

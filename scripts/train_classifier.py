@@ -94,6 +94,13 @@ def validate(cfg: TrainClassifierConfig) -> None:
     from fgclf.methods import method_from_config
 
     method = method_from_config(cfg.method)  # unknown method or an option of another method: refused here
+    if "pk_batches" in method.requires:
+        k = int(method.opts["samples_per_class"])
+        if k < 2 or t.batch_size % k or t.batch_size // k < 2:
+            raise UserError(f"method {method.name} trains on P classes x K images: train.batch_size {t.batch_size} must be "
+                            f"a multiple of method.samples_per_class {k} (>= 2) with P = batch_size / K >= 2")
+        if not t.drop_last:
+            raise UserError(f"method {method.name}: P x K batches drop an incomplete last batch; keep train.drop_last true")
     if method.substeps > 1 and t.grad_accum_steps > 1:
         raise UserError(f"method {method.name} takes {method.substeps} optimizer steps per batch; keep "
                         "train.grad_accum_steps 1 (or --method.steps sum)")
@@ -174,7 +181,21 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
                         f"{cfg.train.batch_size}, so every batch would be dropped; lower train.batch_size or set "
                         "train.drop_last false")
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    loaders = {"train": loader(splits["train"], cfg.train.batch_size, True),
+    from fgclf.methods import method_from_config
+
+    method = method_from_config(cfg.method)
+    if "pk_batches" in method.requires:  # P classes x K images per batch (API-Net), same for any process count
+        from fgclf.data.samplers import ClassBalancedBatchSampler
+
+        k = int(method.opts["samples_per_class"])
+        sampler = ClassBalancedBatchSampler(splits["train"].targets, classes_per_batch=cfg.train.batch_size // k,
+                                            samples_per_class=k,
+                                            seed=cfg.train.seed)
+        train = torch.utils.data.DataLoader(splits["train"], batch_sampler=sampler,
+                                            pin_memory=torch.cuda.is_available(), **workers)
+    else:
+        train = loader(splits["train"], cfg.train.batch_size, True)
+    loaders = {"train": train,
                "val": loader(splits["val"], eval_bs, False) if len(splits["val"]) else None,
                "test": loader(splits["test"], eval_bs, False)}
     return splits, loaders, data_cfg

@@ -104,6 +104,7 @@ def test_bcnn_with_lora_trains_adapters_and_its_own_layers_and_exports_merged(to
                                                                   "loss.confusion or train.tta_flip"),
     (["--loss.confusion", "pairs"], "loss.confusion"),
     (["--method.name", "pmg", "--train.grad_accum_steps", "2"], "method pmg takes 4 optimizer steps per batch"),
+    (["--method.name", "api_net", "--method.samples_per_class", "3"], "must be a multiple of method.samples_per_class 3"),
 ])
 def test_method_user_errors_stop_before_training(toy_root, tmp_path, extra, message):
     proc = run_script("train_classifier.py", _args(toy_root, tmp_path / "run", *extra))
