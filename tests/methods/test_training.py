@@ -133,7 +133,14 @@ def test_every_method_on_two_processes_equals_one_process():
     _reset_accelerate()
 
 
-@pytest.mark.parametrize("name", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg", "transfg", "api_net"])
+# the default suite resumes the methods with random draws, centres, sub-steps or a batch sampler;
+# the rest run in `make test-slow` (suite time)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [pytest.param("bcnn", marks=SLOW), pytest.param("cbp", marks=SLOW),
+                                  pytest.param("isqrt_cov", marks=SLOW), "wsdan", pytest.param("cal", marks=SLOW),
+                                  "pmg", pytest.param("transfg", marks=SLOW), "api_net"])
 def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path, name):
     """``fit`` stopped after epoch 1 (``last`` written) and resumed into fresh objects ends where the
     uninterrupted 2-epoch run ends: weights, BatchNorm statistics, feature centres, random crops."""
