@@ -398,9 +398,17 @@ def load_adapter_model(ckpt_dir: str | Path) -> nn.Module:
     peft_cfg, base = meta.get("peft"), meta.get("base") or {}
     if not peft_cfg or not (ckpt_dir / ADAPTER_NAME).is_file():
         raise UserError(f"{ckpt_dir} holds no PEFT adapter; load it with --model.name file:{ckpt_dir}")
+    if not base.get("pretrained", False) and not base.get("weights"):
+        raise UserError(f"{ckpt_dir}'s adapter was trained on randomly initialised base weights, which cannot be "
+                        f"rebuilt; load the merged export with --model.name file:{ckpt_dir}")
     model = create_model(base.get("model_name", meta["model_name"]), num_classes=meta["num_classes"],
                          pretrained=base.get("pretrained", False), weights=base.get("weights"),
                          **meta.get("model_kwargs", {}))
+    method = meta.get("method") or {}
+    if method.get("name", "plain") != "plain":  # the method's model around the base, as the run built it
+        from fgclf.methods import create_method
+
+        model = create_method(method["name"], **method.get("options", {})).build(model, meta["num_classes"])
     model = apply_peft(model, method=peft_cfg["method"], r=peft_cfg["r"], alpha=peft_cfg["alpha"],
                        dropout=peft_cfg["dropout"], target_modules=peft_cfg["target_modules"])
     from peft import set_peft_model_state_dict

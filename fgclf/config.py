@@ -214,8 +214,8 @@ class LossConfig:
             the class-probability vectors of neighbouring images of the batch, whatever their
             labels) or ``entropy`` (maximum entropy, Dubey et al. NeurIPS 2018: minus the mean
             entropy of the predictions). Works with every method and with mixup.
-        confusion_weight: Weight of that penalty (the papers' lambda / gamma; the authors suggest
-            0.1-0.2 x the number of classes for ``pairwise``).
+        confusion_weight: Weight of that penalty, required with it (the papers' lambda / gamma; the
+            authors suggest 0.1-0.2 x the number of classes for ``pairwise``).
     """
 
     name: str = "ce"
@@ -228,7 +228,7 @@ class LossConfig:
     reg_weight: float = 0.0
     reg_p: Optional[Union[float, str]] = None
     confusion: Optional[Literal["pairwise", "entropy"]] = None
-    confusion_weight: float = 0.0
+    confusion_weight: Optional[float] = None
 
 
 @dataclass

@@ -284,6 +284,7 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                disable=not (o.progress and accelerator.is_local_main_process))
     for batch in bar:
         ctx.start_batch(state.step_in_epoch, state.global_step)
+        stepped = False  # did any of this batch's optimizer steps apply (fp16 loss scaling may skip one)?
         for substep in range(method.substeps):  # PMG: one optimizer step per granularity; others: one
             ctx.substep = substep
             with accelerator.accumulate(model):
@@ -293,9 +294,9 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                 if accelerator.sync_gradients and o.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
                 optimizer.step()
-                if (accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
-                        and substep == method.substeps - 1):
-                    scheduler.step_update()  # once per real update: accumulation/fp16 skips don't count
+                stepped = stepped or (accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped)
+                if stepped and substep == method.substeps - 1:
+                    scheduler.step_update()  # once per batch with a real update: accumulation/fp16 skips don't count
                 optimizer.zero_grad(set_to_none=True)
             detached = loss.detach().float()
             if guard is not None:

@@ -105,7 +105,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
         raise UserError(f"method {method.name} takes {method.substeps} optimizer steps per batch; keep "
                         "train.grad_accum_steps 1 (or --method.steps sum)")
     if "hard_labels" in method.requires and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
-        raise UserError(f"method {method.name} needs hard labels (its centre loss is per class); turn mixup/cutmix off")
+        raise UserError(f"method {method.name} needs hard labels (its losses compare classes); turn mixup/cutmix off")
+    if (cfg.loss.confusion is None) != (cfg.loss.confusion_weight is None):
+        raise UserError("loss.confusion and loss.confusion_weight go together (e.g. --loss.confusion pairwise "
+                        "--loss.confusion_weight 2; the authors suggest 0.1-0.2 x the number of classes)")
     from fgclf.losses import list_losses, list_regularizers
     from fgclf.optim import list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
@@ -141,7 +144,7 @@ def with_synthetic(cfg: TrainClassifierConfig, records):
     return add_synthetic(records, chosen, only=s.only), info
 
 
-def build_loaders(cfg: TrainClassifierConfig, records, model):
+def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     """Transforms from the model's data config, one dataset per split, unprepared loaders."""
     import torch
 
@@ -181,16 +184,20 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
                         f"{cfg.train.batch_size}, so every batch would be dropped; lower train.batch_size or set "
                         "train.drop_last false")
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    from fgclf.methods import method_from_config
-
-    method = method_from_config(cfg.method)
     if "pk_batches" in method.requires:  # P classes x K images per batch (API-Net), same for any process count
         from fgclf.data.samplers import ClassBalancedBatchSampler
 
         k = int(method.opts["samples_per_class"])
-        sampler = ClassBalancedBatchSampler(splits["train"].targets, classes_per_batch=cfg.train.batch_size // k,
-                                            samples_per_class=k,
+        p = cfg.train.batch_size // k
+        classes = len(set(splits["train"].targets))
+        if p > classes:
+            raise UserError(f"method {method.name}: train.batch_size {cfg.train.batch_size} / method.samples_per_class "
+                            f"{k} = {p} classes per batch, but the train split has {classes}; lower train.batch_size")
+        sampler = ClassBalancedBatchSampler(splits["train"].targets, classes_per_batch=p, samples_per_class=k,
                                             seed=cfg.train.seed)
+        if len(sampler) == 0:
+            raise UserError(f"method {method.name}: no batch of {p} classes x {k} images can be formed from the train "
+                            "split; lower train.batch_size")
         train = torch.utils.data.DataLoader(splits["train"], batch_sampler=sampler,
                                             pin_memory=torch.cuda.is_available(), **workers)
     else:
@@ -201,13 +208,28 @@ def build_loaders(cfg: TrainClassifierConfig, records, model):
     return splits, loaders, data_cfg
 
 
-def build_model(cfg: TrainClassifierConfig, num_classes: int):
+def run_method(cfg: TrainClassifierConfig):
+    """The run's method; continuing from an export of the same method keeps the export's options
+    (``fgclf.methods.method_for_run``), so the model, its step and the recorded options agree."""
+    from fgclf.methods import method_for_run
+
+    export = None
+    if cfg.model.name.startswith("file:"):
+        from fgclf.models import read_checkpoint_config
+
+        export = read_checkpoint_config(cfg.model.name[len("file:"):])
+    try:
+        return method_for_run(cfg.method, export=export)
+    except UserError as err:
+        raise UserError(f"{cfg.model.name}: {err}") from None
+
+
+def build_model(cfg: TrainClassifierConfig, num_classes: int, method):
     """Backbone from the model factory, wrapped by the method, then the transfer strategy or PEFT adapters."""
-    from fgclf.methods import method_from_config
     from fgclf.models import apply_peft, count_parameters, create_model
     from fgclf.transfer import apply_strategy, head_is_new, init_head
 
-    m, method = cfg.model, method_from_config(cfg.method)
+    m = cfg.model
     model_kwargs = {**m.kwargs, **{k: v for k, v in (("drop_rate", m.drop_rate), ("drop_path_rate", m.drop_path_rate),
                                                      ("attn_drop_rate", m.attn_drop_rate)) if v is not None}}
     exported = None
@@ -216,9 +238,6 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int):
 
         stored = read_checkpoint_config(m.name[len("file:"):])
         exported = (stored.get("method") or {}).get("name", "plain")
-        if exported != "plain" and exported != method.name:
-            raise UserError(f"{m.name} was trained with method {exported}; continue it with --method.name {exported} "
-                            "(or start from a plain export)")
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
     if exported is not None:
@@ -300,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- accelerator
     from fgclf import checkpoint as ck
     from fgclf.engine import EVAL_LOSS, FitOptions, StopTraining, TrainState, evaluate, fit
-    from fgclf.methods import method_from_config
+    from fgclf.methods import Method
     from fgclf.metrics import format_metrics_table
     from fgclf.optim import create_optimizer, create_scheduler
     from fgclf.report import read_jsonl, write_evaluation
@@ -343,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                                 (t.early_stopping_patience > 0, "train.early_stopping_patience > 0")):
             if needs_val:
                 raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
-    model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names))
+    method = run_method(cfg)
+    model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names), method)
     if t.channels_last:  # convolutions then hand NHWC activations along; inputs are converted by the first
         import torch
 
@@ -355,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"train.sync_bn: {cfg.model.name} has no BatchNorm layers")
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
-    splits, loaders, data_cfg = build_loaders(cfg, records, model)
+    splits, loaders, data_cfg = build_loaders(cfg, records, model, method)
     parts = build_parts(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
                         len(class_names))
     runner = stages = None
@@ -368,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=t.batch_size, num_workers=cfg.data.num_workers, seed=t.seed, loss_fn=parts.loss_fn,
             resume_dir=resume_dir)
     meta = {"model_name": cfg.model.name, "num_classes": len(class_names), "class_names": class_names,
-            "model_kwargs": model_kwargs, "peft": peft_meta, "method": method_from_config(cfg.method).metadata(),
+            "model_kwargs": model_kwargs, "peft": peft_meta, "method": method.metadata(),
             "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
                      "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None},
             "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
@@ -411,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
 
         parts.loss_fn = GlobalWeightedMean(parts.loss_fn, accelerator)  # the weighted mean of the global batch
     parts.loss_fn = debug_loss(parts.loss_fn)  # a test hook (no-op unless FGCLF_DEBUG_NAN_AT_STEP is set)
-    method = method_from_config(cfg.method, parts=parts)
+    method.parts = parts
+    if type(method).state_dict is not Method.state_dict:  # a method with state of its own: saved in last/ too
+        checkpointer.track_states(method=method)
     if runner is None:
         model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"],
                                                                           loaders["test"])

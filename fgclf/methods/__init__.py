@@ -3,7 +3,7 @@
 Public API::
 
     create_method(name="plain", *, parts=None, **options), list_methods(), method_class(name)
-    method_from_config(MethodConfig, parts=...)
+    method_from_config(MethodConfig, parts=...), method_for_run(MethodConfig, export=config.json of file:)
     Method, StepOutput, StepContext, StepParts, register_method
     MethodModel  # what non-plain methods build around a timm backbone
 
@@ -11,7 +11,7 @@ Registered: ``plain``; second-order pooling ``bcnn``, ``cbp``, ``isqrt_cov`` (:m
 attention cropping ``wsdan``, ``cal`` (:mod:`.attention`); multi-granularity ``pmg`` (:mod:`.granularity`); ViT part selection ``transfg`` (:mod:`.transformer`); pairwise interaction ``api_net`` (:mod:`.pairwise`).
 """
 from fgclf.methods._base import (Method, StepContext, StepOutput, StepParts, create_method, list_methods,
-                                 method_class, method_from_config, register_method)
+                                 method_class, method_for_run, method_from_config, register_method)
 from fgclf.methods._model import MethodModel
 from fgclf.methods import plain as _plain  # noqa: F401  (registers)
 from fgclf.methods import pooling as _pooling  # noqa: F401  (registers)
@@ -21,4 +21,4 @@ from fgclf.methods import transformer as _transformer  # noqa: F401  (registers)
 from fgclf.methods import pairwise as _pairwise  # noqa: F401  (registers)
 
 __all__ = ["Method", "MethodModel", "StepContext", "StepOutput", "StepParts", "create_method", "list_methods",
-           "method_class", "method_from_config", "register_method"]
+           "method_class", "method_for_run", "method_from_config", "register_method"]

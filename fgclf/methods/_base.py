@@ -139,6 +139,8 @@ class Method:
             ``training_step`` once per step with ``ctx.substep`` set, and counts the batch as one
             update for the lr schedule and checkpoints.
         options: Option name -> default value; ``create_method`` refuses any other option.
+        architecture: The options that shape the model's parameters: continuing from an export of
+            the method keeps them (:func:`method_for_run`).
         requires: What the method needs, checked before training: ``"feature_map"`` (a backbone
             whose ``forward_features`` gives a spatial map or patch tokens), ``"hard_labels"``
             (no mixup/cutmix), ``"data_parallel"`` (no pipeline split).
@@ -148,6 +150,7 @@ class Method:
     name: ClassVar[str] = ""
     substeps: int = 1
     options: ClassVar[dict[str, Any]] = {}
+    architecture: ClassVar[tuple[str, ...]] = ()  # options that change the parameters' shapes
     requires: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
 
@@ -167,15 +170,18 @@ class Method:
         return {"name": self.name, "options": json.loads(json.dumps(self.opts))}
 
     # ------------------------------------------------------------------ training and inference
-    def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The classification loss on ``logits`` plus the logit penalty, and the penalty as a term."""
-        loss = self.parts.loss_fn(logits.float(), targets)
-        terms = {}
-        if self.parts.logit_penalty is not None:
-            penalty = self.parts.logit_penalty(logits.float())
-            terms["confusion"] = penalty.detach()
-            loss = loss + penalty
-        return loss, terms
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The classification loss on ``logits`` (the run's loss: ce, focal, ..., class weights)."""
+        return self.parts.loss_fn(logits.float(), targets)
+
+    def penalty(self, logits: torch.Tensor) -> tuple[torch.Tensor | float, dict]:
+        """The logit penalty (Pairwise Confusion, maximum entropy) of the step's prediction and its
+        ``confusion`` term; ``(0.0, {})`` without one. Methods add it once per step, on the logits
+        they predict with (the raw view: not crops, jigsaws or CAL's effect)."""
+        if self.parts.logit_penalty is None:
+            return 0.0, {}
+        value = self.parts.logit_penalty(logits.float())
+        return value, {"confusion": value.detach()}
 
     def add_regularizer(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` plus the explicit weight penalty (L1/Lp; not the optimizer's weight decay)."""
@@ -187,8 +193,8 @@ class Method:
         if self.parts.mixup is not None:  # soft targets from then on; every loss accepts them
             images, labels = self.parts.mixup(images, labels)
         logits = model(ctx.inputs(images))
-        loss, terms = self.criterion(logits, labels)
-        return StepOutput(self.add_regularizer(model, loss), logits, terms)
+        penalty, terms = self.penalty(logits)
+        return StepOutput(self.add_regularizer(model, self.criterion(logits, labels) + penalty), logits, terms)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits: the model's eval-mode forward (the method's inference), flip-averaged
@@ -253,3 +259,37 @@ def method_from_config(config: Any, *, parts: Optional[StepParts] = None) -> Met
     if name not in METHODS:
         raise UserError(unknown_name_message("method", name, list_methods()))
     return create_method(name, parts=parts, **{k: v for k, v in values.items() if v is not None})
+
+
+def method_for_run(config: Any, *, export: Optional[dict] = None) -> Method:
+    """The run's method from a :class:`fgclf.config.MethodConfig`; when the run starts from an export
+    (``--model.name file:DIR``, whose ``config.json`` is ``export``) of the same method, the export's
+    options with only the options set explicitly overriding them, so the recorded options are the
+    model's.
+
+    Raises:
+        UserError: the export was trained with another method (a plain export may start any
+            method), or an explicit option would change the export's architecture.
+    """
+    stored = (export or {}).get("method") or {"name": "plain", "options": {}}
+    if export is None or stored["name"] == "plain":
+        return method_from_config(config)
+    if stored["name"] != config.name:
+        raise UserError(f"the export was trained with method {stored['name']}; continue it with --method.name "
+                        f"{stored['name']} (or start from a plain export)")
+    values = dataclasses.asdict(config)
+    values.pop("name")
+    explicit = {k: v for k, v in values.items() if v is not None}
+    cls = method_class(config.name)
+    merged = {**stored["options"], **explicit}
+    changed = [k for k in cls.architecture if k in explicit and _json(explicit[k]) != _json(stored["options"].get(k))]
+    if changed:
+        raise UserError(f"method.{changed[0]} {explicit[changed[0]]!r} differs from the export's "
+                        f"{stored['options'].get(changed[0])!r}; it shapes the model, so it must stay")
+    return create_method(config.name, **{k: v for k, v in merged.items() if k in cls.options})
+
+
+def _json(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))

@@ -148,7 +148,12 @@ class AttentionModel(MethodModel):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         features = self.bap(x, self.fg_attention(x))
-        return features if pre_logits else self.fg_head(features * 100.0)
+        return features if pre_logits else self.classify(features, x.dtype)
+
+    def classify(self, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The bias-free linear layer on ``100 f``, in ``dtype`` (the backbone's: DeepSpeed bf16/fp16
+        casts the weights, while BAP computes in float32)."""
+        return self.fg_head((features * 100.0).to(dtype))
 
     def raw(self, x: torch.Tensor, random_attention: Optional[Callable] = None) -> dict:
         """One view: logits, the BAP features, the attention maps; with ``random_attention`` (a
@@ -156,11 +161,11 @@ class AttentionModel(MethodModel):
         fmap = self.feature_map(x)
         attention = self.fg_attention(fmap)
         features = self.bap(fmap, attention)
-        logits = self.fg_head(features * 100.0)
+        logits = self.classify(features, fmap.dtype)
         out = {"logits": logits, "features": features, "attention": attention}
         if random_attention is not None:
             fake = 2.0 * random_attention(*attention.shape).to(attention)  # U(0, 2), the official draw
-            out["effect"] = logits - self.fg_head(self.bap(fmap, fake) * 100.0)
+            out["effect"] = logits - self.classify(self.bap(fmap, fake), fmap.dtype)
         return out
 
     def forward(self, x: torch.Tensor, return_parts: bool = False,
@@ -182,6 +187,7 @@ class AttentionModel(MethodModel):
 # ----------------------------------------------------------------------------- methods
 class _AttentionMethod(Method):
     requires = frozenset({"feature_map", "hard_labels"})
+    architecture = ("num_maps",)
     counterfactual = False
 
     def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
@@ -198,14 +204,15 @@ class _AttentionMethod(Method):
         """The centre loss against the current (normalised) centres, then the centre update with the
         whole global batch's features (gathered), so every process applies the same update."""
         net = _unwrap(model)
-        centres = F.normalize(net.feature_center[labels], dim=-1)
+        centres = F.normalize(net.feature_center[labels].float(), dim=-1)
         loss = (features.float() - centres).square().sum(1).mean()
         with torch.no_grad():
             feats, labs = features.detach().float(), labels
             if ctx.num_processes > 1:
                 feats, labs = ctx.accelerator.gather((feats, labs))
-            current = F.normalize(net.feature_center[labs], dim=-1)
-            net.feature_center.index_add_(0, labs, self.opts["beta"] * (feats - current))
+            current = F.normalize(net.feature_center[labs].float(), dim=-1)
+            step = self.opts["beta"] * (feats - current)  # in the buffer's dtype (DeepSpeed may cast it to bf16)
+            net.feature_center.index_add_(0, labs, step.to(net.feature_center.dtype))
         return loss
 
     def _views(self, images: torch.Tensor, attention: torch.Tensor, ctx: StepContext) -> tuple:
@@ -225,8 +232,8 @@ class _AttentionMethod(Method):
         model.eval()
         try:
             with torch.no_grad():
-                device = next(_unwrap(model).parameters()).device
-                x = images.to(device)
+                param = next(_unwrap(model).parameters())
+                x = images.to(device=param.device, dtype=param.dtype)  # DeepSpeed bf16/fp16: the weights' dtype
                 parts = model(x, return_parts=True)
                 mean_map = parts["attention"].mean(dim=1)
                 theta, padding = (self.opts["eval_crops"] or [(0.1, 0.05)])[-1]
@@ -237,7 +244,8 @@ class _AttentionMethod(Method):
         if accelerator is None or accelerator.is_main_process:
             from fgclf.methods._pictures import attention_grid
 
-            attention_grid(x.cpu(), _upsample(mean_map, tuple(x.shape[-2:])).cpu(), boxes.cpu(), crops.cpu(), path,
+            attention_grid(x.float().cpu(), _upsample(mean_map, tuple(x.shape[-2:])).cpu(), boxes.cpu(), crops.float().cpu(),
+                           path,
                            title=f"{self.name}: mean attention, crop at {theta:g} x max (padding {padding:g})")
 
 
@@ -261,12 +269,13 @@ class WSDAN(_AttentionMethod):
     def training_step(self, model: nn.Module, batch, ctx: StepContext) -> StepOutput:
         images, labels = batch
         out = model(ctx.inputs(images), return_parts=True)
-        ce_raw, terms = self.criterion(out["logits"], labels)
+        ce_raw = self.criterion(out["logits"], labels)
+        penalty, terms = self.penalty(out["logits"])
         center = self._update_centres(model, out["features"], labels, ctx)
         crops, drops = self._views(images, out["attention"], ctx)
-        ce_crop, _ = self.criterion(model(ctx.inputs(crops)), labels)
-        ce_drop, _ = self.criterion(model(ctx.inputs(drops)), labels)
-        loss = (ce_raw + ce_crop + ce_drop) / 3 + self.opts["center_weight"] * center
+        ce_crop = self.criterion(model(ctx.inputs(crops)), labels)
+        ce_drop = self.criterion(model(ctx.inputs(drops)), labels)
+        loss = (ce_raw + ce_crop + ce_drop) / 3 + self.opts["center_weight"] * center + penalty
         terms.update(ce_raw=ce_raw.detach(), ce_crop=ce_crop.detach(), ce_drop=ce_drop.detach(),
                      center=center.detach())
         return StepOutput(self.add_regularizer(model, loss), out["logits"], terms)
@@ -288,17 +297,18 @@ class CAL(_AttentionMethod):
             return ctx.uniform(shape[0], *shape[1:])
 
         out = model(ctx.inputs(images), return_parts=True, random_attention=random_attention)
-        ce_raw, terms = self.criterion(out["logits"], labels)
-        effect_raw, _ = self.criterion(out["effect"], labels)
+        ce_raw, effect_raw = self.criterion(out["logits"], labels), self.criterion(out["effect"], labels)
+        penalty, terms = self.penalty(out["logits"])
         center = self._update_centres(model, out["features"], labels, ctx)
         crops, drops = self._views(images, out["attention"], ctx)
         both = model(ctx.inputs(torch.cat([crops, drops])), return_parts=True,
                      random_attention=lambda *shape: torch.cat([random_attention(b, *shape[1:]),
                                                                 random_attention(b, *shape[1:])]))
         two = torch.cat([labels, labels])
-        ce_views, _ = self.criterion(both["logits"], two)  # the mean of CE_crop and CE_drop
-        effect_views, _ = self.criterion(both["effect"], two)
-        loss = (ce_raw + 2 * ce_views) / 3 + (effect_raw + 2 * effect_views) / 3 + self.opts["center_weight"] * center
+        ce_views = self.criterion(both["logits"], two)  # the mean of CE_crop and CE_drop
+        effect_views = self.criterion(both["effect"], two)
+        loss = ((ce_raw + 2 * ce_views) / 3 + (effect_raw + 2 * effect_views) / 3 + self.opts["center_weight"] * center
+                + penalty)
         terms.update(ce_raw=ce_raw.detach(), ce_views=ce_views.detach(), effect=((effect_raw + 2 * effect_views) / 3)
                      .detach(), center=center.detach())
         return StepOutput(self.add_regularizer(model, loss), out["logits"], terms)

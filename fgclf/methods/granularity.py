@@ -115,8 +115,8 @@ class PMGModel(MethodModel):
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         self.num_classes = num_classes
         self.pretrained_cfg["num_classes"] = num_classes
-        for classifier in (*self.classifiers, self.fg_head):
-            classifier[4] = nn.Linear(self.feature_size, num_classes)
+        for classifier in (*self.classifiers, self.fg_head):  # 0 classes: the hidden features (feature extraction)
+            classifier[4] = nn.Linear(self.feature_size, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The three stage blocks' max-pooled outputs, concatenated: ``(B, 3 x 2 feature_size)``."""
@@ -152,6 +152,7 @@ class PMG(Method):
     options = {"granularities": (8, 4, 2), "feature_size": 512, "steps": "separate", "inference": "combined",
                "concat_weight": 2.0}
     requires = frozenset({"feature_map", "stages"})
+    architecture = ("feature_size",)
     paper = "Du et al., Fine-Grained Visual Classification via Progressive Multi-Granularity Training, ECCV 2020"
 
     def __init__(self, parts=None, **options) -> None:
@@ -170,17 +171,18 @@ class PMG(Method):
                         combined=self.opts["inference"] == "combined")
 
     def _granularity_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                          ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step ``k`` (0-2: jigsaw granularities, 3: the whole image): its loss and logits; the other
-        classifiers enter with weight 0, so every parameter gets a gradient."""
+                          ctx: StepContext) -> tuple:
+        """Step ``k`` (0-2: jigsaw granularities, 3: the whole image): its loss, logits, logit penalty and
+        penalty term; the other classifiers enter with weight 0, so every parameter gets a gradient."""
         if k < 3:
             n = int(self.opts["granularities"][k])
             images = jigsaw(images, n, ctx.shared_randperm(n * n))
         outputs = model(ctx.inputs(images), return_parts=True)
-        loss, _ = self.criterion(outputs[k], labels)
         weight = self.opts["concat_weight"] if k == 3 else 1.0
+        loss = weight * self.criterion(outputs[k], labels)
+        penalty, terms = self.penalty(outputs[k]) if k == 3 else (0.0, {})  # on the whole image's prediction
         zero = sum(o.float().sum() for i, o in enumerate(outputs) if i != k) * 0.0
-        return weight * loss + zero, outputs[k]
+        return loss + zero, outputs[k], penalty, terms
 
     def training_step(self, model: nn.Module, batch, ctx: StepContext) -> StepOutput:
         images, labels = batch
@@ -188,7 +190,8 @@ class PMG(Method):
         steps = [ctx.substep] if self.substeps > 1 else range(4)
         total, terms, logits = 0.0, {}, None
         for k in steps:
-            loss, logits = self._granularity_loss(model, images, labels, k, ctx)
+            loss, logits, penalty, penalty_terms = self._granularity_loss(model, images, labels, k, ctx)
             terms[names[k]] = loss.detach()
-            total = total + loss
+            terms.update(penalty_terms)
+            total = total + loss + penalty
         return StepOutput(self.add_regularizer(model, total), logits, terms)

@@ -98,6 +98,7 @@ class APINet(Method):
     name = "api_net"
     options = {"samples_per_class": 4, "hidden": 512, "dropout": 0.5, "rank_margin": 0.05}
     requires = frozenset({"pk_batches", "hard_labels"})
+    architecture = ("hidden",)
     paper = "Zhuang et al., Learning Attentive Pairwise Interaction for Fine-Grained Classification, AAAI 2020"
 
     def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
@@ -129,9 +130,10 @@ class APINet(Method):
         l1_self, l1_other, l2_self, l2_other = out["interaction"]
         targets = torch.cat([labels, labels, chosen["labels2"]])  # x1 rows, then x2 rows
         self_logits, other_logits = torch.cat([l1_self, l2_self]), torch.cat([l1_other, l2_other])
-        ce, terms = self.criterion(torch.cat([self_logits, other_logits]), torch.cat([targets, targets]))
+        ce = self.criterion(torch.cat([self_logits, other_logits]), torch.cat([targets, targets]))
+        penalty, terms = self.penalty(out["logits"])  # on the prediction: the plain classifier's logits
         p_self = torch.softmax(self_logits.float(), 1).gather(1, targets[:, None])[:, 0]
         p_other = torch.softmax(other_logits.float(), 1).gather(1, targets[:, None])[:, 0]
         rank = F.margin_ranking_loss(p_self, p_other, torch.ones_like(p_self), margin=self.opts["rank_margin"])
         terms.update(ce=ce.detach(), rank=rank.detach())
-        return StepOutput(self.add_regularizer(model, ce + rank), out["logits"], terms)
+        return StepOutput(self.add_regularizer(model, ce + rank + penalty), out["logits"], terms)

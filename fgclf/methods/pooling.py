@@ -156,7 +156,7 @@ class _SecondOrderModel(MethodModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         with float32(x.device):
             z = self.normalise(self.fg_pool(x.float()))
-        z = self.drop(z)
+        z = self.drop(z.to(x.dtype))  # back to the features' dtype: DeepSpeed bf16/fp16 casts the weights
         return z if pre_logits else self.fg_head(z)
 
 
@@ -208,6 +208,7 @@ class BCNN(Method):
 
     name = "bcnn"
     options = {"reduce_dim": None, "dropout": 0.0}
+    architecture = ("reduce_dim",)
     requires = frozenset({"feature_map"})
     paper = "Lin et al., Bilinear CNN Models for Fine-grained Visual Recognition, ICCV 2015"
 
@@ -221,6 +222,7 @@ class CompactBilinear(Method):
 
     name = "cbp"
     options = {"reduce_dim": None, "dropout": 0.0, "sketch_dim": 8192, "seed": 0}
+    architecture = ("reduce_dim", "sketch_dim", "seed")
     requires = frozenset({"feature_map"})
     paper = "Gao et al., Compact Bilinear Pooling, CVPR 2016"
 
@@ -236,6 +238,7 @@ class ISqrtCov(Method):
 
     name = "isqrt_cov"
     options = {"reduce_dim": 256, "dropout": 0.0, "iterations": 5}
+    architecture = ("reduce_dim",)
     requires = frozenset({"feature_map"})
     paper = ("Li et al., Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix "
              "Square Root Normalization, CVPR 2018")

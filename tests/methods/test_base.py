@@ -154,3 +154,20 @@ def test_transfer_strategies_and_lr_groups_see_the_backbones_stages_and_the_meth
     assert scale[id(named["fg_head.weight"])] == scale[id(named["fg_attention.0.weight"])] == 10.0
     assert scale[id(named["backbone.layer4.1.conv2.weight"])] == 0.5  # one group below the new layers
     assert scale[id(named["backbone.conv1.weight"])] < scale[id(named["backbone.layer1.0.conv1.weight"])]
+
+
+def test_continuing_from_an_export_keeps_its_options_and_refuses_other_architectures():
+    from fgclf.config import MethodConfig
+    from fgclf.methods import method_for_run
+
+    export = {"method": {"name": "wsdan", "options": {**create_method("wsdan", num_maps=4).metadata()["options"]}}}
+    method = method_for_run(MethodConfig(name="wsdan"), export=export)  # nothing set: the export's options
+    assert method.opts["num_maps"] == 4
+    method = method_for_run(MethodConfig(name="wsdan", beta=0.1), export=export)  # a training option may change
+    assert method.opts["num_maps"] == 4 and method.opts["beta"] == 0.1
+    with pytest.raises(UserError, match="method.num_maps 8 differs from the export's 4"):
+        method_for_run(MethodConfig(name="wsdan", num_maps=8), export=export)
+    with pytest.raises(UserError, match="trained with method wsdan; continue it with --method.name wsdan"):
+        method_for_run(MethodConfig(name="bcnn"), export=export)
+    plain_export = {"method": {"name": "plain", "options": {}}}  # a plain export may start any method
+    assert method_for_run(MethodConfig(name="bcnn", reduce_dim=8), export=plain_export).opts["reduce_dim"] == 8

@@ -90,3 +90,13 @@ def test_sum_mode_is_one_step_on_the_four_losses():
     terms = out.terms
     torch.testing.assert_close(out.loss.detach(), terms["jigsaw_8"] + terms["jigsaw_4"] + terms["jigsaw_2"]
                                + terms["concat"])
+
+
+def test_without_classes_the_model_gives_its_pooled_features():
+    """``num_classes=0`` (feature extraction, ``create_model(..., num_classes=0)`` of an export)."""
+    _, model = _pmg()
+    model.reset_classifier(0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    assert feats.shape == (2, 3 * 32) and isinstance(model.get_classifier(), torch.nn.Identity)

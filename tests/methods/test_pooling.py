@@ -114,4 +114,7 @@ def test_pooling_runs_in_float32_under_bf16_autocast(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         feats = model.forward_features(x)
         pooled = model.forward_head(feats, pre_logits=True)
-    assert feats.dtype == torch.bfloat16 and pooled.dtype == torch.float32
+    # the pooling and normalisation run in float32 (then the result returns to the features' dtype)
+    reference = model.normalise(model.fg_pool(feats.float())).to(torch.bfloat16)
+    assert feats.dtype == pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=0)

@@ -204,26 +204,45 @@ def test_peft_trains_only_the_adapters_and_the_methods_own_layers(name):
     assert not frozen
 
 
-@pytest.mark.parametrize("name", ["bcnn", "wsdan"])
-def test_bf16_and_gradient_accumulation_step_once_per_two_batches(name):
+def _accumulated(name: str, accum: int, batch: int, precision: str = "no", **options):
     from fgclf.engine import FitOptions, TrainState, train_one_epoch
-    from fgclf.optim import create_optimizer, create_scheduler
+    from fgclf.optim import create_scheduler
     from fgclf.runtime import create_accelerator
 
     _reset_accelerate()
-    acc = create_accelerator(log_with=None, mixed_precision="bf16", grad_accum_steps=2)
-    method, model = _build(name)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = create_optimizer(model, name="adamw", lr=1e-3)
+    acc = create_accelerator(log_with=None, mixed_precision=precision, grad_accum_steps=accum)
+    torch.manual_seed(0)
+    method = create_method(name, **options)
+    model = method.build(timm.create_model("test_efficientnet_gn", num_classes=CLASSES), CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=1)
-    model, opt, loader = acc.prepare(model, opt, DataLoader(_data(), batch_size=8))
+    model, opt, loader = acc.prepare(model, opt, DataLoader(_data(), batch_size=batch))
     state = TrainState()
     record = train_one_epoch(acc, model, loader, opt, sched, method, state=state,
                              options=FitOptions(progress=False, log_every=0))
+    weights = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     _reset_accelerate()
+    return state, record, weights
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    """B-CNN without its BatchNorm reduction has a per-image loss: two accumulated micro-batches of 8
+    make the same SGD update as one batch of 16."""
+    state, _, accumulated = _accumulated("bcnn", 2, 8)
+    assert state.global_step == 1 and state.step_in_epoch == 2
+    _, _, big = _accumulated("bcnn", 1, 16)
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["bcnn", "wsdan"])
+def test_bf16_autocast_with_accumulation_steps_once_per_two_batches(name):
+    state, record, weights = _accumulated(name, 2, 8, "bf16", **OPTIONS[name])
     assert state.global_step == 1 and state.step_in_epoch == 2 and torch.isfinite(torch.tensor(record["train_loss"]))
-    after = acc.unwrap_model(model).state_dict()
-    assert not torch.equal(after["fg_head.weight"], before["fg_head.weight"])
+    torch.manual_seed(0)
+    fresh = create_method(name, **OPTIONS[name]).build(timm.create_model("test_efficientnet_gn",
+                                                                         num_classes=CLASSES), CLASSES)
+    assert not torch.equal(weights["fg_head.weight"], fresh.state_dict()["fg_head.weight"])
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -245,3 +264,22 @@ def test_an_export_rebuilds_the_method_and_its_inference(tmp_path, name):
         torch.testing.assert_close(loaded(x), model(x))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_bf16_weights_and_inputs_as_deepspeed_casts_them(name):
+    """DeepSpeed bf16/fp16 casts the weights and fgclf the inputs (no autocast): every method's step,
+    inference and picture work in that dtype (float32 pooling inside is cast back)."""
+    from fgclf.methods import StepContext
+
+    method, model = _build(name)
+    model = model.to(torch.bfloat16).train()
+    x, y = _data().tensors[0][:8], torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ctx = StepContext(cast=torch.bfloat16, seed=1)
+    for substep in range(method.substeps):
+        ctx.substep = substep
+        out = method.training_step(model, (x, y), ctx)
+        assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+        out.loss.backward()
+    with torch.no_grad():
+        assert model.eval()(x.to(torch.bfloat16)).shape == (8, CLASSES)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_ARGS, _run_in_process, export_logits, last_error_line, run_script
 
 REAL = ["--model.name", "test_efficientnet", "--data.image_size", "64", "--data.num_workers", "2",
@@ -77,13 +78,18 @@ def test_wsdan_export_and_ensemble_member_reproduce_the_runs_test_logits(wsdan_r
 
 
 def test_bcnn_with_lora_trains_adapters_and_its_own_layers_and_exports_merged(toy_root, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base.safetensors"  # "pretrained" base weights that load_adapter_model can find again
+    torch.manual_seed(1)
+    save_file(timm.create_model("test_efficientnet", num_classes=4).state_dict(), str(base))
     out = tmp_path / "bcnn_lora"
     proc = run_script("train_classifier.py", _args(toy_root, out, "--method.name", "bcnn", "--method.reduce_dim",
-                                                   "8", "--peft", "lora", "--train.epochs", "1"))
+                                                   "8", "--peft", "lora", "--train.epochs", "1",
+                                                   "--model.weights", str(base)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     params = json.loads((out / "metrics.json").read_text())["parameters"]
-    import timm
-
     backbone = sum(p.numel() for p in timm.create_model("test_efficientnet", num_classes=0).parameters())
     assert params["trainable"] < params["total"] - backbone / 2  # the backbone stays frozen
     adapter = (out / "checkpoints" / "best" / "adapter_model.safetensors")
@@ -93,6 +99,15 @@ def test_bcnn_with_lora_trains_adapters_and_its_own_layers_and_exports_merged(to
         keys = list(f.keys())
     assert any("lora_" in k for k in keys) and any("fg_reduce" in k for k in keys) and any("fg_head" in k for k in keys)
     np.testing.assert_allclose(export_logits(out, toy_root), _logits(out), atol=1e-4, rtol=1e-4)
+    # the adapter re-applied to the recorded base (the method's model rebuilt around it) gives the same logits
+    from conftest import export_model_and_test_images
+
+    from fgclf.checkpoint import load_adapter_model
+
+    _, images = export_model_and_test_images(out, toy_root)
+    with torch.no_grad():
+        adapter_logits = load_adapter_model(out / "checkpoints" / "best")(images).numpy()
+    np.testing.assert_allclose(adapter_logits, _logits(out), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -103,6 +118,8 @@ def test_bcnn_with_lora_trains_adapters_and_its_own_layers_and_exports_merged(to
     (["--loss.confusion", "pairwise", "--parallel", "pipeline"], "does not support mixup, loss.regularizer, "
                                                                   "loss.confusion or train.tta_flip"),
     (["--loss.confusion", "pairs"], "loss.confusion"),
+    (["--loss.confusion", "pairwise"], "loss.confusion and loss.confusion_weight go together"),
+    (["--method.name", "api_net", "--train.batch_size", "32"], "8 classes per batch, but the train split has 4"),
     (["--method.name", "pmg", "--train.grad_accum_steps", "2"], "method pmg takes 4 optimizer steps per batch"),
     (["--method.name", "api_net", "--method.samples_per_class", "3"], "must be a multiple of method.samples_per_class 3"),
 ])
@@ -118,3 +135,7 @@ def test_an_export_of_another_method_is_refused(wsdan_runs, toy_root, tmp_path):
                                                    f"file:{whole / 'checkpoints' / 'best'}", "--method.name", "bcnn"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "was trained with method wsdan; continue it with --method.name wsdan" in last_error_line(proc)
+    proc = run_script("train_classifier.py", _args(toy_root, tmp_path / "run2", "--model.name",
+                                                   f"file:{whole / 'checkpoints' / 'best'}", *WSDAN[:2],
+                                                   "--method.num_maps", "8"))
+    assert proc.returncode == 2 and "method.num_maps 8 differs from the export's 4" in last_error_line(proc)
