@@ -244,8 +244,9 @@ class MethodConfig:
             ``wsdan`` (attention cropping and dropping, Hu et al. 2019), ``cal``
             (counterfactual attention on WS-DAN, Rao et al. 2021), ``pmg`` (progressive
             multi-granularity jigsaw training, Du et al. 2020), ``transfg`` (ViT part
-            selection and contrastive loss, He et al. 2022) or ``api_net`` (attentive pairwise
-            interaction on P x K batches, Zhuang et al. 2020).
+            selection and contrastive loss, He et al. 2022), ``api_net`` (attentive pairwise
+            interaction on P x K batches, Zhuang et al. 2020) or ``nts_net`` (navigated part
+            proposals, Yang et al. 2018).
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
         dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0); api_net: on the
@@ -279,6 +280,8 @@ class MethodConfig:
             (default 4).
         hidden: api_net: width of the mutual-vector MLP (default 512).
         rank_margin: api_net: margin of the score-ranking loss (default 0.05).
+        top_n: nts_net: parts kept after NMS (default 6).
+        cat_num: nts_net: parts the final classifier sees with the image (default 4).
         sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
             1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
             larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
@@ -309,6 +312,8 @@ class MethodConfig:
     samples_per_class: Optional[int] = None
     hidden: Optional[int] = None
     rank_margin: Optional[float] = None
+    top_n: Optional[int] = None
+    cat_num: Optional[int] = None
 
 
 @dataclass

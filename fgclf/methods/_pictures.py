@@ -51,7 +51,8 @@ def attention_grid(images: torch.Tensor, maps: torch.Tensor, boxes: torch.Tensor
 
 
 def part_grid(images: torch.Tensor, boxes: list, path: Path, *, title: str) -> None:
-    """Each image with squares on its selected parts: ``boxes[i]`` lists ``(y, x, size)`` in pixels."""
+    """Each image with rectangles on its selected parts: ``boxes[i]`` lists ``(y, x, size)`` squares or
+    ``(y, x, height, width)`` rectangles in pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +64,9 @@ def part_grid(images: torch.Tensor, boxes: list, path: Path, *, title: str) -> N
     for i in range(n):
         ax = axes[0, i]
         ax.imshow(_displayable(images[i]))
-        for y, x, size in boxes[i]:
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="yellow", lw=1.0))
+        for box in boxes[i]:
+            y, x, height, width = box if len(box) == 4 else (*box, box[2])
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), width, height, fill=False, color="yellow", lw=1.0))
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
