@@ -165,6 +165,13 @@ class NTSModel(MethodModel):
         return {"raw": self.fg_raw(pooled), "logits": self.fg_head(concat), "part_logits": self.fg_partcls(part_feats),
                 "part_scores": scores.gather(1, index), "features": concat}
 
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        """New raw, part and concatenated classifiers for ``num_classes`` (0: Identity)."""
+        super().reset_classifier(num_classes, global_pool)
+        c = self.stage_channels[1]
+        self.fg_raw = nn.Linear(c, num_classes) if num_classes else nn.Identity()
+        self.fg_partcls = nn.Linear(c, num_classes) if num_classes else nn.Identity()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature and its first ``cat_num`` parts' features, concatenated (what the
         scrutinizer classifies; feature extraction's pre-logits)."""

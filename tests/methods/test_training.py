@@ -284,3 +284,20 @@ def test_bf16_weights_and_inputs_as_deepspeed_casts_them(name):
         out.loss.backward()
     with torch.no_grad():
         assert model.eval()(x.to(torch.bfloat16)).shape == (8, CLASSES)
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIONS if n != "plain"])
+def test_a_new_class_count_resets_every_classifier_of_the_method(name):
+    """``reset_classifier`` (an export fine-tuned on other classes: ``file:`` with another num_classes)
+    gives every classifier of the method the new count, so its training step runs on the new labels."""
+    from fgclf.methods import StepContext
+
+    method, model = _build(name)
+    model.reset_classifier(5)
+    x, y = _data().tensors[0][:10], torch.arange(10) % 5
+    ctx = StepContext(seed=0)
+    for substep in range(method.substeps):
+        ctx.substep = substep
+        out = method.training_step(model.train(), (x, y), ctx)
+        assert out.logits.shape == (10, 5) and torch.isfinite(out.loss)
+    assert model.eval()(x).shape == (10, 5)
