@@ -219,9 +219,13 @@ def run_method(cfg: TrainClassifierConfig):
 
         export = read_checkpoint_config(cfg.model.name[len("file:"):])
     try:
-        return method_for_run(cfg.method, export=export)
+        method = method_for_run(cfg.method, export=export)
     except UserError as err:
         raise UserError(f"{cfg.model.name}: {err}") from None
+    if "image_size" in method.requires and method.opts.get("image_size") is None:  # PIM sizes its layers by it
+        d = cfg.data
+        method.opts["image_size"] = d.image_size or (d.toy_image_size if d.format == "toy" else None)
+    return method
 
 
 def build_model(cfg: TrainClassifierConfig, num_classes: int, method):

@@ -67,7 +67,7 @@ def last_feature_map(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]
 
 
 def prepare_backbone(backbone: nn.Module, features: Callable[[nn.Module, torch.Tensor], list] = last_feature_map,
-                     ) -> tuple[list[int], list[str]]:
+                     image_hw: Optional[tuple[int, int]] = None) -> tuple[list[int], list[str]]:
     """Remove ``backbone``'s classifier and freeze the parameters that ``features`` never uses.
 
     The backbone's own pooling head may keep parameters after ``reset_classifier(0)`` (a ViT's
@@ -79,6 +79,7 @@ def prepare_backbone(backbone: nn.Module, features: Callable[[nn.Module, torch.T
     Args:
         backbone: A timm model.
         features: ``(backbone, images) -> list of NCHW maps`` the method uses.
+        image_hw: Size of the probe image (default: the model's input size).
 
     Returns:
         (channels of each map, names of the parameters frozen).
@@ -88,6 +89,8 @@ def prepare_backbone(backbone: nn.Module, features: Callable[[nn.Module, torch.T
                         "reset_classifier); methods other than plain need a timm backbone")
     backbone.reset_classifier(0)
     size = input_size_of(backbone)
+    if image_hw is not None:
+        size = (size[0], *image_hw)
     param = next(backbone.parameters())
     was_training = backbone.training
     backbone.eval()
@@ -137,9 +140,10 @@ class MethodModel(nn.Module):
     head_bias: bool = True
 
     def __init__(self, backbone: nn.Module, num_classes: int,
-                 features: Callable[[nn.Module, torch.Tensor], list] = last_feature_map) -> None:
+                 features: Callable[[nn.Module, torch.Tensor], list] = last_feature_map,
+                 image_hw: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
-        channels, self.unused_backbone_params = prepare_backbone(backbone, features)
+        channels, self.unused_backbone_params = prepare_backbone(backbone, features, image_hw)
         self.channels = channels[-1]  # of the last map
         self.stage_channels = channels
         self.backbone = backbone

@@ -1,0 +1,221 @@
+"""The plug-in module: PIM.
+
+Chou, Lin and Kao, "A Novel Plug-in Module for Fine-Grained Visual Classification", arXiv:2202.03822
+(2022); official code chou141253/FGVC-PIM (``models/pim_module/pim_module.py``, ``main.py``,
+``configs/CUB200_SwinT.yaml``).
+
+On the backbone's last four stages (timm's ``forward_intermediates``):
+
+* FPN: each stage projected to ``fpn_size`` channels (1x1 conv, ReLU, 1x1 conv), then top-down
+  ``x_{i-1} += upsample(x_i)``;
+* a classifier on every location of every stage (1x1 conv, BN, ReLU, 1x1 conv), trained on the
+  location average (``lambda_b``);
+* weakly supervised selector: per stage the locations whose softmax is most confident are kept
+  (``select_fraction`` of them: the official 2048/9216 ... 32/144 at 384 px are 2/9 of every
+  stage), the others' logits are pushed to -1 after tanh (MSE, ``lambda_n``), the kept ones can be
+  trained as the class (``lambda_s``, 0 in the official CUB config);
+* graph combiner over the kept locations (a learned pooling to ``S / 32`` nodes, an adaptive
+  adjacency ``A + tanh(q - k^T) alpha``, one graph convolution, BN, pooling to one node, dropout 0.1)
+  and the classifier whose logits are the prediction (``lambda_c``).
+
+Deviations: the stages' upsampling is bilinear to the next stage's size for every backbone (the
+official code uses a learned 1d projection over token positions for Swin), and selection counts are
+fractions of each stage's locations, so any image size works. HERBS' refinements (Chou et al. 2023)
+are not implemented yet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgclf.errors import UserError
+from fgclf.methods._base import Method, StepContext, StepOutput, register_method
+from fgclf.methods._model import MethodModel
+
+STAGES = 4
+
+
+def _last_stages(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return backbone.forward_intermediates(x, indices=STAGES, intermediates_only=True)
+
+
+def select_tokens(features: torch.Tensor, logits: torch.Tensor, count: int) -> tuple:
+    """The ``count`` locations with the most confident softmax (max class probability), best first,
+    and the others: ``(kept features, kept logits, dropped logits)`` of ``(B, S, C)`` inputs."""
+    confidence = torch.softmax(logits.float(), dim=-1).amax(-1)
+    order = torch.argsort(confidence, dim=1, descending=True)
+    keep, drop = order[:, :count], order[:, count:]
+
+    def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    return take(features, keep), take(logits, keep), take(logits, drop)
+
+
+class FPN(nn.Module):
+    """Per-stage projection to ``size`` channels and the top-down sum (bilinear upsampling)."""
+
+    def __init__(self, channels: list[int], size: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, size, 1)) for c in channels)
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = [p(m) for p, m in zip(self.proj, maps)]
+        for i in range(len(out) - 1, 0, -1):
+            up = out[i] if out[i].shape[-2:] == out[i - 1].shape[-2:] else F.interpolate(
+                out[i], size=out[i - 1].shape[-2:], mode="bilinear", align_corners=False)
+            out[i - 1] = out[i - 1] + up
+        return out
+
+
+class LocationClassifiers(nn.Module):
+    """One classifier per stage on every location: conv1d, BN, ReLU, conv1d (the official ones)."""
+
+    def __init__(self, size: int, num_classes: int, stages: int) -> None:
+        super().__init__()
+        self.size = size
+        self.heads = nn.ModuleList(self._head(num_classes) for _ in range(stages))
+
+    def _head(self, num_classes: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv1d(self.size, self.size, 1), nn.BatchNorm1d(self.size), nn.ReLU(),
+                             nn.Conv1d(self.size, max(num_classes, 1), 1))
+
+    def reset(self, num_classes: int) -> None:
+        for head in self.heads:
+            head[3] = nn.Conv1d(self.size, max(num_classes, 1), 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``(B, C, H, W)`` maps -> ``(B, H W, classes)`` logits."""
+        return [head(m.flatten(2)).transpose(1, 2) for head, m in zip(self.heads, maps)]
+
+
+class GraphCombiner(nn.Module):
+    """The official ``GCNCombiner`` (with FPN): nodes from the kept locations, one adaptive graph
+    convolution, pooled to one node; the classifier is the model's ``fg_head``."""
+
+    def __init__(self, size: int, total_selected: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        joints = max(total_selected // 32, 1)
+        self.pool0 = nn.Linear(total_selected, joints)
+        self.adj = nn.Parameter(torch.eye(joints) / 100 + 1 / 100)
+        self.conv = nn.Conv1d(size, size, 1)
+        self.bn = nn.BatchNorm1d(size)
+        self.conv_q, self.conv_k = nn.Conv1d(size, size // 4, 1), nn.Conv1d(size, size // 4, 1)
+        self.alpha = nn.Parameter(torch.zeros(1))
+        self.pool1 = nn.Linear(joints, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, selected: torch.Tensor) -> torch.Tensor:
+        """``(B, S, C)`` kept features -> ``(B, C)``."""
+        h = self.pool0(selected.transpose(1, 2))  # (B, C, joints)
+        q, k = self.conv_q(h).mean(1), self.conv_k(h).mean(1)
+        adjacency = self.adj + torch.tanh(q[:, :, None] - k[:, None, :]) * self.alpha
+        h = self.bn(torch.matmul(self.conv(h), adjacency))
+        return self.drop(self.pool1(h).flatten(1))
+
+
+class PIMModel(MethodModel):
+    """Backbone stages -> FPN -> location classifiers -> selector -> graph combiner -> ``fg_head``.
+
+    Args:
+        backbone: A timm model with ``forward_intermediates`` and at least four stages.
+        num_classes: Classes.
+        fpn_size: Channels of the FPN (1536, the official Swin-L setting).
+        select_fraction: Share of each stage's locations the selector keeps.
+        image_size: The training image size (the combiner's size depends on the number of locations);
+            ``train_classifier.py`` fills in the run's.
+        dropout: The combiner's dropout (0.1).
+    """
+
+    new_modules = ("fg_fpn", "fg_locations", "fg_combiner", "fg_head")
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, fpn_size: int = 1536,
+                 select_fraction: float = 2 / 9, image_size: int | None = None, dropout: float = 0.1) -> None:
+        if not hasattr(backbone, "forward_intermediates") or len(getattr(backbone, "feature_info", [])) < STAGES:
+            raise UserError(f"method pim needs a timm model with forward_intermediates and at least {STAGES} stages; "
+                            f"{type(backbone).__name__} has neither")
+        if not 0 < select_fraction <= 1:
+            raise UserError(f"method.select_fraction must be in (0, 1], got {select_fraction}")
+        self.fpn_size, self.select_fraction = fpn_size, select_fraction
+        hw = (int(image_size), int(image_size)) if image_size else None
+        super().__init__(backbone, num_classes, features=self._probe, image_hw=hw)
+        self.fg_fpn = FPN(self.stage_channels, fpn_size)
+        self.fg_locations = LocationClassifiers(fpn_size, num_classes, STAGES)
+        self.fg_combiner = GraphCombiner(fpn_size, sum(self.counts), dropout)
+        self.num_features = fpn_size
+        self.fg_head = nn.Linear(fpn_size, num_classes) if num_classes else nn.Identity()
+
+    def _probe(self, backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = _last_stages(backbone, x)
+        if any(m.ndim != 4 for m in maps):
+            raise UserError("method pim needs stage outputs as feature maps (NCHW)")
+        self.counts = [max(1, round(self.select_fraction * m.shape[-2] * m.shape[-1])) for m in maps]
+        self.sizes = [tuple(m.shape[-2:]) for m in maps]
+        return maps
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        self.fg_locations.reset(num_classes)
+
+    def parts(self, x: torch.Tensor) -> dict:
+        maps = self.fg_fpn(_last_stages(self.backbone, x))
+        if [tuple(m.shape[-2:]) for m in maps] != self.sizes:
+            raise UserError(f"method pim was built for stage sizes {self.sizes} (method.image_size); the images give "
+                            f"{[tuple(m.shape[-2:]) for m in maps]}")
+        logits = self.fg_locations(maps)
+        kept_features, kept_logits, dropped_logits = [], [], []
+        for m, lg, count in zip(maps, logits, self.counts):
+            f, kl, dl = select_tokens(m.flatten(2).transpose(1, 2), lg, count)
+            kept_features.append(f)
+            kept_logits.append(kl)
+            dropped_logits.append(dl)
+        pooled = self.fg_combiner(torch.cat(kept_features, dim=1))
+        return {"logits": self.fg_head(pooled), "features": pooled, "locations": logits, "kept": kept_logits,
+                "dropped": dropped_logits}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The combiner's pooled feature (the prediction's pre-logits)."""
+        return self.parts(x)["features"]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.fg_head(x)
+
+    def forward(self, x: torch.Tensor, return_parts: bool = False):
+        out = self.parts(x)
+        return out if return_parts else out["logits"]
+
+
+@register_method
+class PIM(Method):
+    """PIM: FPN over four stages, per-location classifiers, a confidence selector and a graph combiner."""
+
+    name = "pim"
+    options = {"fpn_size": 1536, "select_fraction": 2 / 9, "lambda_b": 0.5, "lambda_s": 0.0, "lambda_n": 5.0,
+               "lambda_c": 1.0, "image_size": None, "dropout": 0.1}
+    requires = frozenset({"stages", "hard_labels", "image_size"})
+    architecture = ("fpn_size", "select_fraction", "image_size")
+    paper = "Chou et al., A Novel Plug-in Module for Fine-Grained Visual Classification, 2022"
+
+    def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
+        return PIMModel(backbone, num_classes, fpn_size=int(self.opts["fpn_size"]),
+                        select_fraction=float(self.opts["select_fraction"]), image_size=self.opts["image_size"],
+                        dropout=float(self.opts["dropout"]))
+
+    def training_step(self, model: nn.Module, batch, ctx: StepContext) -> StepOutput:
+        images, labels = batch
+        o = self.opts
+        out = model(ctx.inputs(images), return_parts=True)
+        classes = out["logits"].shape[-1]
+        layer = sum(self.criterion(lg.float().mean(1), labels) for lg in out["locations"])
+        kept = torch.cat([k.reshape(-1, classes) for k in out["kept"]])
+        kept_labels = torch.cat([labels.repeat_interleave(k.shape[1]) for k in out["kept"]])
+        selected = self.criterion(kept, kept_labels) if o["lambda_s"] else kept.new_zeros(())
+        dropped = [torch.tanh(d.float()) for d in out["dropped"] if d.shape[1]]
+        suppressed = sum(F.mse_loss(d, torch.full_like(d, -1.0)) for d in dropped) if dropped else kept.new_zeros(())
+        combined = self.criterion(out["logits"], labels)
+        penalty, terms = self.penalty(out["logits"])
+        loss = (o["lambda_b"] * layer + o["lambda_s"] * selected + o["lambda_n"] * suppressed + o["lambda_c"] * combined
+                + penalty)
+        terms.update(layers=layer.detach(), selected=selected.detach(), dropped=suppressed.detach(),
+                     combiner=combined.detach())
+        return StepOutput(self.add_regularizer(model, loss), out["logits"], terms)
