@@ -188,7 +188,8 @@ def test_peft_target_that_matches_nothing_is_refused_before_training():
                                                "--peft", "lora", "--lora.target_modules", "[no_such_layer]"])
     _script("train_classifier").validate(cfg)
     with pytest.raises(UserError) as err:
-        _script("train_classifier").build_model(cfg, 4)
+        script = _script("train_classifier")
+        script.build_model(cfg, 4, script.run_method(cfg))
     assert "PEFT target modules ['no_such_layer'] match no Linear/Conv layer of EfficientNet" in str(err.value)
     assert "\n" not in str(err.value)
 
