@@ -6,7 +6,8 @@
 
 Every method wraps the same backbone with its paper's options (the toy methods sweep's), trains on one
 in-memory batch with AdamW through its own ``training_step`` (all its forward passes and optimizer
-steps: PMG takes four) and predicts in eval mode (WS-DAN/CAL add crops, NTS-Net re-encodes its parts).
+steps: PMG takes four) and predicts in eval mode (WS-DAN/CAL add crops, NTS-Net re-encodes its parts;
+PIM/HERBS run an FPN over four stages).
 Methods alternate every repeat so drift hits them alike; the table gives the median milliseconds of a
 training step and of a prediction and their ratios against ``plain`` measured in the same run.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CNN = ["plain", "bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg", "api_net", "nts_net"]
+CNN = ["plain", "bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg", "api_net", "nts_net", "pim", "herbs"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,10 +41,11 @@ def build(args, name: str):
     import timm
     import torch
 
-    from fgclf.methods import StepParts, create_method
+    from fgclf.methods import StepParts, create_method, method_class
 
     torch.manual_seed(0)
-    method = create_method(name, parts=StepParts())
+    sized = {"image_size": args.image_size} if "image_size" in method_class(name).requires else {}  # PIM, HERBS
+    method = create_method(name, parts=StepParts(), **sized)
     backbone = timm.create_model(args.model, num_classes=args.num_classes)
     model = backbone if name == "plain" else method.build(backbone, args.num_classes)
     model = model.to(args.device)

@@ -246,12 +246,13 @@ class MethodConfig:
             multi-granularity jigsaw training, Du et al. 2020), ``transfg`` (ViT part
             selection and contrastive loss, He et al. 2022), ``api_net`` (attentive pairwise
             interaction on P x K batches, Zhuang et al. 2020), ``nts_net`` (navigated part
-            proposals, Yang et al. 2018) or ``pim`` (FPN, selector and graph combiner, Chou et al.
-            2022).
+            proposals, Yang et al. 2018), ``pim`` (FPN, selector and graph combiner, Chou et al.
+            2022) or ``herbs`` (PIM with high-temperature refinement and background suppression,
+            Chou et al. 2023).
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
         dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0); api_net: on the
-            mutual vector and before the classifier (default 0.5); pim: in its combiner (0.1).
+            mutual vector and before the classifier (default 0.5); pim, herbs: in the combiner (0.1).
         sketch_dim: cbp: Tensor Sketch dimension (default 8192).
         seed: cbp: seed of the sketch's hashes and signs (default 0).
         iterations: isqrt_cov: Newton-Schulz iterations (default 5).
@@ -283,13 +284,18 @@ class MethodConfig:
         rank_margin: api_net: margin of the score-ranking loss (default 0.05).
         top_n: nts_net: parts kept after NMS (default 6).
         cat_num: nts_net: parts the final classifier sees with the image (default 4).
-        fpn_size: pim: channels of its FPN (default 1536).
-        select_fraction: pim: share of each stage's locations its selector keeps (default 2/9).
-        lambda_b: pim: weight of the per-stage classifiers' loss (default 0.5).
-        lambda_s: pim: weight of the kept locations' classification loss (default 0).
-        lambda_n: pim: weight of the dropped locations' suppression loss (default 5).
-        lambda_c: pim: weight of the combiner's classification loss (default 1).
-        image_size: pim: the image size its combiner is built for (default: the run's data.image_size).
+        fpn_size: pim, herbs: channels of the FPN (default 1536).
+        select_fraction: pim, herbs: share of each stage's locations the selector keeps (default 2/9).
+        lambda_b: pim, herbs: weight of the per-stage classifiers' loss (pim 0.5, herbs 0.3).
+        lambda_s: pim, herbs: weight of the kept locations' classification loss (default 0).
+        lambda_n: pim, herbs: weight of the dropped locations' suppression loss (default 5).
+        lambda_c: pim, herbs: weight of the combiner's classification loss (default 1).
+        image_size: pim, herbs: the image size the combiner is built for (default: the run's data.image_size).
+        module: pim, herbs: false switches the plug-in off (the backbone's pooled features and a linear
+            classifier: plain, for a paired ablation under the same options; default true).
+        lambda_b0: herbs: weight of the high-temperature refinement loss (default 1.375).
+        temperature: herbs: the refinement's temperature at epoch 0 (default 64).
+        temperature_halving: herbs: the temperature halves every this many epochs (default 10).
         sqrt_eps: wsdan, cal: the eps of BAP's signed square root sign(x) sqrt(|x| + eps) (wsdan
             1e-12, cal 1e-6, as their official code). Its gradient near 0 is 1 / (2 sqrt(eps)): a
             larger eps (e.g. 1e-6 under bf16) trades fidelity for better-conditioned gradients.
@@ -329,6 +335,10 @@ class MethodConfig:
     lambda_n: Optional[float] = None
     lambda_c: Optional[float] = None
     image_size: Optional[int] = None
+    module: Optional[bool] = None
+    lambda_b0: Optional[float] = None
+    temperature: Optional[float] = None
+    temperature_halving: Optional[int] = None
 
 
 @dataclass

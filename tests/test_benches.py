@@ -90,10 +90,10 @@ def test_startup_refuses_a_run_that_did_not_end_as_expected():
 
 def test_method_cost_runs_every_step_and_reports_ratios_against_plain(capsys):
     bench = _load("method_cost")
-    argv = ["--model", "test_efficientnet", "--methods", "plain", "bcnn", "pmg", "--image-size", "64",
+    argv = ["--model", "test_efficientnet", "--methods", "plain", "bcnn", "pmg", "herbs", "--image-size", "64",
             "--batch-size", "8", "--steps", "1", "--repeats", "1"]
     assert bench.main(argv) == 0
     table = _table(capsys.readouterr().out)
-    assert set(table) == {"plain", "bcnn", "pmg"}
+    assert set(table) == {"plain", "bcnn", "pmg", "herbs"}
     assert table["plain"][2] == "1.00x" and table["plain"][4] == "1.00x"
     assert int(table["bcnn"][0].replace(",", "")) > int(table["plain"][0].replace(",", ""))  # its bilinear head

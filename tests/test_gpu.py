@@ -83,7 +83,7 @@ def test_fsdp2_tests_the_best_epoch_weights(toy_root, tmp_path, peft):
             np.testing.assert_allclose(load_adapter_model(out / "checkpoints/best")(x).numpy(), logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal"])
+@pytest.mark.parametrize("method", ["bcnn", "cbp", "isqrt_cov", "wsdan", "cal", "pmg", "nts_net", "pim", "herbs"])
 def test_methods_train_in_bf16_on_cuda_and_export(toy_root, tmp_path, method):
     """Each fine-grained method under bf16 autocast on the GPU: finite losses, and its export (fp32,
     CPU) predicts the same classes as the run's bf16 test logits for nearly every image."""
@@ -94,7 +94,9 @@ def test_methods_train_in_bf16_on_cuda_and_export(toy_root, tmp_path, method):
 
     options = {"bcnn": ["--method.reduce_dim", "32"], "cbp": ["--method.sketch_dim", "512"],
                "isqrt_cov": ["--method.reduce_dim", "32"], "wsdan": ["--method.num_maps", "8"],
-               "cal": ["--method.num_maps", "8"]}[method]
+               "cal": ["--method.num_maps", "8"], "pmg": ["--method.feature_size", "32"],
+               "nts_net": ["--method.top_n", "3", "--method.cat_num", "2"], "pim": ["--method.fpn_size", "32"],
+               "herbs": ["--method.fpn_size", "32"]}[method]
     out = tmp_path / method
     proc = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
                                               "--data.image_size", "64", "--train.epochs", "2",

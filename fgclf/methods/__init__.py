@@ -8,7 +8,7 @@ Public API::
     MethodModel  # what non-plain methods build around a timm backbone
 
 Registered: ``plain``; second-order pooling ``bcnn``, ``cbp``, ``isqrt_cov`` (:mod:`.pooling`);
-attention cropping ``wsdan``, ``cal`` (:mod:`.attention`); multi-granularity ``pmg`` (:mod:`.granularity`); ViT part selection ``transfg`` (:mod:`.transformer`); pairwise interaction ``api_net`` (:mod:`.pairwise`); part navigation ``nts_net`` (:mod:`.parts`); the plug-in module ``pim`` (:mod:`.plugin`).
+attention cropping ``wsdan``, ``cal`` (:mod:`.attention`); multi-granularity ``pmg`` (:mod:`.granularity`); ViT part selection ``transfg`` (:mod:`.transformer`); pairwise interaction ``api_net`` (:mod:`.pairwise`); part navigation ``nts_net`` (:mod:`.parts`); the plug-in module ``pim`` and ``herbs`` (:mod:`.plugin`).
 """
 from fgclf.methods._base import (Method, StepContext, StepOutput, StepParts, create_method, list_methods,
                                  method_class, method_for_run, method_from_config, register_method)

@@ -1,4 +1,5 @@
-"""PIM's pieces against hand computations: the selector's top-k, the FPN's top-down sum, the graph combiner."""
+"""PIM's and HERBS' pieces against hand computations: the selectors, the FPN's two paths, the graph
+combiner, the refinement loss and its temperature, the losses' weights; PIM switched off is plain."""
 from __future__ import annotations
 
 import timm
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fgclf.methods import StepContext, create_method
-from fgclf.methods.plugin import FPN, GraphCombiner, select_tokens
+from fgclf.methods.plugin import FPN, BottomUp, GraphCombiner, refinement_loss, select_tokens
 
 
 def test_the_selector_keeps_exactly_the_most_confident_locations():
@@ -53,3 +54,78 @@ def test_a_step_weights_the_four_losses_as_the_official_config():
     t = out.terms
     torch.testing.assert_close(out.loss.detach(), 0.5 * t["layers"] + 5.0 * t["dropped"] + 1.0 * t["combiner"])
     assert model.counts == [128, 32, 8, 2]  # 2/9 of 24x24, 12x12, 6x6, 3x3 locations
+
+
+def test_with_the_module_switched_off_the_model_is_the_plain_backbone():
+    """``module=False``: the backbone's whole body and own pooling (EfficientNet's conv_head, past the
+    stages PIM reads) and a linear classifier; with the plain model's classifier copied in, the same logits."""
+    import copy
+
+    for arch in ("test_efficientnet", "resnet18"):
+        torch.manual_seed(0)
+        plain = timm.create_model(arch, num_classes=3).eval()
+        model = create_method("pim", module=False, image_size=64).build(copy.deepcopy(plain), 3).eval()
+        classifier = plain.get_classifier()
+        model.fg_head.load_state_dict(classifier.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+        assert not model.unused_backbone_params and list(model.new_modules) == ["fg_head"], arch
+        assert not hasattr(model, "fg_fpn"), arch
+
+
+def test_herbs_selects_by_the_probability_of_the_class_the_stage_predicts():
+    g = torch.Generator().manual_seed(1)
+    feats, logits = torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, 5, generator=g) * 3
+    kept_f, kept_l, dropped_l = select_tokens(feats, logits, 3, by_predicted_class=True)
+    top_prob_order = select_tokens(feats, logits, 3)[0]
+    for b in range(2):
+        predicted = int(logits[b].mean(0).argmax())
+        score = torch.softmax(logits[b], -1)[:, predicted]
+        order = sorted(range(10), key=lambda i: -float(score[i]))
+        assert torch.equal(kept_f[b], feats[b, order[:3]]) and torch.equal(dropped_l[b], logits[b, order[3:]])
+    assert not torch.equal(kept_f, top_prob_order)  # the two rules differ on this input
+
+
+def test_bottom_up_path_adds_each_stage_to_the_next_through_a_map_over_positions():
+    torch.manual_seed(0)
+    up = BottomUp(4, [16, 4, 1])
+    tokens = [torch.randn(2, 16, 4), torch.randn(2, 4, 4), torch.randn(2, 1, 4)]
+    out = up(tokens)
+    x0 = up.proj[0](tokens[0])
+    x1 = up.proj[1](tokens[1]) + torch.einsum("ts,bsc->btc", up.down[0].weight[..., 0], x0) + up.down[0].bias[:, None]
+    x2 = up.proj[2](tokens[2]) + torch.einsum("ts,bsc->btc", up.down[1].weight[..., 0], x1) + up.down[1].bias[:, None]
+    for got, want in zip(out, (x0, x1, x2)):
+        torch.testing.assert_close(got, want)
+
+
+def test_refinement_is_the_official_kl_at_the_scheduled_temperature():
+    g = torch.Generator().manual_seed(2)
+    refined = [torch.randn(2, 6, 5, generator=g, requires_grad=True) for _ in range(2)]
+    target = [torch.randn(2, 6, 5, generator=g, requires_grad=True) for _ in range(2)]
+    t = 8.0
+    want = 0.0
+    for r, q in zip(refined, target):  # sum p (log p - log softmax(r / T)) over every element, / element count
+        p = torch.softmax(q.detach() / t, -1)
+        want = want + (p * (p.log() - torch.log_softmax(r.detach() / t, -1))).sum() / p.numel()
+    got = refinement_loss(refined, target, t)
+    torch.testing.assert_close(got.detach(), want)
+    got.backward()
+    assert all(q.grad is None for q in target) and all(r.grad.abs().sum() > 0 for r in refined)
+    herbs = create_method("herbs")
+    assert [herbs.temperature(e) for e in (0, 9, 10, 25)] == [64.0, 64.0, 32.0, 16.0]
+
+
+def test_a_herbs_step_weights_its_losses_as_the_official_config():
+    torch.manual_seed(0)
+    method = create_method("herbs", fpn_size=32, image_size=96)
+    model = method.build(timm.create_model("resnet18", num_classes=3), 3)
+    x, y = torch.randn(4, 3, 96, 96), torch.tensor([0, 1, 2, 0])
+    out = method.training_step(model.train(), (x, y), StepContext(epoch=12))
+    t = out.terms
+    torch.testing.assert_close(out.loss.detach(), 0.3 * t["layers"] + 5.0 * t["dropped"] + 1.0 * t["combiner"]
+                               + 1.375 * t["refinement"])
+    parts = model(x, return_parts=True)
+    torch.testing.assert_close(t["refinement"], refinement_loss(parts["refined"], parts["locations"], 32.0),
+                               rtol=1e-4, atol=1e-6)  # BatchNorm in train mode: the same batch, same statistics
+    assert model.fg_combiner.pool0.out_features == sum(model.counts) // 64

@@ -21,7 +21,8 @@ from fgclf.methods import StepParts, create_method
 OPTIONS = {"plain": {}, "bcnn": {"reduce_dim": 8}, "cbp": {"reduce_dim": 8, "sketch_dim": 64},
            "isqrt_cov": {"reduce_dim": 8}, "wsdan": {"num_maps": 4}, "cal": {"num_maps": 4},
            "pmg": {"feature_size": 16}, "transfg": {"slide_step": 12}, "api_net": {"hidden": 16},
-           "nts_net": {"top_n": 3, "cat_num": 2}, "pim": {"fpn_size": 16, "image_size": 64}}
+           "nts_net": {"top_n": 3, "cat_num": 2}, "pim": {"fpn_size": 16, "image_size": 64},
+           "herbs": {"fpn_size": 16, "image_size": 64}}
 BACKBONES = {"transfg": ("test_vit", {"img_size": 64})}  # the others: a GroupNorm EfficientNet
 # PMG compares one batch of 16 (its four optimizer steps): its classifiers' BatchNorm1d layers normalise
 # 8 vectors per process over many steps, and the rounding of the global statistics then grows past 2e-5
@@ -33,10 +34,11 @@ BACKBONES = {"transfg": ("test_vit", {"img_size": 64})}  # the others: a GroupNo
 # WS-DAN's stem gradient by ~5 % here; with eps 1e-4 the same computation is well conditioned.
 ONE_UPDATE = ("wsdan", "cal", "pmg", "nts_net")  # NTS-Net: NMS picks boxes by score (a discrete choice)
 LR = {"plain": 0.01, "bcnn": 0.01, "cbp": 0.01, "isqrt_cov": 0.01, "wsdan": 1e-3, "cal": 1e-3, "pmg": 0.01,
-      "transfg": 0.01, "api_net": 0.01, "nts_net": 0.01, "pim": 0.01}  # x100 logits: gentler
-# API-Net and PIM without dropout: its masks are drawn per process (as dropout is in any DDP run)
+      "transfg": 0.01, "api_net": 0.01, "nts_net": 0.01, "pim": 0.01, "herbs": 0.01}  # x100 logits: gentler
+# API-Net, PIM and HERBS without dropout: its masks are drawn per process (as dropout is in any DDP run)
 DISTRIBUTED = {**OPTIONS, "wsdan": {"num_maps": 4, "sqrt_eps": 1e-4}, "cal": {"num_maps": 4, "sqrt_eps": 1e-4},
-               "api_net": {"hidden": 16, "dropout": 0.0}, "pim": {"fpn_size": 16, "image_size": 64, "dropout": 0.0}}
+               "api_net": {"hidden": 16, "dropout": 0.0}, "pim": {"fpn_size": 16, "image_size": 64, "dropout": 0.0},
+               "herbs": {"fpn_size": 16, "image_size": 64, "dropout": 0.0}}
 CLASSES = 3
 
 
@@ -142,7 +144,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("bcnn", marks=SLOW), pytest.param("cbp", marks=SLOW),
                                   pytest.param("isqrt_cov", marks=SLOW), "wsdan", pytest.param("cal", marks=SLOW),
                                   "pmg", pytest.param("transfg", marks=SLOW), "api_net", "nts_net",
-                                  pytest.param("pim", marks=SLOW)])
+                                  pytest.param("pim", marks=SLOW), "herbs"])
 def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path, name):
     """``fit`` stopped after epoch 1 (``last`` written) and resumed into fresh objects ends where the
     uninterrupted 2-epoch run ends: weights, BatchNorm statistics, feature centres, random crops."""
