@@ -200,6 +200,41 @@ class MethodModel(nn.Module):
             self.backbone.set_grad_checkpointing(enable)
 
 
+class PartsModel(MethodModel):
+    """A method model whose ``parts(x)`` computes everything at once (a dict with the prediction's
+    ``logits``, its pre-logits ``features`` and what the method's losses need); ``forward(x,
+    return_parts=True)`` returns that dict, ``forward(x)`` the logits."""
+
+    def parts(self, x: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-logits feature the final classifier ``fg_head`` sees (feature extraction's)."""
+        return self.parts(x)["features"]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.fg_head(x)
+
+    def forward(self, x: torch.Tensor, return_parts: bool = False):
+        out = self.parts(x)
+        return out if return_parts else out["logits"]
+
+
+def eval_forward(model: nn.Module, images: torch.Tensor, run: Callable[[torch.Tensor], object]) -> tuple:
+    """``run(x)`` in eval mode without gradients, ``x`` the ``images`` on the weights' device and in
+    their dtype (DeepSpeed bf16/fp16); the model's training mode is restored. Returns ``(x, result)``
+    (the methods' pictures: every process runs the forward pass, the main process draws)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters())
+            x = images.to(device=param.device, dtype=param.dtype)
+            return x, run(x)
+    finally:
+        model.train(was_training)
+
+
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """A 1x1 convolution, BatchNorm and ReLU: the channel reduction of B-CNN/iSQRT-COV and WS-DAN's
     attention layer."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.methods._base import Method, StepContext, StepOutput, register_method
-from fgclf.methods._model import MethodModel, unwrap_to
+from fgclf.methods._model import MethodModel, eval_forward, unwrap_to
 
 EPS = 1e-12  # attention-map sampling weights sqrt(mean + EPS)
 
@@ -228,19 +228,14 @@ class _AttentionMethod(Method):
     def draw(self, accelerator, model: nn.Module, images: torch.Tensor, path: Path) -> None:
         """A picture per epoch: each test image, its mean attention map and the inference crop
         (every process runs the forward pass, the main process writes ``path``)."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                param = next(_unwrap(model).parameters())
-                x = images.to(device=param.device, dtype=param.dtype)  # DeepSpeed bf16/fp16: the weights' dtype
-                parts = model(x, return_parts=True)
-                mean_map = parts["attention"].mean(dim=1)
-                theta, padding = (self.opts["eval_crops"] or [(0.1, 0.05)])[-1]
-                boxes = crop_boxes(mean_map, torch.full((x.shape[0],), float(theta)), padding, tuple(x.shape[-2:]))
-                crops = attention_crop(x, mean_map, torch.full((x.shape[0],), float(theta)), padding)
-        finally:
-            model.train(was_training)
+        theta, padding = (self.opts["eval_crops"] or [(0.1, 0.05)])[-1]
+
+        def mean_attention_and_crop(x: torch.Tensor) -> tuple:
+            mean_map = model(x, return_parts=True)["attention"].mean(dim=1)
+            thetas = torch.full((x.shape[0],), float(theta))
+            return (mean_map, crop_boxes(mean_map, thetas, padding, tuple(x.shape[-2:])),
+                    attention_crop(x, mean_map, thetas, padding))
+        x, (mean_map, boxes, crops) = eval_forward(model, images, mean_attention_and_crop)
         if accelerator is None or accelerator.is_main_process:
             from fgclf.methods._pictures import attention_grid
 

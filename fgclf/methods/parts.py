@@ -31,7 +31,7 @@ from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.methods._base import Method, StepContext, StepOutput, register_method
-from fgclf.methods._model import MethodModel, unwrap_to
+from fgclf.methods._model import PartsModel, eval_forward, unwrap_to
 
 # the official anchor settings at 448 px: (stride multiple of the feature map's, size, scales)
 LEVELS = ((1, 48, (2 ** (1 / 3), 2 ** (2 / 3))), (2, 96, (2 ** (1 / 3), 2 ** (2 / 3))),
@@ -108,7 +108,7 @@ def _map_and_pooled(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [fmap, backbone.forward_head(fmap, pre_logits=True)]
 
 
-class NTSModel(MethodModel):
+class NTSModel(PartsModel):
     """Backbone, navigator, raw, part and concatenated classifiers.
 
     Args:
@@ -151,7 +151,8 @@ class NTSModel(MethodModel):
         return torch.cat(crops)
 
     def parts(self, x: torch.Tensor) -> dict:
-        """Raw, concatenated and part logits, the chosen parts' scores and the concatenated features."""
+        """Raw, concatenated and part logits, the chosen parts' scores and the concatenated features
+        (the pooled feature and its first ``cat_num`` parts' features: what the scrutinizer classifies)."""
         b, _, h, w = x.shape
         fmap, pooled = _map_and_pooled(self.backbone, x)
         scores, sizes = self.fg_navigator(fmap.detach())
@@ -172,17 +173,6 @@ class NTSModel(MethodModel):
         self.fg_raw = nn.Linear(c, num_classes) if num_classes else nn.Identity()
         self.fg_partcls = nn.Linear(c, num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled feature and its first ``cat_num`` parts' features, concatenated (what the
-        scrutinizer classifies; feature extraction's pre-logits)."""
-        return self.parts(x)["features"]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.fg_head(x)
-
-    def forward(self, x: torch.Tensor, return_parts: bool = False):
-        out = self.parts(x)
-        return out if return_parts else out["logits"]
 
 
 @register_method
@@ -216,16 +206,8 @@ class NTSNet(Method):
     def draw(self, accelerator, model: nn.Module, images: torch.Tensor, path: Path) -> None:
         """Each test image with its ``top_n`` proposals (every process runs the forward pass)."""
         net = unwrap_to(model, NTSModel)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                param = next(net.parameters())
-                x = images.to(device=param.device, dtype=param.dtype)
-                model(x)
-                boxes = net.last_boxes.cpu()
-        finally:
-            model.train(was_training)
+        x, _ = eval_forward(model, images, model)
+        boxes = net.last_boxes.cpu()
         if accelerator is None or accelerator.is_main_process:
             from fgclf.methods._pictures import part_grid
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.methods._base import Method, StepContext, StepOutput, register_method
-from fgclf.methods._model import MethodModel
+from fgclf.methods._model import PartsModel
 
 STAGES = 4
 
@@ -159,7 +159,7 @@ class GraphCombiner(nn.Module):
         return self.drop(self.pool1(h).flatten(1))
 
 
-class PIMModel(MethodModel):
+class PIMModel(PartsModel):
     """Backbone stages -> FPN -> location classifiers -> selector -> graph combiner -> ``fg_head``.
 
     Args:
@@ -250,16 +250,6 @@ class PIMModel(MethodModel):
                    dropped=dropped_logits)
         return out
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The combiner's pooled feature (the prediction's pre-logits)."""
-        return self.parts(x)["features"]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.fg_head(x)
-
-    def forward(self, x: torch.Tensor, return_parts: bool = False):
-        out = self.parts(x)
-        return out if return_parts else out["logits"]
 
 
 class HERBSModel(PIMModel):

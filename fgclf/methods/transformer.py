@@ -206,19 +206,11 @@ class TransFG(Method):
 
     def draw(self, accelerator, model: nn.Module, images: torch.Tensor, path: Path) -> None:
         """Each test image with the patches its heads selected (every process runs the forward pass)."""
-        from fgclf.methods._model import unwrap_to
+        from fgclf.methods._model import eval_forward, unwrap_to
 
         net = unwrap_to(model, TransFGModel)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                param = next(net.parameters())
-                x = images.to(device=param.device, dtype=param.dtype)  # DeepSpeed bf16/fp16: the weights' dtype
-                model(x)
-                parts = net.last_parts.cpu()
-        finally:
-            model.train(was_training)
+        x, _ = eval_forward(model, images, model)
+        parts = net.last_parts.cpu()
         if accelerator is None or accelerator.is_main_process:
             from fgclf.methods._pictures import part_grid
 

@@ -304,3 +304,20 @@ def test_a_new_class_count_resets_every_classifier_of_the_method(name):
         out = method.training_step(model.train(), (x, y), ctx)
         assert out.logits.shape == (10, 5) and torch.isfinite(out.loss)
     assert model.eval()(x).shape == (10, 5)
+
+
+@pytest.mark.parametrize("name", ["wsdan", "cal", "transfg", "nts_net"])
+def test_a_methods_picture_is_drawn_in_eval_mode_and_training_resumes(tmp_path, name):
+    """``draw`` (called by train_classifier every epoch) writes a PNG of the 8 test images, runs its
+    forward pass in eval mode (BatchNorm statistics untouched) and leaves the model training."""
+    from PIL import Image
+
+    method, model = _build(name)
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    images = _data().tensors[0][:8]
+    method.draw(None, model, images, tmp_path / "picture.png")
+    assert model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    with Image.open(tmp_path / "picture.png") as picture:
+        assert picture.format == "PNG" and min(picture.size) > 64
