@@ -292,7 +292,7 @@ def build_parts(cfg: TrainClassifierConfig, train_labels: list[int], num_classes
 
 def method_pictures(accelerator, method, model, test_set, run_dir: Path) -> tuple:
     """The per-epoch picture of a method that draws one (WS-DAN/CAL attention maps and crops, TransFG's
-    selected patches, NTS-Net's proposals) on the first 8 test images, written to
+    selected patches, NTS-Net's proposals, PIM's/HERBS' kept locations) on the first 8 test images, written to
     ``run_dir/<method>/epoch_NNN.png``; none for the others."""
     if not hasattr(method, "draw"):
         return ()

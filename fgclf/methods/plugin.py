@@ -43,19 +43,32 @@ options to switch off only the selector or only the combiner are not offered.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fgclf.errors import UserError
 from fgclf.methods._base import Method, StepContext, StepOutput, register_method
-from fgclf.methods._model import PartsModel
+from fgclf.methods._model import PartsModel, eval_forward, unwrap_to
 
 STAGES = 4
 
 
 def _last_stages(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return backbone.forward_intermediates(x, indices=STAGES, intermediates_only=True)
+
+
+def selection_order(logits: torch.Tensor, *, by_predicted_class: bool = False) -> torch.Tensor:
+    """``(B, S)`` location indices of ``(B, S, C)`` logits, the most confident first (see :func:`select_tokens`)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if by_predicted_class:
+        predicted = logits.float().mean(1).argmax(-1)
+        confidence = probs.gather(2, predicted[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
+    else:
+        confidence = probs.amax(-1)
+    return torch.argsort(confidence, dim=1, descending=True)
 
 
 def select_tokens(features: torch.Tensor, logits: torch.Tensor, count: int, *, by_predicted_class: bool = False) -> tuple:
@@ -65,13 +78,7 @@ def select_tokens(features: torch.Tensor, logits: torch.Tensor, count: int, *, b
     Confidence is each location's top class probability (PIM) or, ``by_predicted_class``, its
     probability of the class the locations' mean logits predict for the image (HERBS).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    if by_predicted_class:
-        predicted = logits.float().mean(1).argmax(-1)
-        confidence = probs.gather(2, predicted[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
-    else:
-        confidence = probs.amax(-1)
-    order = torch.argsort(confidence, dim=1, descending=True)
+    order = selection_order(logits, by_predicted_class=by_predicted_class)
     keep, drop = order[:, :count], order[:, count:]
 
     def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -240,6 +247,8 @@ class PIMModel(PartsModel):
             tokens = self.fg_fpn_up(tokens)
         logits = self.fg_locations(tokens)
         kept_features, kept_logits, dropped_logits = [], [], []
+        self.last_kept = [selection_order(lg.detach(), by_predicted_class=self.bottom_up)[:, :count]
+                          for lg, count in zip(logits, self.counts)]  # for the pictures
         for t, lg, count in zip(tokens, logits, self.counts):
             f, kl, dl = select_tokens(t, lg, count, by_predicted_class=self.bottom_up)
             kept_features.append(f)
@@ -276,6 +285,9 @@ class PIM(Method):
                                 select_fraction=float(self.opts["select_fraction"]), image_size=self.opts["image_size"],
                                 dropout=float(self.opts["dropout"]), module=bool(self.opts["module"]))
 
+    def draw(self, accelerator, model: nn.Module, images: torch.Tensor, path: Path) -> None:
+        draw_selection(self, accelerator, model, images, path)
+
     def extra_terms(self, out: dict, ctx: StepContext) -> tuple[torch.Tensor | float, dict]:
         """Losses a subclass adds to PIM's (weighted, and their named terms)."""
         return 0.0, {}
@@ -301,6 +313,24 @@ class PIM(Method):
         terms.update(layers=layer.detach(), selected=selected.detach(), dropped=suppressed.detach(),
                      combiner=combined.detach(), **extra_terms)
         return StepOutput(self.add_regularizer(model, loss), out["logits"], terms)
+
+
+def draw_selection(method: Method, accelerator, model: nn.Module, images: torch.Tensor, path: Path) -> None:
+    """Each test image with the locations the selector keeps on the third of the four stages (the
+    second coarsest: e.g. 8 of 6 x 6 at 96 px), drawn as the cells they cover."""
+    net = unwrap_to(model, PIMModel)
+    if not net.module:
+        return
+    x, _ = eval_forward(model, images, model)
+    if accelerator is None or accelerator.is_main_process:
+        from fgclf.methods._pictures import part_grid
+
+        stage = STAGES - 2
+        (h, w), kept = net.sizes[stage], net.last_kept[stage].cpu()
+        cell_h, cell_w = x.shape[-2] / h, x.shape[-1] / w
+        boxes = [[(int(i) // w * cell_h, int(i) % w * cell_w, cell_h, cell_w) for i in row] for row in kept]
+        part_grid(x.float().cpu(), boxes, path,
+                  title=f"{method.name}: the {kept.shape[1]} of {h}x{w} locations the selector keeps (stage {stage + 1} of {STAGES})")
 
 
 def refinement_loss(refined: list[torch.Tensor], target: list[torch.Tensor], temperature: float) -> torch.Tensor:

@@ -306,7 +306,7 @@ def test_a_new_class_count_resets_every_classifier_of_the_method(name):
     assert model.eval()(x).shape == (10, 5)
 
 
-@pytest.mark.parametrize("name", ["wsdan", "cal", "transfg", "nts_net"])
+@pytest.mark.parametrize("name", ["wsdan", "cal", "transfg", "nts_net", "pim", "herbs"])
 def test_a_methods_picture_is_drawn_in_eval_mode_and_training_resumes(tmp_path, name):
     """``draw`` (called by train_classifier every epoch) writes a PNG of the 8 test images, runs its
     forward pass in eval mode (BatchNorm statistics untouched) and leaves the model training."""
