@@ -37,8 +37,14 @@ Background Suppression", arXiv:2303.06442 (2023); official code chou141253/FGVC-
 
 Deviations: the stages' upsampling is bilinear to the next stage's size for every backbone (the
 official code uses a learned 1d projection over token positions for Swin), and selection counts are
-fractions of each stage's locations, so any image size works (one fraction for all stages; the
-official HERBS config keeps 256/128/64/32 of Swin's 2304/576/144/144 locations). The official
+fractions of each stage's locations, so any image size works (one fraction for all stages). The
+stages are timm's ``forward_intermediates``: Swin-L at 384 px gives 96/48/24/12 grids, where the
+official HERBS (a vendored timm whose Swin stages end with their downsampling) reads 48/24/12/12
+and keeps 256/128/64/32 locations; so HERBS here keeps 2,720 locations of 12,240 (a 42-node
+graph; official 480, 7 nodes), and its bottom-up path maps 9,216 positions to 2,304 (a 21M-weight
+Conv1d) and runs its MLPs on 9,216 tokens: more memory than the official model. The official
+evaluation reports the best of several heads (each stage's, the combiner's, sums of the top
+ones); fgclf predicts with the combiner. The official
 options to switch off only the selector or only the combiner are not offered.
 """
 from __future__ import annotations
@@ -188,11 +194,12 @@ class PIMModel(PartsModel):
                  module: bool = True) -> None:
         what = self.what = type(self).__name__[:-len("Model")].lower()
         if module and (not hasattr(backbone, "forward_intermediates") or len(getattr(backbone, "feature_info", [])) < STAGES):
-            raise UserError(f"method {what} needs a timm model with forward_intermediates and at least {STAGES} stages; "
-                            f"{type(backbone).__name__} has neither")
+            raise UserError(f"method {what} needs a timm model with forward_intermediates and at least {STAGES} stages "
+                            f"(feature_info); {type(backbone).__name__} lacks them")
         if not 0 < select_fraction <= 1:
             raise UserError(f"method.select_fraction must be in (0, 1], got {select_fraction}")
-        self.fpn_size, self.select_fraction, self.module = fpn_size, select_fraction, bool(module)
+        # not ``self.module``: wrappers (DDP, DeepSpeed) are recognised by that attribute
+        self.fpn_size, self.select_fraction, self.plugin = fpn_size, select_fraction, bool(module)
         hw = (int(image_size), int(image_size)) if image_size else None
         super().__init__(backbone, num_classes, features=self._probe if module else self._pooled, image_hw=hw)
         self.new_modules = (("fg_fpn", "fg_locations") + (("fg_fpn_up", "fg_locations_down") if self.bottom_up else ())
@@ -224,7 +231,7 @@ class PIMModel(PartsModel):
 
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         super().reset_classifier(num_classes, global_pool)
-        if self.module:
+        if self.plugin:
             self.fg_locations.reset(num_classes)
             if self.bottom_up:
                 self.fg_locations_down.reset(num_classes)
@@ -233,7 +240,7 @@ class PIMModel(PartsModel):
         """The prediction and what the losses need: ``logits``, ``features`` (the combiner's output),
         ``locations`` (per stage ``(B, S, classes)``), ``kept`` / ``dropped`` (the selector's split of
         them) and, in HERBS, ``refined`` (the top-down path's location logits)."""
-        if not self.module:
+        if not self.plugin:
             pooled = self._pooled(self.backbone, x)[0]
             return {"logits": self.fg_head(pooled), "features": pooled}
         maps = self.fg_fpn(_last_stages(self.backbone, x))
@@ -243,12 +250,14 @@ class PIMModel(PartsModel):
         tokens = [m.flatten(2).transpose(1, 2) for m in maps]
         out = {}
         if self.bottom_up:
-            out["refined"] = self.fg_locations_down(tokens)
+            if self.training:  # only the refinement loss reads the top-down path's logits
+                out["refined"] = self.fg_locations_down(tokens)
             tokens = self.fg_fpn_up(tokens)
         logits = self.fg_locations(tokens)
         kept_features, kept_logits, dropped_logits = [], [], []
-        self.last_kept = [selection_order(lg.detach(), by_predicted_class=self.bottom_up)[:, :count]
-                          for lg, count in zip(logits, self.counts)]  # for the pictures
+        if not self.training:  # what the pictures draw: the kept locations of the third stage
+            self.last_kept = selection_order(logits[STAGES - 2].detach(), by_predicted_class=self.bottom_up)[
+                :, :self.counts[STAGES - 2]]
         for t, lg, count in zip(tokens, logits, self.counts):
             f, kl, dl = select_tokens(t, lg, count, by_predicted_class=self.bottom_up)
             kept_features.append(f)
@@ -319,14 +328,14 @@ def draw_selection(method: Method, accelerator, model: nn.Module, images: torch.
     """Each test image with the locations the selector keeps on the third of the four stages (the
     second coarsest: e.g. 8 of 6 x 6 at 96 px), drawn as the cells they cover."""
     net = unwrap_to(model, PIMModel)
-    if not net.module:
+    if not net.plugin:
         return
     x, _ = eval_forward(model, images, model)
     if accelerator is None or accelerator.is_main_process:
         from fgclf.methods._pictures import part_grid
 
         stage = STAGES - 2
-        (h, w), kept = net.sizes[stage], net.last_kept[stage].cpu()
+        (h, w), kept = net.sizes[stage], net.last_kept.cpu()
         cell_h, cell_w = x.shape[-2] / h, x.shape[-1] / w
         boxes = [[(int(i) // w * cell_h, int(i) % w * cell_w, cell_h, cell_w) for i in row] for row in kept]
         part_grid(x.float().cpu(), boxes, path,
@@ -351,6 +360,12 @@ class HERBS(PIM):
     paper = ("Chou et al., Fine-grained Visual Classification with High-temperature Refinement and Background "
              "Suppression, 2023")
     model_class = HERBSModel
+
+    def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
+        if not float(self.opts["temperature"]) > 0 or int(self.opts["temperature_halving"]) < 1:
+            raise UserError(f"method.temperature must be > 0 and method.temperature_halving >= 1 (epochs), got "
+                            f"{self.opts['temperature']} and {self.opts['temperature_halving']}")
+        return super().build(backbone, num_classes)
 
     def temperature(self, epoch: int) -> float:
         """``temperature * 0.5 ** (epoch // temperature_halving)``: 64, then 32 from epoch 10, ... (official)."""

@@ -129,3 +129,31 @@ def test_a_herbs_step_weights_its_losses_as_the_official_config():
     torch.testing.assert_close(t["refinement"], refinement_loss(parts["refined"], parts["locations"], 32.0),
                                rtol=1e-4, atol=1e-6)  # BatchNorm in train mode: the same batch, same statistics
     assert model.fg_combiner.pool0.out_features == sum(model.counts) // 64
+
+
+def test_herbs_refines_the_top_down_logits_towards_the_bottom_up_ones():
+    """``refined`` comes from the top-down FPN (before the bottom-up path), ``locations`` (the stage
+    loss, the selector, the combiner) from the bottom-up path: changing the bottom-up path changes
+    only the latter. At inference the top-down logits are not computed."""
+    torch.manual_seed(0)
+    model = create_method("herbs", fpn_size=16, image_size=64).build(timm.create_model("resnet18", num_classes=3), 3)
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x, return_parts=True)
+    with torch.no_grad():
+        for p in model.fg_fpn_up.parameters():
+            p.mul_(3.0)
+    after = model(x, return_parts=True)
+    for r0, r1 in zip(before["refined"], after["refined"]):
+        torch.testing.assert_close(r0, r1)
+    assert not torch.allclose(before["locations"][3], after["locations"][3])
+    assert "refined" not in model.eval()(x, return_parts=True)
+
+
+def test_herbs_refuses_a_temperature_it_cannot_schedule():
+    import pytest
+
+    from fgclf.errors import UserError
+
+    for options in ({"temperature_halving": 0}, {"temperature": 0.0}):
+        with pytest.raises(UserError, match="method.temperature must be > 0 and method.temperature_halving >= 1"):
+            create_method("herbs", image_size=64, **options).build(timm.create_model("resnet18", num_classes=3), 3)
