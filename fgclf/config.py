@@ -66,16 +66,25 @@ class DataConfig:
     """Where the images come from and how they are fed.
 
     Args:
-        format: Dataset layout: ``toy`` (the embedded generated dataset, made on first use),
-            ``cub`` (CUB-200-2011 native layout), ``imagefolder`` (class subfolders, with or
-            without train/val/test subfolders) or ``hf`` (HF ``datasets``: a local folder or a
-            hub name).
+        format: Dataset layout: ``toy`` (the embedded generated dataset, made on first use);
+            a dataset as its authors ship it: ``cub`` (CUB-200-2011), ``nabirds``,
+            ``stanford_cars``, ``fgvc_aircraft``, ``stanford_dogs``, ``flowers102``,
+            ``oxford_pets`` (its files are found up to three folders below ``root``; a copy that
+            differs from the official counts is named in a warning); ``imagefolder`` (class
+            subfolders, with or without train/val/test subfolders); ``hf`` (HF ``datasets``: a
+            local folder or a hub name); ``auto`` (detected from the files, and said).
         root: Dataset folder (or HF hub name). For ``toy`` it defaults to the fgclf cache.
         image_size: Training/eval crop size; null means the model's pretrained input size
             (for ``toy`` data, the images' own size).
-        bbox_crop: Crop each image to its bounding box first (CUB layout only). This crops the
+        bbox_crop: Crop each image to its bounding box first (cub, nabirds, stanford_cars,
+            fgvc_aircraft, stanford_dogs, toy). This crops the
             val and test images too, with their ground-truth boxes: an oracle that published
             "no annotation" CUB results do not use.
+        label_level: ``fgvc_aircraft`` classes: ``variant`` (100, the default), ``family`` (70)
+            or ``manufacturer`` (30).
+        merge_val: Train on train + the validation split the dataset ships (fgvc_aircraft,
+            flowers102): FGVC-Aircraft's standard protocol (trainval / test). ``val_fraction``
+            then carves validation from the merged split (0: none).
         val_fraction: Fraction of train held out (stratified, seeded) when the dataset has no
             validation split; 0 trains on all of it, without validation (no early stopping
             or plateau schedule; the last epoch is the one tested).
@@ -112,10 +121,13 @@ class DataConfig:
         toy_seed: Seed of the toy dataset generator.
     """
 
-    format: Literal["toy", "cub", "imagefolder", "hf"] = "toy"
+    format: Literal["toy", "cub", "nabirds", "stanford_cars", "fgvc_aircraft", "stanford_dogs", "flowers102",
+                    "oxford_pets", "imagefolder", "hf", "auto"] = "toy"
     root: Optional[str] = None
     image_size: Optional[int] = None
     bbox_crop: bool = False
+    label_level: Optional[Literal["variant", "family", "manufacturer"]] = None
+    merge_val: bool = False
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     num_folds: int = 0

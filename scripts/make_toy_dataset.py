@@ -1,4 +1,5 @@
-r"""Generate the embedded fine-grained toy dataset (CUB-200-2011 layout).
+r"""Generate the embedded fine-grained toy dataset (CUB-200-2011 layout), or a tiny copy of a real
+dataset's layout (``--layout stanford_cars --root DIR``: the files a reader expects, toy images).
 
     python scripts/make_toy_dataset.py --root /tmp/toy_cub --num-classes 12 \
         --train-per-class 30 --test-per-class 20 --image-size 96 --seed 0 [--overwrite]

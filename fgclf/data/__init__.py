@@ -5,6 +5,7 @@ assigned; ``create_dataset`` wraps one split of it with a transform.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,36 +18,28 @@ from fgclf.data.mixup import MixupCutmix, create_mixup, tta_flip_logits
 from fgclf.data.seeds import PerSampleSeeds, sample_seed
 from fgclf.data.transforms import (AugmentConfig, create_transform, list_augmentations, list_auto_augment_policies,
                                    register_augmentation, resolve_augment, resolve_input_config)
+from fgclf.data import formats as _formats
+from fgclf.data.formats import OFFICIAL_COUNTS, detect_format, register_format
 from fgclf.errors import UserError
 
-# (root, bbox_crop, keep_missing, problems) -> Records; only manifests can name missing files or bad lines
-_READERS = {
-    "cub": lambda root, bbox_crop, keep, problems: read_cub(root, bbox_crop=bbox_crop, keep_missing=keep,
-                                                            problems=problems),
-    "toy": lambda root, bbox_crop, keep, problems: read_cub(root, bbox_crop=bbox_crop, keep_missing=keep,
-                                                            problems=problems),
-    "imagefolder": lambda root, bbox_crop, keep, problems: read_imagefolder(root),
-    "hf": lambda root, bbox_crop, keep, problems: read_hf(root),
-}
-
-
 def list_formats() -> list[str]:
-    """Dataset formats accepted by ``load_records`` / ``create_dataset``."""
-    return list(_READERS)
+    """Dataset formats accepted by ``load_records`` / ``create_dataset`` (see :mod:`fgclf.data.formats`)."""
+    return _formats.list_formats()
 
 
 def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: bool = False,
                  val_fraction: float = 0.15, test_fraction: float = 0.2, split_seed: int = 0,
                  num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None,
                  check_classes: bool = True, keep_missing: bool = False,
-                 problems: Optional[list[str]] = None) -> Records:
+                 problems: Optional[list[str]] = None, label_level: Optional[str] = None,
+                 merge_val: bool = False) -> Records:
     """Read a dataset and assign every image to ``train``, ``val`` or ``test``.
 
     Args:
-        format: One of :func:`list_formats`.
+        format: One of :func:`list_formats` (``auto``: detected from the files).
         root: Dataset folder (HF: folder or hub name). ``toy`` generates into it (default: the
             fgclf cache) when it is missing or was made with other parameters.
-        bbox_crop: Crop to ``bounding_boxes.txt`` (CUB/toy).
+        bbox_crop: Crop to the dataset's boxes (CUB, NABirds, Cars, Aircraft, Dogs, toy).
         val_fraction, test_fraction, split_seed, num_folds, fold: see
             :func:`fgclf.data.splits.assign_splits`.
         toy_params: Generator parameters for ``toy`` (see ``TOY_DEFAULTS``).
@@ -57,16 +50,37 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
             them as bad images) instead of a UserError; see :func:`fgclf.data.datasets.read_cub`.
         problems: Collect the manifest problems here instead of raising at the first (the
             images of bad lines are left out); :mod:`fgclf.data.check` reports them all.
+        label_level: FGVC-Aircraft's classes: ``variant`` (default), ``family``, ``manufacturer``.
+        merge_val: Move the validation split a dataset ships (Aircraft, Flowers-102) into train
+            (then ``val_fraction`` carves validation from the merged split; 0: none).
+
+    The returned records carry ``notes`` (auto's choice, a copy that differs from the official
+    counts) for the caller to print.
     """
-    if format not in _READERS:
-        raise UserError(f"unknown data format '{format}'; known: {', '.join(_READERS)}")
+    if format not in list_formats():
+        raise UserError(f"unknown data format '{format}'; known: {', '.join(list_formats())}")
     if format == "toy":
         root = str(ensure_toy_cub(root, **(toy_params or {})))
     elif root is None:
         raise UserError(f"data.format={format} needs --data.root")
     elif format != "hf" and not Path(root).is_dir():
         raise UserError(f"dataset folder does not exist: {root}")
-    rec = _READERS[format](root, bbox_crop, keep_missing, problems)
+    if label_level is not None and format not in ("fgvc_aircraft", "auto"):
+        raise UserError(f"data.label_level applies to fgvc_aircraft only (the format is {format})")
+    if format == "toy":
+        rec = read_cub(root, bbox_crop=bbox_crop, keep_missing=keep_missing, problems=problems)
+        rec.format = format
+    elif format == "imagefolder":
+        rec = read_imagefolder(root)
+    elif format == "hf":
+        rec = read_hf(root)
+    else:
+        rec = _formats.read_format(format, root, bbox_crop=bbox_crop, keep_missing=keep_missing, problems=problems,
+                                   label_level=label_level)
+    if bbox_crop and rec.bboxes is None:
+        raise UserError(f"data.bbox_crop: data.format={rec.format or format} has no bounding boxes")
+    if merge_val:
+        rec.splits = ["train" if s == "val" else s for s in rec.splits]
     return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed,
                          num_folds=num_folds, fold=fold, check_classes=check_classes)
 
@@ -82,6 +96,8 @@ def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
     every class with train images, else that is a UserError too.
     """
     rec = load_records(**load_kwargs_from_config(d), keep_missing=bool(d.skip_bad_images))
+    for note in rec.notes:  # auto's choice, a copy that is not the official protocol
+        print(note, file=sys.stderr, flush=True)
     bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
     if bad and not d.skip_bad_images:
         path, why = bad[0]
@@ -100,7 +116,7 @@ def load_kwargs_from_config(d) -> dict:
                test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
     return dict(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
                 test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
-                toy_params=toy)
+                toy_params=toy, label_level=d.label_level, merge_val=d.merge_val)
 
 
 def input_config_for(d, model_data_config: dict) -> dict:
@@ -128,7 +144,7 @@ def create_dataset(*, format: str = "toy", root: Optional[str] = None, split: st
 
 
 __all__ = [
-    "AugmentConfig", "PerSampleSeeds", "sample_seed", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
+    "AugmentConfig", "OFFICIAL_COUNTS", "detect_format", "register_format", "PerSampleSeeds", "sample_seed", "MixupCutmix", "create_mixup", "list_auto_augment_policies", "register_augmentation",
     "resolve_augment", "tta_flip_logits", "ImageDataset", "Records", "TOY_DEFAULTS", "assign_splits", "create_dataset", "create_transform",
     "check_class_coverage", "class_coverage", "ImageInfo", "inspect_image", "load_kwargs_from_config", "read_cub_boxes",
     "default_toy_root", "ensure_toy_cub", "find_bad_images", "generate_toy_cub", "kfold_mask", "list_augmentations",

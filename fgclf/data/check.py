@@ -254,9 +254,12 @@ def check_dataset(data=None, *, workers: Optional[int] = None, hash_files: bool 
         from fgclf.data import ensure_toy_cub
 
         root = str(ensure_toy_cub(root, **(kwargs.get("toy_params") or {})))
-    report = check_records(rec, fmt=fmt, root=root, bbox_crop=kwargs.get("bbox_crop", False),
+    report = check_records(rec, fmt=rec.format or fmt, root=root, bbox_crop=kwargs.get("bbox_crop", False),
                            skip_bad_images=skip, workers=workers, hash_files=hash_files)
     report.errors[:0] = problems
+    report.warnings[:0] = [n.removeprefix("warning: ") for n in rec.notes if n.startswith("warning: ")]
+    if fmt == "auto":
+        report.format = f"{rec.format} (auto)"
     return report
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,6 +35,10 @@ class Records:
     ``items`` are file paths (str) or, for HF datasets, integer row indices into ``source``.
     ``class_ids`` (CUB layout): the dataset's own id of each class, ``class_ids[label]`` (the
     ``classes.txt`` id; NABirds' are not ``1..N``), written to the run directory's ``splits.json``.
+    ``levels``: coarser label levels, ``{level: (coarse class names, coarse label of each class)}``
+    (Aircraft's family and manufacturer, NABirds' parent, Pets' species). ``format``: the reader
+    that made them; ``notes``: lines for the user (auto's choice, a copy that differs from the
+    official counts; :mod:`fgclf.data.formats`).
     """
 
     items: list
@@ -45,13 +49,16 @@ class Records:
     bboxes: Optional[list[Optional[tuple[float, float, float, float]]]] = None
     source: Any = None  # the HF dataset object for ``hf`` records
     class_ids: Optional[list[str]] = None
+    levels: Optional[dict[str, tuple[list[str], list[int]]]] = None
+    format: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
 
     def select(self, mask: Sequence[bool] | np.ndarray) -> "Records":
         """A new Records with only the entries where ``mask`` is true."""
         idx = np.flatnonzero(np.asarray(mask))
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return Records(pick(self.items), pick(self.labels), pick(self.image_ids), pick(self.splits),
-                       self.class_names, pick(self.bboxes), self.source, self.class_ids)
+        return replace(self, items=pick(self.items), labels=pick(self.labels), image_ids=pick(self.image_ids),
+                       splits=pick(self.splits), bboxes=pick(self.bboxes))
 
     def split(self, name: str) -> "Records":
         return self.select([s == name for s in self.splits])

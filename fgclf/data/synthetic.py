@@ -9,6 +9,7 @@ through the generated images.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -111,6 +112,7 @@ def add_synthetic(records: Records, synthetic: Records, *, only: bool = False) -
     bboxes: Optional[list] = None
     if records.bboxes is not None:
         bboxes = list(records.bboxes) + [None] * len(synthetic)
-    return Records(list(records.items) + list(synthetic.items), list(records.labels) + list(synthetic.labels),
-                   list(records.image_ids) + list(synthetic.image_ids), list(records.splits) + list(synthetic.splits),
-                   records.class_names, bboxes, records.source, records.class_ids)
+    return replace(records, items=list(records.items) + list(synthetic.items),
+                   labels=list(records.labels) + list(synthetic.labels),
+                   image_ids=list(records.image_ids) + list(synthetic.image_ids),
+                   splits=list(records.splits) + list(synthetic.splits), bboxes=bboxes)

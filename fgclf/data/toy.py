@@ -453,7 +453,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"default {value}")
     ap.add_argument("--overwrite", action="store_true",
                     help="regenerate even if an identical dataset exists")
+    ap.add_argument("--layout", default=None,
+                    help="instead: write a tiny copy of a real dataset's native layout into --root (a new "
+                         "folder; cub, nabirds, stanford_cars, fgvc_aircraft, stanford_dogs, flowers102, "
+                         "oxford_pets) with --num-classes, --train-per-class, --test-per-class, --image-size")
     args = ap.parse_args(argv)
+    if args.layout is not None:
+        from fgclf.data.layouts import write_layout
+
+        if args.root is None:
+            ap.error("--layout needs --root")
+        try:
+            root = write_layout(args.layout, args.root.expanduser().absolute(), num_classes=args.num_classes,
+                                train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                                image_size=args.image_size, seed=args.seed)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(root)
+        print(f"generated: a tiny {args.layout} copy (--data.format {args.layout} --data.root {root})")
+        return 0
     p = {k: getattr(args, k) for k in TOY_DEFAULTS}
     try:
         root = default_toy_root(p) if args.root is None else args.root.expanduser().absolute()
