@@ -149,11 +149,15 @@ def test_two_stage_pipeline_step_equals_one_process_with_the_same_microbatches(t
         state = model.state_dict()
         assert set(state) == set(got["state"])
         for key, value in state.items():  # weights and BatchNorm running statistics
-            torch.testing.assert_close(got["state"][key].float(), value.float(), atol=1e-5, rtol=1e-5,
+            # running statistics of 2-image microbatches on a 1 x 1 map amplify float32 rounding (seen: 5e-5
+            # relative on one of 96 channels on an AMD EPYC, whose kernels round differently from CI's)
+            tol = 1e-4 if "running_" in key else 1e-5
+            torch.testing.assert_close(got["state"][key].float(), value.float(), atol=tol, rtol=tol,
                                        msg=f"{name}/{schedule}: {key}")
         model.eval()
         with torch.no_grad():
-            torch.testing.assert_close(got["logits"], model(_batches()[0][0]), atol=1e-5, rtol=1e-5)
+            # eval logits go through those running statistics: the same tolerance
+            torch.testing.assert_close(got["logits"], model(_batches()[0][0]), atol=1e-4, rtol=1e-4)
 
 
 def test_time_balancing_measures_without_changing_the_model():

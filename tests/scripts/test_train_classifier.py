@@ -212,8 +212,11 @@ def test_channels_last_and_the_image_cache_give_the_same_run(toy_root, single_ru
            "--train.channels_last", "true", "--data.cache", "true", "--data.cache_dir", str(tmp_path / "cache"),
            "--data.decoder", "torchvision")  # decode_jpeg gives PIL's pixels: the same run
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (single_run, out))
-    for key in ("top1", "f1_macro", "loss"):
+    for key in ("top1", "f1_macro"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    # NHWC convolution kernels round float32 differently; over 2 epochs the test loss drifts (seen: 2.5e-5
+    # relative on an AMD EPYC); a wrong pixel or a lost update would move it by far more
+    assert a["loss"] == pytest.approx(b["loss"], rel=2e-4)
     entries = list((tmp_path / "cache").rglob("*.img"))
     # each image once, as a 13-byte "read the original" marker (toy images are below the cache size)
     assert len(entries) == 60 and all(e.stat().st_size == 13 for e in entries)
