@@ -168,6 +168,14 @@ class ModelConfig:
         head_init: ``zero`` starts a pretrained model's new classifier at zero (BiT's recipe);
             ``default`` keeps timm's random init. Models without pretrained weights always
             keep the default.
+        hierarchy: One classifier head per label level (the dataset's coarser levels:
+            fgvc_aircraft family and manufacturer, nabirds parent, oxford_pets species) on the
+            pooled features; the loss adds ``hierarchy_weight`` times each coarser level's loss
+            (method ``hierarchy``; with method plain only). Per-level metrics are reported for
+            every run on such a dataset, with or without it.
+        hierarchy_weight: Weight of each coarser level's loss.
+        hierarchy_consistent: Make the fine prediction consistent with the coarse heads
+            (``log p(fine) + sum log p(its coarse class)``).
         trust_remote_code: Allow ``hub:owner/repo:entry`` models that run downloaded code.
         kwargs: More keyword arguments for ``timm.create_model`` (e.g. ``{img_size: 64}``),
             recorded in the checkpoint so exports rebuild the same model.
@@ -182,6 +190,9 @@ class ModelConfig:
     strategy: str = "full"
     freeze_bn: bool = False
     head_init: Literal["zero", "default"] = "zero"
+    hierarchy: bool = False
+    hierarchy_weight: float = 1.0
+    hierarchy_consistent: bool = False
     trust_remote_code: bool = False
     kwargs: dict = field(default_factory=dict)
 
@@ -260,7 +271,8 @@ class MethodConfig:
             interaction on P x K batches, Zhuang et al. 2020), ``nts_net`` (navigated part
             proposals, Yang et al. 2018), ``pim`` (FPN, selector and graph combiner, Chou et al.
             2022) or ``herbs`` (PIM with high-temperature refinement and background suppression,
-            Chou et al. 2023).
+            Chou et al. 2023). ``hierarchy`` (one head per label level) is set by
+            ``--model.hierarchy true``.
         reduce_dim: bcnn, cbp, isqrt_cov: channels of a 1x1 conv + BN + ReLU before pooling
             (bcnn/cbp default: none; isqrt_cov: 256).
         dropout: bcnn, cbp, isqrt_cov: dropout on the pooled feature (default 0); api_net: on the

@@ -28,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -260,6 +260,22 @@ def per_class_metrics(logits: Any, labels: Any, *, num_classes: int,
             "f1": float(stats["f1"][c]),
         })
     return rows
+
+
+def level_metrics(logits: Any, labels: Any, *, of: Sequence[int], num_coarse: int,
+                  names: list[str] | None = None) -> dict[str, float]:
+    """The metrics at a coarser label level, from fine-level scores.
+
+    The coarse class probabilities are the fine softmax summed over each coarse class's members
+    (``of[c]``: the coarse index of fine class ``c``); their argmax is the coarse prediction, and
+    every metric of :func:`compute_metrics` is computed on them (their logs as the scores, whose
+    softmax gives them back). Labels are mapped with ``of``.
+    """
+    logits_t = _as_tensor(logits).double()
+    of_t = torch.as_tensor(list(of), dtype=torch.long)
+    probs = torch.softmax(logits_t, dim=1) @ torch.nn.functional.one_hot(of_t, num_coarse).double()
+    coarse_labels = of_t[_as_tensor(labels).long()]
+    return compute_metrics(torch.log(probs.clamp_min(1e-300)), coarse_labels, num_classes=num_coarse, names=names)
 
 
 def _scalar(value: Any) -> float | int | None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fgclf.errors import UserError
-from fgclf.metrics import compute_metrics, confusion_matrix, format_metrics_table, per_class_metrics
+from fgclf.metrics import compute_metrics, confusion_matrix, format_metrics_table, level_metrics, per_class_metrics
 from fgclf.utils import atomic_write_bytes, atomic_write_text
 
 PER_CLASS_FIELDS = ("class_id", "class_name", "support", "accuracy", "precision", "f1")
@@ -208,12 +208,19 @@ def _md_table(rows: list[dict]) -> list[str]:
 
 def _report_markdown(run_dir: Path, result: dict, rows: list[dict], has_curves: bool) -> str:
     """The text of report.md: metrics table, best/worst classes, embedded figures."""
-    scalars = {k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix")}
+    scalars = {k: v for k, v in result.items() if k not in ("per_class", "confusion_matrix", "levels")}
     files = ["metrics.json", "predictions.npz", "per_class.csv", "confusion_matrix.csv"]
     lines = [f"# Evaluation report: {run_dir.name} ({result['split']} split)", "",
              f"{result['num_samples']} samples, {result['num_classes']} classes. Files: "
              + ", ".join(f"[{f}]({f})" for f in files) + ".", "", "## Metrics", "", "```text",
-             format_metrics_table(scalars), "```", "", "## Per-class accuracy", ""]
+             format_metrics_table(scalars), "```", ""]
+    if result.get("levels"):  # coarser label levels: the fine prediction's probabilities summed per coarse class
+        names = ["top1", "top5", "f1_macro", "balanced_accuracy"]
+        lines += ["## Coarser levels", "", "The fine softmax summed over each coarse class.", "",
+                  markdown_table(["level", "classes", *names],
+                                 [[lv, str(m["num_classes"]), *(f"{m[n]:.4f}" for n in names)]
+                                  for lv, m in result["levels"].items()]), ""]
+    lines += ["## Per-class accuracy", ""]
     best = sorted(rows, key=lambda r: (-r["accuracy"], r["class_id"]))
     if len(rows) <= 20:
         lines += ["All classes, best first.", ""] + _md_table(best)
@@ -246,7 +253,8 @@ def _save_predictions(run_dir: Path, logits: np.ndarray, labels: np.ndarray,
 
 def write_evaluation(run_dir: str | os.PathLike, *, logits: Any, labels: Any, class_names: Sequence[str],
                      history: list[dict] | None = None, split: str = "test",
-                     extra: dict | None = None, image_ids: Any = None) -> dict:
+                     extra: dict | None = None, image_ids: Any = None,
+                     levels: dict | None = None) -> dict:
     """Compute every metric and write the evaluation files of a run directory.
 
     Writes metrics.json, predictions.npz, confusion_matrix.csv/.png, per_class.csv, curves.png
@@ -262,6 +270,9 @@ def write_evaluation(run_dir: str | os.PathLike, *, logits: Any, labels: Any, cl
         split: name of the evaluated split.
         extra: additional JSON-able entries for metrics.json (must not shadow computed keys).
         image_ids: optional ``(N,)`` ids stored in predictions.npz.
+        levels: the dataset's coarser label levels, ``{level: (names, coarse index of each
+            class)}`` (``Records.levels``): metrics.json ``levels`` and report.md then give the
+            metrics at each level (:func:`fgclf.metrics.level_metrics`).
     Returns:
         The metrics.json content.
     """
@@ -286,6 +297,10 @@ def write_evaluation(run_dir: str | os.PathLike, *, logits: Any, labels: Any, cl
     result.update(extra or {})
     cm = confusion_matrix(logits_np, labels_np, num_classes=num_classes)
     rows = per_class_metrics(logits_np, labels_np, num_classes=num_classes, class_names=names)
+    if levels:
+        result["levels"] = {name: {"num_classes": len(level_names),
+                                   **level_metrics(logits_np, labels_np, of=of, num_coarse=len(level_names))}
+                            for name, (level_names, of) in levels.items()}
     result["per_class"] = rows
     result["confusion_matrix"] = cm.tolist()
 

@@ -30,6 +30,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -63,6 +64,13 @@ def validate(cfg: TrainClassifierConfig) -> None:
          f"--synthetic.dir: no such folder: {cfg.synthetic.dir}"),
         (cfg.synthetic.ratio >= 0 and cfg.synthetic.per_class >= 0, "synthetic.ratio and synthetic.per_class must be >= 0"),
         (not cfg.synthetic.only or cfg.synthetic.dir is not None, "synthetic.only needs --synthetic.dir"),
+        (not cfg.model.hierarchy or cfg.method.name == "plain",
+         f"model.hierarchy adds level heads to the plain model; method {cfg.method.name} has its own heads"),
+        (not cfg.model.hierarchy or cfg.loss.class_balance == "none",
+         "model.hierarchy with loss.class_balance: the class weights are per fine class; not supported yet"),
+        (cfg.model.hierarchy_weight >= 0, "model.hierarchy_weight must be >= 0"),
+        (cfg.method.name != "hierarchy" or cfg.model.name.startswith("file:"),
+         "method hierarchy is switched on by --model.hierarchy true (its levels come from the dataset)"),
     ]
     if cfg.parallel == "pipeline":  # what the pipeline runner does not do (yet), refused before any work
         p = cfg.pp
@@ -76,8 +84,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip
              and cfg.loss.confusion is None,
              "--parallel pipeline does not support mixup, loss.regularizer, loss.confusion or train.tta_flip yet"),
-            (cfg.method.name == "plain", f"--parallel pipeline splits a plain timm model; method {cfg.method.name} "
-                                         "needs --parallel data"),
+            (cfg.method.name == "plain" and not cfg.model.hierarchy,
+             f"--parallel pipeline splits a plain timm model; method {cfg.method.name} and model.hierarchy need "
+             "--parallel data"),
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
@@ -208,9 +217,10 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     return splits, loaders, data_cfg
 
 
-def run_method(cfg: TrainClassifierConfig):
+def run_method(cfg: TrainClassifierConfig, levels: Optional[dict] = None):
     """The run's method; continuing from an export of the same method keeps the export's options
-    (``fgclf.methods.method_for_run``), so the model, its step and the recorded options agree."""
+    (``fgclf.methods.method_for_run``), so the model, its step and the recorded options agree.
+    ``levels``: the dataset's coarser label levels (``Records.levels``) for ``model.hierarchy``."""
     from fgclf.methods import method_for_run
 
     export = None
@@ -225,6 +235,15 @@ def run_method(cfg: TrainClassifierConfig):
     if "image_size" in method.requires and method.opts.get("image_size") is None:  # PIM sizes its layers by it
         d = cfg.data
         method.opts["image_size"] = d.image_size or (d.toy_image_size if d.format == "toy" else None)
+    if cfg.model.hierarchy:  # the plain model with one head per label level of the dataset
+        from fgclf.methods import create_method
+        from fgclf.methods.hierarchy import levels_option
+
+        if not levels:
+            raise UserError(f"model.hierarchy: data.format {cfg.data.format} has no coarser label levels "
+                            "(fgvc_aircraft, nabirds and oxford_pets have)")
+        method = create_method("hierarchy", levels=levels_option(levels), level_weight=cfg.model.hierarchy_weight,
+                               consistent=cfg.model.hierarchy_consistent)
     return method
 
 
@@ -367,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                 (t.early_stopping_patience > 0, "train.early_stopping_patience > 0")):
             if needs_val:
                 raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
-    method = run_method(cfg)
+    method = run_method(cfg, records.levels)
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names), method)
     if t.channels_last:  # convolutions then hand NHWC activations along; inputs are converted by the first
         import torch
@@ -483,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
-                 "model": cfg.model.name, "method": cfg.method.name, "peft": cfg.peft, "strategy": cfg.model.strategy,
+                 "model": cfg.model.name, "method": method.name, "peft": cfg.peft, "strategy": cfg.model.strategy,
                  "parameters": params,
                  "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                  "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}
@@ -491,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
             extra.update(fold=cfg.data.fold, num_folds=cfg.data.num_folds)
         metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
                                    history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
-                                   image_ids=splits["test"].records.image_ids)
+                                   image_ids=splits["test"].records.image_ids, levels=records.levels)
         print(format_metrics_table(metrics, title=f"test metrics ({run_dir})"))
+        for level, m in (metrics.get("levels") or {}).items():
+            print(f"level {level} ({m['num_classes']} classes): top1 {m['top1']:.4f}, f1_macro {m['f1_macro']:.4f}")
     del model, optimizer, scheduler, train_loader, test_loader, val_loader
     shutdown(accelerator)
     return 0

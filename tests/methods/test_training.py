@@ -22,7 +22,8 @@ OPTIONS = {"plain": {}, "bcnn": {"reduce_dim": 8}, "cbp": {"reduce_dim": 8, "ske
            "isqrt_cov": {"reduce_dim": 8}, "wsdan": {"num_maps": 4}, "cal": {"num_maps": 4},
            "pmg": {"feature_size": 16}, "transfg": {"slide_step": 12}, "api_net": {"hidden": 16},
            "nts_net": {"top_n": 3, "cat_num": 2}, "pim": {"fpn_size": 16, "image_size": 64},
-           "herbs": {"fpn_size": 16, "image_size": 64}}
+           "herbs": {"fpn_size": 16, "image_size": 64},
+           "hierarchy": {"levels": {"pair": {"names": ["ab", "c"], "of": [0, 0, 1]}}, "consistent": True}}
 BACKBONES = {"transfg": ("test_vit", {"img_size": 64})}  # the others: a GroupNorm EfficientNet
 # PMG compares one batch of 16 (its four optimizer steps): its classifiers' BatchNorm1d layers normalise
 # 8 vectors per process over many steps, and the rounding of the global statistics then grows past 2e-5
@@ -34,7 +35,8 @@ BACKBONES = {"transfg": ("test_vit", {"img_size": 64})}  # the others: a GroupNo
 # WS-DAN's stem gradient by ~5 % here; with eps 1e-4 the same computation is well conditioned.
 ONE_UPDATE = ("wsdan", "cal", "pmg", "nts_net")  # NTS-Net: NMS picks boxes by score (a discrete choice)
 LR = {"plain": 0.01, "bcnn": 0.01, "cbp": 0.01, "isqrt_cov": 0.01, "wsdan": 1e-3, "cal": 1e-3, "pmg": 0.01,
-      "transfg": 0.01, "api_net": 0.01, "nts_net": 0.01, "pim": 0.01, "herbs": 0.01}  # x100 logits: gentler
+      "transfg": 0.01, "api_net": 0.01, "nts_net": 0.01, "pim": 0.01, "herbs": 0.01,
+      "hierarchy": 0.01}  # x100 logits: gentler
 # API-Net, PIM and HERBS without dropout: its masks are drawn per process (as dropout is in any DDP run)
 DISTRIBUTED = {**OPTIONS, "wsdan": {"num_maps": 4, "sqrt_eps": 1e-4}, "cal": {"num_maps": 4, "sqrt_eps": 1e-4},
                "api_net": {"hidden": 16, "dropout": 0.0}, "pim": {"fpn_size": 16, "image_size": 64, "dropout": 0.0},
@@ -289,7 +291,7 @@ def test_bf16_weights_and_inputs_as_deepspeed_casts_them(name):
         assert model.eval()(x.to(torch.bfloat16)).shape == (8, CLASSES)
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIONS if n != "plain"])
+@pytest.mark.parametrize("name", [n for n in OPTIONS if n not in ("plain", "hierarchy")])  # hierarchy: below
 def test_a_new_class_count_resets_every_classifier_of_the_method(name):
     """``reset_classifier`` (an export fine-tuned on other classes: ``file:`` with another num_classes)
     gives every classifier of the method the new count, so its training step runs on the new labels."""
