@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from fgclf.data.toy import render_toy_sample, toy_classes
+from fgclf.data.toy import add_cub_lines, render_toy_sample, toy_classes
 from fgclf.errors import UserError
 
 LAYOUTS = ("cub", "nabirds", "stanford_cars", "fgvc_aircraft", "stanford_dogs", "flowers102", "oxford_pets")
@@ -114,15 +114,11 @@ def _cub_files(root: Path, images, class_lines: list[str], class_id, image_id) -
     rows: dict[str, list[str]] = {n: [] for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt",
                                                   "bounding_boxes.txt")}
     files = []
-    for split, c, k, img, (x, y, w, h) in images:
-        iid = image_id(k)
+    for split, c, k, img, box in images:
         rel = f"{c + 1:03d}.class_{c}/img_{k:04d}.jpg"
         _save(img, root / "images" / rel)
         files.append(root / "images" / rel)
-        rows["images.txt"].append(f"{iid} {rel}")
-        rows["image_class_labels.txt"].append(f"{iid} {class_id(c)}")
-        rows["train_test_split.txt"].append(f"{iid} {int(split == 'train')}")
-        rows["bounding_boxes.txt"].append(f"{iid} {x:.1f} {y:.1f} {w:.1f} {h:.1f}")
+        add_cub_lines(rows, image_id(k), rel, class_id(c), split == "train", box)
     for name, lines in rows.items():
         (root / name).write_text("\n".join(lines) + "\n")
     (root / "classes.txt").write_text("\n".join(class_lines) + "\n")

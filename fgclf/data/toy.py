@@ -359,6 +359,16 @@ def render_toy_sample(seed: int, class_index: int, index: int, attrs: dict[str, 
 
 # ----------------------------------------------------------------------------- writing
 
+def add_cub_lines(lines: dict[str, list[str]], image_id, rel: str, class_id, is_train: bool,
+                  box: tuple[float, float, float, float]) -> None:
+    """Append one image's lines to the CUB manifests in ``lines`` (file name -> lines)."""
+    x, y, w, h = box
+    lines["images.txt"].append(f"{image_id} {rel}")
+    lines["image_class_labels.txt"].append(f"{image_id} {class_id}")
+    lines["train_test_split.txt"].append(f"{image_id} {int(is_train)}")
+    lines["bounding_boxes.txt"].append(f"{image_id} {x:.1f} {y:.1f} {w:.1f} {h:.1f}")
+
+
 def _write_dataset(out: Path, p: dict) -> None:
     classes = toy_classes(p["num_classes"])
     lines: dict[str, list[str]] = {name: [] for name in _MANIFESTS}
@@ -369,13 +379,10 @@ def _write_dataset(out: Path, p: dict) -> None:
         lines["classes.txt"].append(f"{ci + 1} {folder}")
         for k in range(1, p["train_per_class"] + p["test_per_class"] + 1):
             image_id += 1
-            img, (x, y, w, h) = render_toy_sample(p["seed"], ci, k, attrs, p["image_size"])
+            img, box = render_toy_sample(p["seed"], ci, k, attrs, p["image_size"])
             rel = f"{folder}/{name}_{k:04d}.jpg"
             img.save(out / "images" / rel, "JPEG", quality=92, subsampling=0)
-            lines["images.txt"].append(f"{image_id} {rel}")
-            lines["image_class_labels.txt"].append(f"{image_id} {ci + 1}")
-            lines["train_test_split.txt"].append(f"{image_id} {int(k <= p['train_per_class'])}")
-            lines["bounding_boxes.txt"].append(f"{image_id} {x:.1f} {y:.1f} {w:.1f} {h:.1f}")
+            add_cub_lines(lines, image_id, rel, ci + 1, k <= p["train_per_class"], box)
     for name, rows in lines.items():
         (out / name).write_text("\n".join(rows) + "\n")
     meta = {"format": "fgclf-toy-cub", "format_version": FORMAT_VERSION, "params": p,
