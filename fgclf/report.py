@@ -218,7 +218,8 @@ def _report_markdown(run_dir: Path, result: dict, rows: list[dict], has_curves: 
         names = ["top1", "top5", "f1_macro", "balanced_accuracy"]
         lines += ["## Coarser levels", "", "The fine softmax summed over each coarse class.", "",
                   markdown_table(["level", "classes", *names],
-                                 [[lv, str(m["num_classes"]), *(f"{m[n]:.4f}" for n in names)]
+                                 [[lv, str(m["num_classes"]), *("-" if n == "top5" and m["num_classes"] <= 5
+                                                                 else f"{m[n]:.4f}" for n in names)]
                                   for lv, m in result["levels"].items()]), ""]
     lines += ["## Per-class accuracy", ""]
     best = sorted(rows, key=lambda r: (-r["accuracy"], r["class_id"]))
@@ -300,7 +301,7 @@ def write_evaluation(run_dir: str | os.PathLike, *, logits: Any, labels: Any, cl
     if levels:
         result["levels"] = {name: {"num_classes": len(level_names),
                                    **level_metrics(logits_np, labels_np, of=of, num_coarse=len(level_names))}
-                            for name, (level_names, of) in levels.items()}
+                            for name, (level_names, of) in levels.items() if len(level_names) >= 2}
     result["per_class"] = rows
     result["confusion_matrix"] = cm.tolist()
 

@@ -66,8 +66,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (not cfg.synthetic.only or cfg.synthetic.dir is not None, "synthetic.only needs --synthetic.dir"),
         (not cfg.model.hierarchy or cfg.method.name == "plain",
          f"model.hierarchy adds level heads to the plain model; method {cfg.method.name} has its own heads"),
-        (not cfg.model.hierarchy or cfg.loss.class_balance == "none",
-         "model.hierarchy with loss.class_balance: the class weights are per fine class; not supported yet"),
+        (not cfg.model.hierarchy or (cfg.loss.class_balance == "none" and not isinstance(cfg.loss.alpha, list)),
+         "model.hierarchy with loss.class_balance or a per-class loss.alpha: those weights are per fine class; "
+         "not supported yet"),
         (cfg.model.hierarchy_weight >= 0, "model.hierarchy_weight must be >= 0"),
         (cfg.method.name != "hierarchy" or cfg.model.name.startswith("file:"),
          "method hierarchy is switched on by --model.hierarchy true (its levels come from the dataset)"),
@@ -84,9 +85,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip
              and cfg.loss.confusion is None,
              "--parallel pipeline does not support mixup, loss.regularizer, loss.confusion or train.tta_flip yet"),
-            (cfg.method.name == "plain" and not cfg.model.hierarchy,
-             f"--parallel pipeline splits a plain timm model; method {cfg.method.name} and model.hierarchy need "
-             "--parallel data"),
+            (cfg.method.name == "plain", f"--parallel pipeline splits a plain timm model; method {cfg.method.name} "
+                                         "needs --parallel data"),
+            (not cfg.model.hierarchy, "--parallel pipeline splits a plain timm model; model.hierarchy needs "
+                                      "--parallel data"),
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),

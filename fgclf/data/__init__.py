@@ -116,7 +116,7 @@ def load_kwargs_from_config(d) -> dict:
                test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
     return dict(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
                 test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
-                toy_params=toy, label_level=d.label_level, merge_val=d.merge_val)
+                toy_params=toy, label_level=getattr(d, "label_level", None), merge_val=getattr(d, "merge_val", False))
 
 
 def input_config_for(d, model_data_config: dict) -> dict:

@@ -11,7 +11,7 @@ stanford_cars  ``devkit/cars_meta.mat``, ``cars_train_annos.mat``,              
                ``cars_test_annos_withlabels.mat`` (any folder; nested
                ``cars_train/cars_train`` mirrors), or ``cars_annos.mat`` + ``car_ims/``
 fgvc_aircraft  ``data/images_{variant,family,manufacturer}_{train,val,test}.txt``     yes
-stanford_dogs  ``lists/train_list.mat``, ``test_list.mat``, ``Images/``,              yes
+stanford_dogs  ``train_list.mat``, ``test_list.mat`` (in ``lists/`` or not), ``Images/``, yes
                ``Annotation/`` (boxes, read only for ``bbox_crop``)
 flowers102     ``imagelabels.mat``, ``setid.mat``, ``jpg/``                           no
 oxford_pets    ``annotations/trainval.txt``, ``annotations/test.txt``, ``images/``    no
@@ -22,7 +22,8 @@ Every reader returns :class:`~fgclf.data.datasets.Records` with the dataset's of
 (``train``/``test``; Aircraft and Flowers-102 also ``val``), 0-based labels, class names and,
 where the dataset has them, boxes ``(x, y, width, height)`` in 0-based pixels and coarser label
 levels (``Records.levels``). :func:`official_count_notes` compares a copy with the published
-protocol (:data:`OFFICIAL_COUNTS`) and names any difference in one line.
+protocol (:data:`OFFICIAL_COUNTS`) and names any difference in one line (not for the embedded
+toy dataset, which is CUB-shaped but not CUB).
 
 ``.mat`` files are read with scipy. torchvision has readers for Cars, Aircraft, Flowers and Pets,
 but each wants its own folder name under ``root`` (``stanford_cars/``, ``fgvc-aircraft-2013b/``,
@@ -75,11 +76,17 @@ def _walk(root: Path, depth: int = 3):
 
 
 def find_file(root: str | Path, name: str, *, parent: Optional[str] = None, depth: int = 3) -> Optional[Path]:
-    """The shallowest ``name`` under ``root`` (in a folder called ``parent`` when given), or None."""
+    """The shallowest ``name`` (a file name or a glob pattern) under ``root`` (in a folder called
+    ``parent`` when given), or None."""
     for folder in _walk(Path(root), depth):
-        path = folder / name
-        if path.is_file() and (parent is None or folder.name == parent):
-            return path
+        if parent is not None and folder.name != parent:
+            continue
+        if any(c in name for c in "*?["):  # a pattern: the first match by name
+            found = sorted(p for p in folder.glob(name) if p.is_file())
+            if found:
+                return found[0]
+        elif (folder / name).is_file():
+            return folder / name
     return None
 
 
@@ -126,12 +133,30 @@ def _mat_field(mat, key: str, path: Path):
     return mat[key]
 
 
+def _mat_list(mat, key: str, path: Path, kind: type = str) -> list:
+    """A cell array or vector of a ``.mat`` file as a non-empty list of ``kind`` (``squeeze_me``
+    turns a one-entry cell into a bare string and a one-entry vector into a number: both handled)."""
+    import numpy as np
+
+    values = np.atleast_1d(np.asarray(_mat_field(mat, key, path), dtype=object)).ravel().tolist()
+    if not values:
+        raise UserError(f"{path.name}: '{key}' is empty")
+    try:
+        return [kind(v) if kind is not int else int(float(v)) for v in values]
+    except (TypeError, ValueError):
+        raise UserError(f"{path.name}: '{key}' holds a value that is not {kind.__name__} ({values[0]!r}, ...)") from None
+
+
 def _column(records, field: str, path: Path) -> list:
     """One field of a MATLAB struct array (``annotations``) as a list; a UserError if absent."""
-    names = records.dtype.names or ()
+    names = getattr(getattr(records, "dtype", None), "names", None) or ()
+    if not names:
+        raise UserError(f"{path.name}: the annotations are not a struct array with named fields")
+    if records.size == 0:
+        raise UserError(f"{path.name}: the annotations list no images")
     if field not in names:
         raise UserError(f"{path.name}: the annotations have no '{field}' field (found {', '.join(names)})")
-    return [records[field]] if records.ndim == 0 else list(records[field])
+    return [records[field].item()] if records.ndim == 0 else list(records[field].ravel())
 
 
 # ----------------------------------------------------------------------------- building records
@@ -196,7 +221,9 @@ def read_nabirds(root: str | Path, *, bbox_crop: bool = False, keep_missing: boo
                  problems: Optional[list[str]] = None) -> Records:
     """NABirds: the CUB layout with ``hierarchy.txt`` (``child parent`` class ids); the classes are
     the 555 ids images use, numbered in id order (:func:`~fgclf.data.datasets.read_cub`), and
-    ``Records.levels["parent"]`` maps each to its parent node in ``hierarchy.txt``."""
+    ``Records.levels["parent"]`` maps each to its parent node in ``hierarchy.txt``. That node is
+    not one taxonomic rank: a sex or morph leaf's parent is its species, a species leaf's parent
+    a higher group."""
     base = _cub_root(Path(root), "nabirds")
     hierarchy = base / "hierarchy.txt"
     if not hierarchy.is_file():
@@ -207,14 +234,13 @@ def read_nabirds(root: str | Path, *, bbox_crop: bool = False, keep_missing: boo
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 2:
-            raise UserError(f"hierarchy.txt line {lineno}: expected 'child parent', got {line!r}")
-        parent_of[parts[0]] = parts[1]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UserError(f"hierarchy.txt line {lineno}: expected 'child_id parent_id', got {line!r}")
+        parent_of[str(int(parts[0]))] = str(int(parts[1]))
     names = {}
-    classes_txt = base / "classes.txt"
-    for line in classes_txt.read_text(encoding="utf-8-sig").splitlines():
+    for line in (base / "classes.txt").read_text(encoding="utf-8-sig").splitlines():
         parts = line.strip().split(maxsplit=1)
-        if len(parts) == 2:
+        if len(parts) == 2 and parts[0].isdigit():  # read_cub has named any other line
             names[str(int(parts[0]))] = parts[1]
     ids = [str(int(c)) for c in rec.class_ids or []]
     no_parent = [i for i in ids if i not in parent_of]
@@ -247,15 +273,13 @@ def read_stanford_cars(root: str | Path, *, bbox_crop: bool = False, keep_missin
     if meta is None and find_file(root, "cars_annos.mat") is not None:
         return _read_cars_single_file(root, find_file(root, "cars_annos.mat"), bbox_crop, keep_missing)
     meta = _require(root, "cars_meta.mat", "stanford_cars")
-    class_names = [str(c) for c in _mat_field(_loadmat(meta), "class_names", meta)]
+    class_names = _mat_list(_loadmat(meta), "class_names", meta)
     out = _Builder("stanford_cars", class_names, boxes=bbox_crop, keep_missing=keep_missing)
     train = _require(root, "cars_train_annos.mat", "stanford_cars", near=meta.parent)
-    try:
-        test = _require(root, "cars_test_annos_withlabels.mat", "stanford_cars", near=meta.parent)
-    except UserError:
+    test = find_file(root, "cars_test_annos_withlabels*.mat")  # mirrors: "cars_test_annos_withlabels (1).mat"
+    if test is None:
         raise UserError("data.format=stanford_cars: missing annotation file cars_test_annos_withlabels.mat (the "
-                        "test labels, published separately from the devkit's cars_test_annos.mat, which has none)"
-                        ) from None
+                        "test labels, published apart from the devkit, whose cars_test_annos.mat has none)")
     for split, path, folder in (("train", train, "cars_train"), ("test", test, "cars_test")):
         annos = _mat_field(_loadmat(path), "annotations", path)
         fnames = [str(f) for f in _column(annos, "fname", path)]
@@ -271,7 +295,7 @@ def read_stanford_cars(root: str | Path, *, bbox_crop: bool = False, keep_missin
 
 def _read_cars_single_file(root: Path, path: Path, bbox_crop: bool, keep_missing: bool) -> Records:
     mat = _loadmat(path)
-    class_names = [str(c) for c in _mat_field(mat, "class_names", path)]
+    class_names = _mat_list(mat, "class_names", path)
     annos = _mat_field(mat, "annotations", path)
     rel = [str(p) for p in _column(annos, "relative_im_path", path)]
     classes, is_test = _column(annos, "class", path), _column(annos, "test", path)
@@ -344,8 +368,12 @@ def read_fgvc_aircraft(root: str | Path, *, label_level: Optional[str] = None, b
     index = {lv: {n: k for k, n in enumerate(names[lv])} for lv in AIRCRAFT_LEVELS}
     boxes = {}
     if bbox_crop:
-        for image_id, rest in _read_lines(_require(root, "images_box.txt", "fgvc_aircraft", near=data)):
-            boxes[image_id] = _box_from_corners(*(float(v) for v in rest.split()))
+        box_file = _require(root, "images_box.txt", "fgvc_aircraft", near=data)
+        for image_id, rest in _read_lines(box_file):
+            try:
+                boxes[image_id] = _box_from_corners(*(float(v) for v in rest.split()))
+            except (TypeError, ValueError):
+                raise UserError(f"{box_file.name}: image {image_id}: expected 'xmin ymin xmax ymax', got {rest!r}") from None
     out = _Builder("fgvc_aircraft", names[level], boxes=bbox_crop, keep_missing=keep_missing)
     images = data / "images"
     for image_id in sorted(split_of):
@@ -375,7 +403,10 @@ def _dog_box(path: Path) -> Optional[tuple]:
         raise UserError(f"cannot read the box annotation {path} ({type(err).__name__}: {err})") from None
     corners = []
     for box in tree.getroot().iter("bndbox"):
-        corners.append([float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+        try:
+            corners.append([float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: a <bndbox> without numeric xmin, ymin, xmax, ymax") from None
     if not corners:
         return None
     return _box_from_corners(min(c[0] for c in corners), min(c[1] for c in corners),
@@ -392,9 +423,11 @@ def read_stanford_dogs(root: str | Path, *, bbox_crop: bool = False, keep_missin
     lists = {}
     for split, path in (("train", train), ("test", test)):
         mat = _loadmat(path)
-        files = [str(f) for f in _mat_field(mat, "file_list", path)]
-        labels = [int(v) for v in _mat_field(mat, "labels", path)]
-        annos = [str(a) for a in mat["annotation_list"]] if "annotation_list" in mat else [f[:-4] for f in files]
+        files = _mat_list(mat, "file_list", path)
+        labels = _mat_list(mat, "labels", path, int)
+        annos = _mat_list(mat, "annotation_list", path) if "annotation_list" in mat else [f[:-4] for f in files]
+        if not len(files) == len(labels) == len(annos):
+            raise UserError(f"{path.name}: {len(files)} files, {len(labels)} labels and {len(annos)} annotations")
         lists[split] = (files, labels, annos, path)
     names: dict[int, str] = {}
     for files, labels, _, _ in lists.values():
@@ -405,7 +438,8 @@ def read_stanford_dogs(root: str | Path, *, bbox_crop: bool = False, keep_missin
         gaps = sorted(set(range(1, n + 1)) - set(names))
         raise UserError(f"stanford_dogs: labels 1..{n} expected in the lists, {len(gaps)} missing (first {gaps[0]})")
     class_names = [names[k] for k in range(1, n + 1)]
-    images = _image_dir(root, "Images", lists["train"][0][0], "stanford_dogs", near=train.parent.parent)
+    home = train.parent.parent if train.parent.name == "lists" else train.parent  # lists.tar unpacks flat
+    images = _image_dir(root, "Images", lists["train"][0][0], "stanford_dogs", near=home)
     annotations = images.parent / "Annotation"
     if bbox_crop and not annotations.is_dir():
         raise UserError(f"data.bbox_crop with stanford_dogs needs the Annotation/ folder beside {images}")
@@ -426,13 +460,14 @@ def read_flowers102(root: str | Path, *, keep_missing: bool = False) -> Records:
     root = Path(root)
     labels_path = _require(root, "imagelabels.mat", "flowers102")
     setid_path = _require(root, "setid.mat", "flowers102", near=labels_path.parent)
-    labels = [int(v) for v in _mat_field(_loadmat(labels_path), "labels", labels_path)]
+    labels = _mat_list(_loadmat(labels_path), "labels", labels_path, int)
     setid = _loadmat(setid_path)
-    class_names = list(Flowers102.classes)
+    # the dataset ships no class names; torchvision >= 0.21 carries the list everyone uses
+    class_names = list(getattr(Flowers102, "classes", None) or [f"flower {k:03d}" for k in range(1, 103)])
     images = _image_dir(root, "jpg", "image_00001.jpg", "flowers102", near=labels_path.parent)
     out = _Builder("flowers102", class_names, boxes=False, keep_missing=keep_missing)
     for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
-        for number in sorted(int(v) for v in _mat_field(setid, key, setid_path)):
+        for number in sorted(_mat_list(setid, key, setid_path, int)):
             if not 1 <= number <= len(labels):
                 raise UserError(f"setid.mat {key}: image {number} is outside 1..{len(labels)} (imagelabels.mat)")
             name = f"image_{number:05d}.jpg"
@@ -457,6 +492,8 @@ def read_oxford_pets(root: str | Path, *, keep_missing: bool = False) -> Records
             if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
                 raise UserError(f"{path.name} line {lineno}: expected 'name class species breed', got {line!r}")
             rows.append((split, parts[0], int(parts[1]), int(parts[2])))
+    if not rows:
+        raise UserError(f"oxford_pets: {trainval.name} and {test.name} list no images")
     names: dict[int, str] = {}
     species: dict[int, int] = {}
     for _, name, k, sp in rows:
@@ -568,7 +605,8 @@ def read_format(fmt: str, root: str, *, bbox_crop: bool, keep_missing: bool, pro
         raise UserError(f"data.bbox_crop: {fmt} has no bounding boxes (boxes: {', '.join(sorted(BOXES - {'toy'}))})")
     rec = READERS[fmt](root, bbox_crop, keep_missing, problems, label_level)
     rec.format = fmt
-    rec.notes = notes + official_count_notes(fmt, rec, label_level)
+    toy = fmt == "cub" and find_file(root, "toy_meta.json", depth=1) is not None  # the embedded toy set: not CUB
+    rec.notes = notes + ([] if toy else official_count_notes(fmt, rec, label_level))
     return rec
 
 

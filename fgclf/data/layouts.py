@@ -32,7 +32,7 @@ def _save(img: Image.Image, path: Path) -> None:
 
 def _images(num_classes: int, counts: dict[str, int], size: int, seed: int):
     """``(split, class index, k, image, (x, y, w, h))`` for ``counts[split]`` images per class."""
-    classes = toy_classes(num_classes)
+    classes = toy_classes(max(num_classes, 2))
     k = 0
     for split, n in counts.items():
         for c in range(num_classes):
@@ -82,7 +82,9 @@ def write_layout(fmt: str, root: str | Path, *, num_classes: int = 4, train_per_
             (fgvc_aircraft, flowers102); the others have train and test only.
         variant: ``stanford_cars``: ``devkit`` (default: ``devkit/`` + ``cars_train/`` as the devkit
             ships), ``mirror`` (``car_devkit/devkit/``, ``cars_train/cars_train/``, the test
-            labels beside them) or ``single`` (the older ``cars_annos.mat`` + ``car_ims/``).
+            labels beside them as ``cars_test_annos_withlabels (1).mat``) or ``single`` (the older
+            ``cars_annos.mat`` + ``car_ims/``); ``stanford_dogs``: ``flat`` (default: the lists
+            beside ``Images/``, as the official ``lists.tar`` unpacks) or ``lists`` (in ``lists/``).
 
     flowers102 always has 102 classes (its class names are fixed); ``num_classes`` is ignored.
     """
@@ -99,7 +101,8 @@ def write_layout(fmt: str, root: str | Path, *, num_classes: int = 4, train_per_
         num_classes = 102
     writer = {"cub": _cub, "nabirds": _nabirds, "stanford_cars": _cars, "fgvc_aircraft": _aircraft,
               "stanford_dogs": _dogs, "flowers102": _flowers, "oxford_pets": _pets}[fmt]
-    kwargs = {"variant": variant or "devkit"} if fmt == "stanford_cars" else {}
+    kwargs = ({"variant": variant or "devkit"} if fmt == "stanford_cars" else
+              {"variant": variant or "flat"} if fmt == "stanford_dogs" else {})
     images = list(_images(num_classes, counts, image_size, seed))
     files = writer(root, images, num_classes, **kwargs)
     truth = [[str(Path(f).relative_to(root)), c, split, [round(v, 2) for v in box]]
@@ -171,7 +174,9 @@ def _cars(root: Path, images, n: int, variant: str) -> list[Path]:
     _savemat(devkit / "cars_train_annos.mat", {"annotations": _struct(per_split["train"])})
     no_class = [{k: v for k, v in r.items() if k != "class"} for r in per_split["test"]]
     _savemat(devkit / "cars_test_annos.mat", {"annotations": _struct(no_class)})
-    _savemat((root if nest else devkit) / "cars_test_annos_withlabels.mat", {"annotations": _struct(per_split["test"])})
+    # the mirrors on Kaggle carry the test labels as "cars_test_annos_withlabels (1).mat", beside the folders
+    labels_file = root / "cars_test_annos_withlabels (1).mat" if nest else devkit / "cars_test_annos_withlabels.mat"
+    _savemat(labels_file, {"annotations": _struct(per_split["test"])})
     return files
 
 
@@ -200,7 +205,7 @@ def _aircraft(root: Path, images, n: int) -> list[Path]:
     return files
 
 
-def _dogs(root: Path, images, n: int) -> list[Path]:
+def _dogs(root: Path, images, n: int, variant: str) -> list[Path]:
     folder = lambda c: f"n0{2085620 + c}-Breed_{c}{'-Terrier' if c % 2 else ''}"  # noqa: E731
     lists: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
     out = []
@@ -220,7 +225,7 @@ def _dogs(root: Path, images, n: int) -> list[Path]:
         annos.append(f"{folder(c)}/{stem}")
         labels.append(float(c + 1))
     for split, (files, annos, labels) in lists.items():
-        _savemat(root / "lists" / f"{split}_list.mat",
+        _savemat(root / ("lists" if variant == "lists" else "") / f"{split}_list.mat",
                  {"file_list": _cells(files), "annotation_list": _cells(annos), "labels": np.array(labels)[:, None]})
     return out
 

@@ -3,8 +3,9 @@
 Datasets with coarser labels (FGVC-Aircraft's family and manufacturer, NABirds' parent node,
 Oxford-IIIT Pets' species; ``Records.levels``) give each level its own linear head on the same
 pre-logits features; the loss is the fine level's plus ``level_weight`` times each coarser
-level's (the run's loss function, so label smoothing, focal, class weights and mixup's soft
-targets, mapped to each level, apply to every level). This is the shared-trunk, multi-head
+level's (the run's loss function, so label smoothing, focal and mixup's soft targets, mapped
+to each level, apply to every level; per-class weights, which belong to the fine classes, are
+refused). This is the shared-trunk, multi-head
 form of hierarchical training studied by Chang et al., "Your 'Flamingo' is My 'Bird':
 Fine-Grained, or Not" (CVPR 2021), without their level-specific feature disentangling.
 

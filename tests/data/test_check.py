@@ -30,6 +30,7 @@ def _expected_counts(root: Path) -> dict[str, dict[str, int]]:
 def test_counts_sizes_and_modes_equal_the_manifests(toy_root):
     report = check_dataset(format="cub", root=str(toy_root), val_fraction=0.0, workers=3)
     expected = _expected_counts(toy_root)
+    # the toy set (toy_meta.json) in CUB layout is not CUB: no official-count warning
     assert report.ok and report.errors == [] and report.warnings == []
     assert report.class_counts == expected and report.class_names == list(expected)
     assert report.split_counts == {"train": 40, "val": 0, "test": 20} and report.num_images == 60

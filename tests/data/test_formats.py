@@ -11,6 +11,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fgclf.data import Records, load_records
@@ -28,6 +29,7 @@ CASES = [
     ("stanford_cars", "single", ["Make0 Model 0 2010", "Make1 Model 1 2011"], True),
     ("fgvc_aircraft", None, ["Jet 000-A/B", "Jet 100-A/B"], True),
     ("stanford_dogs", None, ["Breed_0", "Breed_1-Terrier"], True),
+    ("stanford_dogs", "lists", ["Breed_0", "Breed_1-Terrier"], True),
     ("flowers102", None, ["pink primrose", "hard-leaved pocket orchid"], False),
     ("oxford_pets", None, ["Abyssinian", "American Bulldog"], False),
 ]
@@ -117,6 +119,24 @@ def _official_records(fmt: str, drop_test: int = 0) -> Records:
                    [str(c) for c in range(n_classes)])
 
 
+# the published protocols, written out here (not read from OFFICIAL_COUNTS): train/val/test images, classes
+PUBLISHED = {"cub": ({"train": 5994, "test": 5794}, 200), "nabirds": ({"train": 23929, "test": 24633}, 555),
+             "stanford_cars": ({"train": 8144, "test": 8041}, 196),
+             "fgvc_aircraft": ({"train": 3334, "val": 3333, "test": 3333}, 100),
+             "stanford_dogs": ({"train": 12000, "test": 8580}, 120),
+             "flowers102": ({"train": 1020, "val": 1020, "test": 6149}, 102),
+             "oxford_pets": ({"train": 3680, "test": 3669}, 37)}
+
+
+def test_official_counts_are_the_published_ones():
+    assert set(OFFICIAL_COUNTS) == set(PUBLISHED)
+    for fmt, (splits, classes) in PUBLISHED.items():
+        spec = OFFICIAL_COUNTS[fmt]
+        assert spec["splits"] == splits
+        assert (spec["classes"] if isinstance(spec["classes"], int) else spec["classes"]["variant"]) == classes
+    assert OFFICIAL_COUNTS["fgvc_aircraft"]["classes"] == {"variant": 100, "family": 70, "manufacturer": 30}
+
+
 @pytest.mark.parametrize("fmt", sorted(OFFICIAL_COUNTS))
 def test_official_counts(fmt):
     assert official_count_notes(fmt, _official_records(fmt)) == []
@@ -146,8 +166,9 @@ def test_incomplete_copy_warns_in_training_and_check(tmp_path_factory, capsys):
 @pytest.mark.parametrize("fmt,variant,remove,named", [
     ("stanford_cars", "devkit", "devkit/cars_test_annos_withlabels.mat", "cars_test_annos_withlabels.mat"),
     ("stanford_cars", "mirror", "car_devkit/devkit/cars_meta.mat", "cars_meta.mat"),
+    ("stanford_cars", "mirror", "cars_test_annos_withlabels (1).mat", "cars_test_annos_withlabels.mat"),
     ("fgvc_aircraft", None, "fgvc-aircraft-2013b/data/images_family_test.txt", "images_family_test.txt"),
-    ("stanford_dogs", None, "lists/test_list.mat", "test_list.mat"),
+    ("stanford_dogs", None, "test_list.mat", "test_list.mat"),
     ("flowers102", None, "setid.mat", "setid.mat"),
     ("oxford_pets", None, "annotations/test.txt", "test.txt"),
     ("nabirds", None, "hierarchy.txt", "hierarchy.txt"),
@@ -189,3 +210,30 @@ def test_auto_falls_back_to_imagefolder(tmp_path):
         (tmp_path / c).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
     assert detect_format(tmp_path) == ("imagefolder", "found class folders of images")
+
+
+@pytest.mark.parametrize("fmt,variant", [("stanford_cars", "devkit"), ("stanford_cars", "single"),
+                                         ("stanford_dogs", None)])
+def test_one_entry_mat_files(tmp_path, fmt, variant):
+    """scipy's squeeze_me turns a one-entry cell into a bare string and a one-entry struct array into a
+    0-d one: one class with one train and one test image still reads right (and one class name is
+    not split into letters)."""
+    root = write_layout(fmt, tmp_path / "one", variant=variant, num_classes=1, train_per_class=1, test_per_class=1)
+    rec = load_records(format=fmt, root=str(root), val_fraction=0, bbox_crop=True)
+    assert len(rec.class_names) == 1 and len(rec.class_names[0]) > 1
+    check_against_truth(rec, root, boxes=True)
+
+
+def test_broken_annotations_are_one_line_errors(tmp_path_factory, tmp_path):
+    from scipy.io import savemat
+
+    root = copy_of(tmp_path, layout(tmp_path_factory, "stanford_dogs"))
+    savemat(str(root / "test_list.mat"), {"file_list": np.empty((0, 1), dtype=object), "labels": np.empty((0, 1))})
+    with pytest.raises(UserError, match="test_list.mat: 'file_list' is empty"):
+        load_records(format="stanford_dogs", root=str(root), val_fraction=0)
+    shutil.rmtree(root)
+    root = copy_of(tmp_path, layout(tmp_path_factory, "stanford_dogs"))
+    voc = next(p for p in (root / "Annotation").rglob("*") if p.is_file())
+    voc.write_text(voc.read_text().replace("<xmin>", "<xmin>x"))
+    with pytest.raises(UserError, match="without numeric xmin"):
+        load_records(format="stanford_dogs", root=str(root), val_fraction=0, bbox_crop=True)

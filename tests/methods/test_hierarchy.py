@@ -152,7 +152,8 @@ def test_plain_run_on_a_dataset_with_levels_reports_them_too(aircraft, tmp_path)
 @pytest.mark.parametrize("extra,message", [
     (["--data.format", "cub"], "has no coarser label levels"),
     (["--method.name", "wsdan"], "model.hierarchy adds level heads to the plain model"),
-    (["--loss.class_balance", "inverse"], "class weights are per fine class"),
+    (["--loss.class_balance", "inverse"], "those weights are per fine class"),
+    (["--loss.name", "focal", "--loss.alpha", "[1, 1, 1, 1, 1, 1, 1, 2]"], "those weights are per fine class"),
 ])
 def test_hierarchy_user_errors(aircraft, toy_root, tmp_path, extra, message):
     args = _args(aircraft, tmp_path / "x", "--model.hierarchy", "true", *extra)
