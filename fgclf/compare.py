@@ -102,6 +102,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise UserError(f"{path / 'metrics.json'} is not valid JSON ({err})") from err
     if not isinstance(metrics, dict):
         raise UserError(f"{path / 'metrics.json'} does not hold a JSON object")
+    for level, values in (metrics.get("levels") or {}).items():  # coarser label levels as "<level>.<metric>"
+        for key, value in values.items():
+            metrics.setdefault(f"{level}.{key}", value)
     seed = metrics.get("seed")
     if seed is None and (path / "config.yaml").is_file():
         import yaml

@@ -82,6 +82,9 @@ class DataConfig:
             "no annotation" CUB results do not use.
         label_level: ``fgvc_aircraft`` classes: ``variant`` (100, the default), ``family`` (70)
             or ``manufacturer`` (30).
+        levels_file: A CSV giving each class coarser labels (header ``class,<level>,...``, one
+            row per class name, e.g. CUB's order, family and genus): reported per level and
+            trained with ``--model.hierarchy true``, like a dataset's own levels.
         merge_val: Train on train + the validation split the dataset ships (fgvc_aircraft,
             flowers102): FGVC-Aircraft's standard protocol (trainval / test). ``val_fraction``
             then carves validation from the merged split (0: none).
@@ -128,6 +131,7 @@ class DataConfig:
     bbox_crop: bool = False
     label_level: Optional[Literal["variant", "family", "manufacturer"]] = None
     merge_val: bool = False
+    levels_file: Optional[str] = None
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     num_folds: int = 0

@@ -32,7 +32,7 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
                  num_folds: int = 0, fold: int = 0, toy_params: Optional[dict] = None,
                  check_classes: bool = True, keep_missing: bool = False,
                  problems: Optional[list[str]] = None, label_level: Optional[str] = None,
-                 merge_val: bool = False) -> Records:
+                 merge_val: bool = False, levels_file: Optional[str] = None) -> Records:
     """Read a dataset and assign every image to ``train``, ``val`` or ``test``.
 
     Args:
@@ -53,6 +53,8 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
         label_level: FGVC-Aircraft's classes: ``variant`` (default), ``family``, ``manufacturer``.
         merge_val: Move the validation split a dataset ships (Aircraft, Flowers-102) into train
             (then ``val_fraction`` carves validation from the merged split; 0: none).
+        levels_file: A CSV of coarser labels per class (:func:`fgclf.data.formats.read_levels_file`),
+            added to the dataset's own levels (a level of the same name replaced).
 
     The returned records carry ``notes`` (auto's choice, a copy that differs from the official
     counts) for the caller to print.
@@ -79,6 +81,8 @@ def load_records(*, format: str = "toy", root: Optional[str] = None, bbox_crop: 
                                    label_level=label_level)
     if bbox_crop and rec.bboxes is None:
         raise UserError(f"data.bbox_crop: data.format={rec.format or format} has no bounding boxes")
+    if levels_file:
+        rec.levels = {**(rec.levels or {}), **_formats.read_levels_file(levels_file, rec.class_names)}
     if merge_val:
         rec.splits = ["train" if s == "val" else s for s in rec.splits]
     return assign_splits(rec, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed,
@@ -116,7 +120,8 @@ def load_kwargs_from_config(d) -> dict:
                test_per_class=d.toy_test_per_class, image_size=d.toy_image_size, seed=d.toy_seed)
     return dict(format=d.format, root=d.root, bbox_crop=d.bbox_crop, val_fraction=d.val_fraction,
                 test_fraction=d.test_fraction, split_seed=d.split_seed, num_folds=d.num_folds, fold=d.fold,
-                toy_params=toy, label_level=getattr(d, "label_level", None), merge_val=getattr(d, "merge_val", False))
+                toy_params=toy, label_level=getattr(d, "label_level", None), merge_val=getattr(d, "merge_val", False),
+                levels_file=getattr(d, "levels_file", None))
 
 
 def input_config_for(d, model_data_config: dict) -> dict:

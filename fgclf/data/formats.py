@@ -610,11 +610,52 @@ def read_format(fmt: str, root: str, *, bbox_crop: bool, keep_missing: bool, pro
     return rec
 
 
+def read_levels_file(path: str | Path, class_names: list[str]) -> dict[str, tuple[list[str], list[int]]]:
+    """Coarser label levels from a CSV file: a header ``class,<level>,<level>...`` and one row per
+    class (its name as the dataset names it), e.g. CUB's order and family
+    (``configs/cub_levels.csv``); lines starting with ``#`` are comments. Returns
+    ``{level: (coarse class names, sorted; coarse index of each class)}`` (as ``Records.levels``).
+
+    Every class of the dataset needs exactly one row (extra rows are ignored); a missing file,
+    a missing class, a repeated one or an empty cell is a UserError naming it.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.levels_file: no such file {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # lines starting with '#' are comments
+        rows = list(csv.reader(line for line in f if not line.startswith("#")))
+    if not rows or len(rows[0]) < 2 or rows[0][0].strip() != "class":
+        raise UserError(f"{path.name}: the first line must be the header 'class,<level>[,<level>...]'")
+    levels = [h.strip() for h in rows[0][1:]]
+    of_class: dict[str, list[str]] = {}
+    for lineno, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(levels) + 1 or not all(cell.strip() for cell in row):
+            raise UserError(f"{path.name} line {lineno}: expected {len(levels) + 1} non-empty fields, got {row}")
+        name = row[0].strip()
+        if name in of_class:
+            raise UserError(f"{path.name} line {lineno}: class {name!r} is listed twice")
+        of_class[name] = [cell.strip() for cell in row[1:]]
+    missing = [c for c in class_names if c not in of_class]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{path.name}: no row for class {missing[0]!r}{more}")
+    out = {}
+    for k, level in enumerate(levels):
+        names = sorted({of_class[c][k] for c in class_names})
+        index = {n: i for i, n in enumerate(names)}
+        out[level] = (names, [index[of_class[c][k]] for c in class_names])
+    return out
+
+
 def list_formats() -> list[str]:
     """Every ``--data.format``: the registered readers, ``toy``, ``imagefolder``, ``hf`` and ``auto``."""
     return ["toy", *READERS, "imagefolder", "hf", "auto"]
 
 
 __all__ = ["AIRCRAFT_LEVELS", "OFFICIAL_COUNTS", "READERS", "detect_format", "find_file", "list_formats",
-           "official_count_notes", "read_fgvc_aircraft", "read_flowers102", "read_format", "read_nabirds",
+           "official_count_notes", "read_fgvc_aircraft", "read_flowers102", "read_format", "read_levels_file", "read_nabirds",
            "read_oxford_pets", "read_stanford_cars", "read_stanford_dogs", "register_format"]

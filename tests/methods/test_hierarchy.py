@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARGS, _run_in_process, last_error_line
+from conftest import REPO, TINY_ARGS, _run_in_process, last_error_line
 from sklearn import metrics as skm
 
 from fgclf.errors import UserError
@@ -176,3 +176,57 @@ def test_a_new_class_count_is_refused():
         model.reset_classifier(5)
     model.reset_classifier(0)  # features only (extract_features) stays possible
     assert model(torch.randn(2, 3, 32, 32), return_levels=True)["logits"].shape[1] == model.num_features
+
+
+def test_levels_file_gives_a_dataset_levels(toy_root, tmp_path):
+    """A CSV of coarser labels per class (the toy set's beak and crown): read against the class names,
+    errors name the line or the class, and compare_runs sees the levels as '<level>.<metric>'."""
+    from fgclf.compare import load_run
+    from fgclf.data import load_records
+    from fgclf.data.toy import toy_classes
+
+    levels_csv = REPO / "configs" / "toy_levels.csv"
+    rec = load_records(format="cub", root=str(toy_root), levels_file=str(levels_csv), val_fraction=0)
+    attrs = dict(toy_classes(12))
+    for level in ("beak", "crown"):
+        names, of = rec.levels[level]
+        assert names == sorted({attrs[n.split(".", 1)[1]][level] for n in rec.class_names})
+        assert [names[of[c]] for c in range(len(rec.class_names))] == [
+            attrs[n.split(".", 1)[1]][level] for n in rec.class_names]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("class,beak\n" + "\n".join(levels_csv.read_text().splitlines()[1:3]) + "\n")
+    with pytest.raises(UserError, match="bad.csv line 2: expected 2 non-empty fields"):
+        load_records(format="cub", root=str(toy_root), levels_file=str(bad))
+    bad.write_text("class,beak\n001.Red_Crowned_Conebeak,cone\n")
+    with pytest.raises(UserError, match=r"no row for class '002\.Spotted_Red_Crowned_Conebeak' \(and 2 more\)"):
+        load_records(format="cub", root=str(toy_root), levels_file=str(bad))
+    # through a run: metrics.json levels, and compare_runs' flattened keys (the 4 toy classes of this
+    # fixture share beak and crown, a one-class level that is not reported: tail and breast here)
+    tail = tmp_path / "tail.csv"
+    tail.write_text("class,tail,breast\n" + "".join(f"{n},{attrs[n.split('.', 1)[1]]['tail']},"
+                                                    f"{attrs[n.split('.', 1)[1]]['breast']}\n" for n in rec.class_names))
+    proc = _run_in_process("train_classifier.py", ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+                                                   "--data.levels_file", str(tail), "--train.epochs", "1",
+                                                   "--model.hierarchy", "true", "--train.output_dir",
+                                                   str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = load_run(tmp_path / "run")
+    assert run.metrics["tail.top1"] == run.metrics["levels"]["tail"]["top1"] and run.metrics["method"] == "hierarchy"
+    assert set(run.metrics["levels"]) == {"tail", "breast"}
+
+
+def test_shipped_cub_levels_file():
+    """configs/cub_levels.csv (Chang et al. 2021's order and family of every CUB class) reads for CUB's
+    200 class names: 13 orders, 38 families."""
+    import csv
+
+    from fgclf.data.formats import read_levels_file
+
+    path = REPO / "configs" / "cub_levels.csv"
+    names = [r[0] for r in csv.reader(ln for ln in path.read_text().splitlines() if not ln.startswith("#"))][1:]
+    assert names[0] == "001.Black_footed_Albatross" and names[-1] == "200.Common_Yellowthroat" and len(names) == 200
+    assert [int(n[:3]) for n in names] == list(range(1, 201))
+    levels = read_levels_file(path, names)
+    assert {k: len(v[0]) for k, v in levels.items()} == {"order": 13, "family": 38}
+    order, family = levels["order"], levels["family"]
+    assert order[0][order[1][0]] == "Procellariiformes" and family[0][family[1][0]] == "Diomedeidae"
