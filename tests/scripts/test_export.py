@@ -1,0 +1,94 @@
+"""scripts/export.py: each format reproduces the run's test logits where fgclf is not used to run it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import _run_in_process, last_error_line, train_toy
+
+from fgclf.data import create_transform, load_records
+from fgclf.data.datasets import load_image
+
+
+@pytest.fixture(scope="module")
+def run(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    train_toy(toy_root, out, "--train.epochs", "1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(run, toy_root) -> np.ndarray:
+    """The run's test images as the model sees them, in the order of predictions.npz."""
+    rec = load_records(format="cub", root=str(toy_root), val_fraction=0.15)
+    path_of = dict(zip(rec.image_ids, rec.items))
+    meta = json.loads((run / "checkpoints" / "best" / "config.json").read_text())
+    tf = create_transform(meta["data_config"], is_training=False)
+    return torch.stack([tf(load_image(path_of[i])) for i in np.load(run / "predictions.npz")["image_ids"]]).numpy()
+
+
+def _export(run, fmt, out, *extra):
+    proc = _run_in_process("export.py", ["--model", str(run), "--format", fmt, "--output", str(out), *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((out / "export.json").read_text())
+
+
+def test_onnx_runs_in_onnxruntime_with_the_runs_logits(run, test_images, tmp_path):
+    import onnxruntime as ort
+
+    proc, record = _export(run, "onnx", tmp_path / "onnx")
+    assert record["opset"] == 18 and record["max_abs_diff"] <= 1e-4 and "max |logit difference|" in proc.stdout
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"images": test_images})[0]  # all test images: a batch size never traced
+    np.testing.assert_allclose(logits, np.load(run / "predictions.npz")["logits"], atol=1e-4)
+    assert record["class_names"] == [str(n) for n in np.load(run / "predictions.npz")["class_names"]]
+
+
+def test_torchscript_reproduces_the_runs_logits(run, test_images, tmp_path):
+    _, record = _export(run, "torchscript", tmp_path / "ts")
+    module = torch.jit.load(str(tmp_path / "ts" / "model.torchscript.pt"))
+    with torch.no_grad():
+        logits = module(torch.from_numpy(test_images)).numpy()
+    np.testing.assert_allclose(logits, np.load(run / "predictions.npz")["logits"], atol=1e-4)
+
+
+def test_timm_checkpoint_loads_with_timm_alone(run, test_images, tmp_path):
+    _, record = _export(run, "timm", tmp_path / "timm")
+    np.save(tmp_path / "x.npy", test_images)
+    code = f"""
+import sys, json, numpy as np, timm, torch
+model = timm.create_model("local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+with torch.no_grad():
+    np.save({str(tmp_path / 'y.npy')!r}, model(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).numpy())
+print(model.pretrained_cfg["label_names"][:2], "fgclf" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [str(n) for n in np.load(run / "predictions.npz")["class_names"]]
+    assert proc.stdout.strip() == f"{names[:2]} False"  # the class names came along; fgclf was never imported
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.load(run / "predictions.npz")["logits"], atol=1e-5)
+    assert record["architecture"] == "test_efficientnet_gn"
+
+
+def test_formats_a_method_model_cannot_take_are_refused(toy_root, tmp_path):
+    run = tmp_path / "bcnn"
+    train_toy(toy_root, run, "--train.epochs", "1", "--method.name", "bcnn", "--method.reduce_dim", "8")
+    proc = _run_in_process("export.py", ["--model", str(run), "--format", "timm", "--output", str(tmp_path / "t")])
+    assert proc.returncode == 2 and "this model is method bcnn" in last_error_line(proc)
+    assert not (tmp_path / "t").exists()
+    # a method model without data-dependent steps traces: TorchScript of B-CNN matches
+    _, record = _export(run, "torchscript", tmp_path / "ts")
+    assert record["max_abs_diff"] <= 1e-4 and record["method"]["name"] == "bcnn"
+
+
+def test_user_errors(run, tmp_path):
+    for args, message in ((["--format", "zip"], "invalid choice"),
+                          (["--format", "onnx", "--model", str(tmp_path / "none")], "no such run directory")):
+        full = ["--model", str(run), "--output", str(tmp_path / "o"), *args]
+        proc = _run_in_process("export.py", full)
+        assert proc.returncode == 2 and message in last_error_line(proc)
