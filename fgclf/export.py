@@ -10,6 +10,11 @@
   pretrained=True)`` loads without fgclf (and the hub, once uploaded, as ``hf-hub:``); only for
   models that are a timm architecture (method ``plain``).
 
+* ``hub``: a folder for the HF hub: the ``timm`` files for a plain timm model (else the fgclf
+  export) and a ``README.md`` model card (data, protocol, test metrics with the interval over
+  a sweep's seeds, the training config, intended use and limits, the pretrained weights'
+  license); :func:`push_to_hub` uploads it.
+
 A traced export is only right when the model has no data-dependent steps; the comparison on
 other inputs catches the ones that matter (an export whose logits differ by more than
 ``atol`` is removed and named in a UserError), and ``export.json`` records what was checked.
@@ -28,7 +33,7 @@ from torch import nn
 
 from fgclf.errors import UserError
 
-FORMATS = ("onnx", "torchscript", "timm")
+FORMATS = ("onnx", "torchscript", "timm", "hub")
 ATOL = 1e-4
 
 
@@ -147,6 +152,140 @@ def export_timm(model: nn.Module, config: dict, folder: Path) -> dict:
             "load": f"timm.create_model('local-dir:{folder.resolve()}', pretrained=True)"}
 
 
+def _seed_interval(run: Optional[Path], metric: str) -> Optional[dict]:
+    """Mean and 95% t-interval of ``metric`` over the run and its sibling seeds (a sweep's
+    ``<variant>/seed<S>`` folders), when there are at least two finished ones."""
+    if run is None or not run.name.startswith("seed"):
+        return None
+    values = []
+    for sibling in sorted(run.parent.glob("seed*")):
+        try:
+            values.append(float(json.loads((sibling / "metrics.json").read_text())[metric]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if len(values) < 2:
+        return None
+    from fgclf.stats import summarize
+
+    s = summarize(values)
+    return {"n": s["n"], "mean": s["mean"], "ci_lo": s["ci_lo"], "ci_hi": s["ci_hi"]}
+
+
+def model_card(checkpoint, config: dict, *, loads_with: str, license_: Optional[str], library: str = "timm") -> str:
+    """The README.md of a hub folder: what the model is, how it was trained and tested, its
+    numbers (with the interval over the sweep's seeds when there are several), and its limits."""
+    import yaml
+
+    run = checkpoint.path.parent.parent if checkpoint.path.parent.name == "checkpoints" else None
+    metrics = {}
+    settings = {}
+    if run is not None and (run / "metrics.json").is_file():
+        metrics = json.loads((run / "metrics.json").read_text())
+    if run is not None and (run / "config.yaml").is_file():
+        settings = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    data = settings.get("data") or {}
+    method = (config.get("method") or {}).get("name", "plain")
+    names = config.get("class_names") or []
+    front = {"library_name": library, "license": license_ or "other",
+             "tags": ["image-classification", "fine-grained", "fgclf", *( [method] if method != "plain" else [])],
+             "pipeline_tag": "image-classification"}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {(run.parent.name + '/' + run.name) if run is not None and run.name.startswith('seed') else (run or checkpoint.path).name}",
+             "",
+             f"A fine-grained image classifier ({len(names)} classes) trained with fgclf from "
+             f"`{(config.get('base') or {}).get('model_name') or config.get('model_name')}`"
+             + (f", method `{method}`" if method != "plain" else "") + ".", "",
+             "## Use", "", "```python", loads_with, "```", "",
+             f"Input: {(config.get('data_config') or {}).get('input_size')} images, mean "
+             f"{(config.get('data_config') or {}).get('mean')}, std {(config.get('data_config') or {}).get('std')}, "
+             f"crop_pct {(config.get('data_config') or {}).get('crop_pct')}.", ""]
+    lines += ["## Training data and protocol", ""]
+    if data:
+        sizes = (settings.get("run") or {}).get("split_sizes") or {}
+        lines += [f"Dataset: `--data.format {data.get('format')}` ({Path(str(data.get('root') or '')).name or 'embedded'}); "
+                  f"train / val / test images: {sizes.get('train', '?')} / {sizes.get('val', '?')} / "
+                  f"{sizes.get('test', '?')}; image size {data.get('image_size')}; augmentation "
+                  f"`{(data.get('aug') or {}).get('preset')}`.", ""]
+    else:
+        lines += ["Not recorded (the model folder is not inside a run directory).", ""]
+    if metrics:
+        lines += ["## Test metrics", "", "| metric | this run | mean over the sweep's seeds (95% CI) |", "|---|---|---|"]
+        for key in ("top1", "top5", "f1_macro", "balanced_accuracy"):
+            if key in metrics:
+                interval = _seed_interval(run, key)
+                spread = (f"{interval['mean']:.4f} [{interval['ci_lo']:.4f}, {interval['ci_hi']:.4f}], n = {interval['n']}"
+                          if interval else "one run")
+                lines.append(f"| {key} | {float(metrics[key]):.4f} | {spread} |")
+        for level, m in (metrics.get("levels") or {}).items():
+            lines.append(f"| {level}.top1 | {float(m['top1']):.4f} | |")
+        lines.append("")
+    lines += ["## Intended use and limits", "",
+              "Classifies images into the classes it was trained on; it has no 'none of these' class and gives "
+              "confident answers on images of other things. Its accuracy holds for images like its test split "
+              "(same source, framing and resolution); expect less on other cameras, crops or regions. "
+              + ("Stanford Dogs was built from ImageNet images, so ImageNet-pretrained weights may have seen its "
+                 "test images. " if data.get("format") == "stanford_dogs" else "")
+              + ("Trained from scratch (no pretrained weights)." if (config.get("base") or {}).get("pretrained") is False
+                 else f"The pretrained weights' license: {license_ or 'not recorded by timm; check the base model'}."),
+              ""]
+    if settings:
+        lines += ["## Training configuration", "", "<details><summary>config.yaml</summary>", "", "```yaml",
+                  yaml.safe_dump({k: v for k, v in settings.items() if k != "run"}, sort_keys=False).strip(), "```",
+                  "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
+    """A folder ready for the hub: a plain timm model in timm's format (loads with ``hf-hub:``),
+    any other model (methods) as the fgclf export; with a ``README.md`` model card."""
+    from fgclf.utils import atomic_write_text
+
+    config = checkpoint.config
+    base = config.get("base") or {}
+    scratch = base.get("pretrained") is False and not base.get("weights")
+    license_ = None if scratch else (getattr(model, "pretrained_cfg", None) or {}).get("license")
+    try:
+        timm_architecture(model, config)
+        info = export_timm(model, config, folder)
+        loads_with = "import timm\nmodel = timm.create_model('hf-hub:<user>/<repo>', pretrained=True)"
+    except UserError:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            tmp = folder / f".{name}.partial"
+            shutil.copyfile(checkpoint.path / name, tmp)
+            os.replace(tmp, folder / name)
+        info = {"files": ["model.safetensors", "config.json"], "load": f"fgclf create_model('file:{folder}')"}
+        loads_with = ("# pip install fgclf; download the folder (huggingface_hub.snapshot_download)\n"
+                      "from fgclf.models import create_model\nmodel = create_model('file:<downloaded folder>')")
+    library = "timm" if "import timm" in loads_with else "fgclf"
+    atomic_write_text(folder / "README.md", model_card(checkpoint, config, loads_with=loads_with, license_=license_,
+                                                       library=library))
+    return {**info, "files": [*info["files"], "README.md"]}
+
+
+def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload ``folder`` to the hub model repo ``repo_id`` (created if needed); its URL. Refused
+    with one line when the hub is offline (``HF_HUB_OFFLINE``) or no token is set."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub: pip install huggingface_hub") from None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError("--push-to-hub: the hub is offline (HF_HUB_OFFLINE is set); the folder is ready to upload later")
+    if not huggingface_hub.get_token():
+        raise UserError("--push-to-hub needs a token: `huggingface-cli login` or HF_TOKEN")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message="fgclf export")
+    except Exception as err:  # network, permissions, a bad repo name
+        raise UserError(f"--push-to-hub {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                        f"the folder {folder} is complete and can be uploaded again") from None
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
 def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporter: str = "dynamo",
                  atol: float = ATOL) -> dict:
     """Export ``checkpoint`` (:class:`fgclf.predict.Checkpoint`) as ``fmt`` into the folder ``output``;
@@ -165,6 +304,8 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
         info = export_onnx(model, config, output / "model.onnx", opset=opset, exporter=exporter, atol=atol)
     elif fmt == "torchscript":
         info = export_torchscript(model, config, output / "model.torchscript.pt", atol=atol)
+    elif fmt == "hub":
+        info = export_hub(model, checkpoint, output)
     else:
         info = export_timm(model, config, output)
     record = {"format": fmt, "source": str(checkpoint.path), "class_names": config.get("class_names"),
@@ -174,4 +315,5 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
     return record
 
 
-__all__ = ["FORMATS", "export_model", "export_onnx", "export_timm", "export_torchscript", "timm_architecture"]
+__all__ = ["FORMATS", "export_hub", "export_model", "export_onnx", "export_timm", "export_torchscript", "model_card",
+           "push_to_hub", "timm_architecture"]

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Export a trained model for use without fgclf: ONNX, TorchScript or a plain timm checkpoint.
+"""Export a trained model for use without fgclf: ONNX, TorchScript, a plain timm checkpoint or a hub folder.
 
     python scripts/export.py --model runs/cub_r50 --format onnx --output exports/cub_r50_onnx
     python scripts/export.py --model runs/cub_r50/checkpoints/best --format torchscript --output exports/ts
     python scripts/export.py --model runs/cub_r50 --format timm --output exports/cub_r50_timm
+    python scripts/export.py --model runs/sweep/plain/seed1 --format hub --output exports/hub [--push-to-hub me/cub-r50]
 
 ``--model``: a run directory (its ``checkpoints/best``), a checkpoint folder or an fgclf export.
 ONNX (dynamic batch axis, ``--opset``) and TorchScript exports are run on a batch of other inputs
@@ -11,7 +12,9 @@ and compared with PyTorch (max |logit difference| printed; above ``--atol`` the 
 and the command fails: a method with data-dependent steps cannot be traced). ``timm`` writes
 ``model.safetensors`` + timm's ``config.json`` (class names as ``label_names``) for plain timm
 models, loadable with ``timm.create_model("local-dir:FOLDER", pretrained=True)`` (the folder timm's
-``push_to_hub`` uploads). Every export writes
+``push_to_hub`` uploads). ``hub`` writes that (or, for a method's model, the fgclf export) with a
+``README.md`` model card; ``--push-to-hub REPO`` uploads it (refused with one line when offline or
+without a token). Every export writes
 ``export.json`` (format, source, class names, input config, the check's result).
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import script_main  # noqa: E402
 
-FORMATS = ("onnx", "torchscript", "timm")
+FORMATS = ("onnx", "torchscript", "timm", "hub")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,9 +46,14 @@ def parse_args(argv: Optional[list[str]]):
     p.add_argument("--onnx-exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx's exporter (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted logit difference (default: %(default)s)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="with --format hub: upload the folder to this hub model repo (needs a token and the network)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} exists and is not a folder")
+    if args.push_to_hub and args.format != "hub":
+        raise UserError("--push-to-hub uploads a --format hub folder")
     return args
 
 
@@ -64,6 +72,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"exported {checkpoint.path} as {args.format} to {args.output}{checked}")
     if "load" in record:
         print(f"load it with: {record['load']}")
+    if args.push_to_hub:
+        from fgclf.export import push_to_hub
+
+        print(f"uploaded to {push_to_hub(args.output, args.push_to_hub, private=args.private)}")
     return 0
 
 

@@ -75,9 +75,15 @@ print(model.pretrained_cfg["label_names"][:2], "fgclf" in sys.modules)
     assert record["architecture"] == "test_efficientnet_gn"
 
 
-def test_formats_a_method_model_cannot_take_are_refused(toy_root, tmp_path):
-    run = tmp_path / "bcnn"
+@pytest.fixture(scope="module")
+def bcnn_run(toy_root, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("export_bcnn") / "bcnn"
     train_toy(toy_root, run, "--train.epochs", "1", "--method.name", "bcnn", "--method.reduce_dim", "8")
+    return run
+
+
+def test_formats_a_method_model_cannot_take_are_refused(bcnn_run, tmp_path):
+    run = bcnn_run
     proc = _run_in_process("export.py", ["--model", str(run), "--format", "timm", "--output", str(tmp_path / "t")])
     assert proc.returncode == 2 and "this model is method bcnn" in last_error_line(proc)
     assert not (tmp_path / "t").exists()
@@ -92,3 +98,56 @@ def test_user_errors(run, tmp_path):
         full = ["--model", str(run), "--output", str(tmp_path / "o"), *args]
         proc = _run_in_process("export.py", full)
         assert proc.returncode == 2 and message in last_error_line(proc)
+
+
+def test_hub_folder_with_a_model_card_and_the_seeds_interval(toy_root, tmp_path):
+    """A sweep-like variant/seed<S> layout: the card gives this run's top-1 and the mean and t-interval
+    over its seeds; the folder holds timm's files."""
+    import yaml
+
+    from fgclf.stats import summarize
+
+    sweep = tmp_path / "sweep" / "plain"
+    for seed in (1, 2):
+        train_toy(toy_root, sweep / f"seed{seed}", "--train.epochs", "1", "--train.seed", str(seed))
+    _, record = _export(sweep / "seed1", "hub", tmp_path / "hub")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-classification"
+    tops = [json.loads((sweep / f"seed{s}" / "metrics.json").read_text())["top1"] for s in (1, 2)]
+    want = summarize(tops)
+    assert f"| top1 | {tops[0]:.4f} | {want['mean']:.4f} [{want['ci_lo']:.4f}, {want['ci_hi']:.4f}], n = 2 |" in card
+    assert "## Intended use and limits" in card and "```yaml" in card
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["README.md", "config.json", "export.json",
+                                                                     "model.safetensors"]
+
+
+def test_hub_folder_of_a_method_model_is_the_fgclf_export(bcnn_run, tmp_path):
+    from fgclf.models import create_model
+
+    _, record = _export(bcnn_run, "hub", tmp_path / "hub")
+    assert "create_model('file:" in (tmp_path / "hub" / "README.md").read_text()
+    model = create_model(f"file:{tmp_path / 'hub'}", num_classes=4)
+    assert type(model).__name__ != "EfficientNet"  # the method's model, rebuilt
+
+
+def test_push_to_hub_is_refused_offline_and_uploads_the_folder_online(run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    args = ["--model", str(run), "--format", "hub", "--output", str(tmp_path / "hub"), "--push-to-hub", "me/birds"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    proc = _run_in_process("export.py", args)
+    assert proc.returncode == 2 and "the hub is offline" in last_error_line(proc)
+    assert (tmp_path / "hub" / "README.md").is_file()  # the folder is kept for a later upload
+    calls = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    proc = _run_in_process("export.py", args)
+    assert proc.returncode == 2 and "needs a token" in last_error_line(proc)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"])))
+    proc = _run_in_process("export.py", args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert calls == [("create", "me/birds"), ("upload", "me/birds", str(tmp_path / "hub"))]
