@@ -1,0 +1,117 @@
+"""Class activation maps of a trained model (``scripts/explain.py``), through the maintained
+``grad-cam`` package (jacobgil/pytorch-grad-cam).
+
+* :func:`target_layer`: the layer whose activations the map is made of: the last stage of a CNN
+  (timm's ``feature_info``), a ViT's last block (its patch tokens laid out on the grid); for a
+  method's model, that layer of its backbone;
+* :func:`class_maps`: one map per image for a chosen class each (``gradcam``, ``gradcam++``,
+  ``hirescam``, ``eigencam``, or ``finercam``: Finer-CAM, which subtracts the evidence for the most
+  similar classes, made for fine-grained confusions), scaled to [0, 1] at the input size;
+* :func:`most_confused`: the test images of the run's most confused class pairs;
+* :func:`save_grid`: image | map of the predicted class | map of the true class, one row each.
+
+The model's forward is its method's inference, so the maps explain the prediction the run made.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fgclf.errors import UserError
+
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "eigencam", "finercam")
+
+
+def _cam_class(name: str):
+    try:
+        import pytorch_grad_cam as pgc
+    except ImportError:
+        raise UserError("explanation maps need the grad-cam package: pip install 'fgclf[explain]'") from None
+    classes = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
+               "eigencam": pgc.EigenCAM, "finercam": pgc.FinerCAM}
+    if name not in classes:
+        raise UserError(f"unknown map {name!r}; known: {', '.join(CAM_METHODS)}")
+    return classes[name]
+
+
+def target_layer(model: nn.Module) -> tuple[nn.Module, Optional[Callable]]:
+    """``(layer, reshape_transform)`` for the maps of ``model`` (see the module doc)."""
+    backbone = getattr(model, "backbone", model)  # a method's model holds the timm model as .backbone
+    if hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks"):
+        prefix = getattr(backbone, "num_prefix_tokens", 1)
+        grid = getattr(backbone.patch_embed, "grid_size", None)
+
+        def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, prefix:]
+            h, w = grid if grid is not None and grid[0] * grid[1] == t.shape[1] else (int(t.shape[1] ** 0.5),) * 2
+            return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+        return backbone.blocks[-1].norm1, tokens_to_map
+    info = getattr(backbone, "feature_info", None)
+    if info:
+        last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        return backbone.get_submodule(last), None
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError(f"{type(backbone).__name__}: no convolution or ViT block to draw a map from")
+    return convs[-1], None
+
+
+def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *, method: str = "gradcam",
+               layer: Optional[nn.Module] = None, reshape: Optional[Callable] = None) -> np.ndarray:
+    """``(N, H, W)`` maps in [0, 1] of ``classes[i]`` for ``images[i]`` (the model's own forward)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam_cls = _cam_class(method)
+    if layer is None:
+        layer, reshape = target_layer(model)
+    model.eval()
+    if method == "finercam":
+        cam = cam_cls(model=model, target_layers=[layer], reshape_transform=reshape)
+        with cam:
+            return np.stack([cam(input_tensor=images[i:i + 1], target_idx=int(c))[0] for i, c in enumerate(classes)])
+    with cam_cls(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+
+
+def most_confused(run: Path, pairs: int) -> list[tuple[int, int, int]]:
+    """``(test index, true class, predicted class)`` of the first misclassified test image of each of
+    the run's ``pairs`` most confused (true, predicted) class pairs (most images first)."""
+    npz = np.load(Path(run) / "predictions.npz")
+    labels, pred = npz["labels"], npz["logits"].argmax(1)
+    wrong = np.flatnonzero(labels != pred)
+    counts: dict[tuple[int, int], list[int]] = {}
+    for i in wrong:
+        counts.setdefault((int(labels[i]), int(pred[i])), []).append(int(i))
+    ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:pairs]
+    return [(idx[0], t, p) for (t, p), idx in ranked]
+
+
+def save_grid(images: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[Sequence[str]], path: Path) -> None:
+    """One row per image: the image, then each of its maps over it (``maps[j][i]``), titled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fgclf.report import _save_figure
+
+    rows, cols = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    for i in range(rows):
+        axes[i][0].imshow(images[i])
+        for j, m in enumerate(maps):
+            axes[i][j + 1].imshow(images[i])
+            axes[i][j + 1].imshow(m[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        for j in range(cols):
+            axes[i][j].set_title(titles[i][j], fontsize=7)
+            axes[i][j].axis("off")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+__all__ = ["CAM_METHODS", "class_maps", "most_confused", "save_grid", "target_layer"]
