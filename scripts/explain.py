@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Class activation maps of a trained model: why it predicts what it predicts.
+
+    # the run's most confused class pairs: one test image each, maps of the predicted and the true class
+    python scripts/explain.py --model runs/cub_r50 --confused 6 --output confused.png
+    # chosen images: maps of the two classes the model ranks first
+    python scripts/explain.py --model runs/cub_r50/checkpoints/best a.jpg b.jpg --output maps.png --cam finercam
+
+Maps (``--cam``): ``gradcam`` (default), ``gradcam++``, ``hirescam``, ``eigencam`` and ``finercam``
+(Finer-CAM: the class's evidence minus that of its most similar classes, for fine-grained
+confusions), through the ``grad-cam`` package, on the last stage of a CNN or the last block of a
+ViT (for a method's model: of its backbone), over the images as the model sees them (its eval
+resize and crop). ``--confused`` reads the run's ``predictions.npz`` and its dataset (config.yaml's
+``data`` section, so the dataset must be where the run found it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from fgclf.errors import UserError  # noqa: E402
+from fgclf.runtime import script_main  # noqa: E402
+
+CAMS = ("gradcam", "gradcam++", "hirescam", "eigencam", "finercam")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one-line errors, exit status 2, like every fgclf script
+        raise UserError(message)
+
+
+def parse_args(argv: Optional[list[str]]):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("images", nargs="*", help="images to explain (or --confused)")
+    p.add_argument("--model", required=True, help="run directory, checkpoint folder or export")
+    p.add_argument("--confused", type=int, default=0, help="explain the run's N most confused class pairs")
+    p.add_argument("--cam", choices=CAMS, default="gradcam")
+    p.add_argument("--output", type=Path, default=Path("maps.png"), help="PNG grid to write (default: %(default)s)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if bool(args.images) == bool(args.confused):
+        raise UserError("give images to explain or --confused N (not both)")
+    if args.confused < 0:
+        raise UserError("--confused must be >= 1")
+    if args.output.suffix.lower() != ".png":
+        raise UserError(f"--output must name a .png file, got {args.output}")
+    return args
+
+
+def _run_of(checkpoint) -> Path:
+    run = checkpoint.path.parent.parent if checkpoint.path.parent.name == "checkpoints" else None
+    if run is None or not (run / "predictions.npz").is_file() or not (run / "config.yaml").is_file():
+        raise UserError("--confused needs a finished run directory (predictions.npz, config.yaml) as --model")
+    return run
+
+
+@script_main
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from fgclf.predict import collect_inputs, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.model)
+    paths = collect_inputs(args.images).paths if args.images else None
+    run = _run_of(checkpoint) if args.confused else None
+    import numpy as np
+    import torch
+
+    from fgclf.data import create_transform
+    from fgclf.data.datasets import load_image
+    from fgclf.explain import class_maps, most_confused, save_grid
+    from fgclf.models import create_model
+
+    meta = checkpoint.config
+    names = list(meta.get("class_names") or range(meta["num_classes"]))
+    model = create_model(f"file:{checkpoint.path}", num_classes=meta["num_classes"]).eval()
+    tf = create_transform(meta.get("data_config") or {}, is_training=False)
+    if run is not None:
+        from fgclf.config import TrainClassifierConfig, load_config
+        from fgclf.data import load_records_from_config
+
+        picks = most_confused(run, args.confused)
+        if not picks:
+            raise UserError(f"{run} classified every test image correctly: nothing is confused")
+        records, _ = load_records_from_config(load_config(TrainClassifierConfig, run / "config.yaml").data)
+        path_of = dict(zip(records.image_ids, records.items))
+        ids = np.load(run / "predictions.npz")["image_ids"]
+        paths = [path_of[str(ids[i])] for i, _, _ in picks]
+    x = torch.stack([tf(load_image(p)) for p in paths])
+    with torch.no_grad():
+        logits = model(x)
+    top2 = logits.topk(min(2, logits.shape[1]), dim=1).indices
+    first = [p for _, _, p in picks] if run is not None else [int(c) for c in top2[:, 0]]
+    second = [t for _, t, _ in picks] if run is not None else [int(c) for c in top2[:, -1]]
+    maps = [class_maps(model, x, first, method=args.cam), class_maps(model, x, second, method=args.cam)]
+    mean = torch.tensor((meta.get("data_config") or {}).get("mean", (0.5,) * 3)).view(3, 1, 1)
+    std = torch.tensor((meta.get("data_config") or {}).get("std", (0.5,) * 3)).view(3, 1, 1)
+    shown = ((x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    what = "true" if run is not None else "2nd"
+    def short(text: str, n: int = 26) -> str:  # fine-grained names differ at the end: keep it
+        return text if len(text) <= n else text[:4] + "..." + text[-(n - 7):]
+
+    titles = [[short(Path(p).name, 30), f"predicted: {short(str(names[a]))}", f"{what}: {short(str(names[b]))}"]
+              for p, a, b in zip(paths, first, second)]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(shown, maps, titles, args.output)
+    print(f"{args.cam} maps of {len(paths)} images -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
