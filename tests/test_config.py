@@ -93,7 +93,7 @@ def test_every_sweep_plan_expands_into_valid_runs(path, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_classifier.py", "train_gan.py", "generate.py", "extract_features.py",
-                                    "train_probe.py", "ensemble_eval.py"])
+                                    "train_probe.py", "ensemble_eval.py", "predict.py", "export.py", "explain.py"])
 def test_help_imports_no_torch(script):
     """``--help`` only parses: torch, timm and accelerate are imported after the config is read
     (bench/startup.py measures the time this saves)."""
