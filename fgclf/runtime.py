@@ -2,6 +2,7 @@
 clean shutdown and one-line user errors; and the test-only fault hooks (FGCLF_DEBUG_*)."""
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -236,6 +237,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that take plain flags: a bad flag is a one-line UserError (exit 2
+    through :func:`script_main`), like every fgclf script; the description is shown as written."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(**kwargs)
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:

@@ -24,7 +24,6 @@ ensemble.json and predictions_<method>.npz.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fgclf.config import DataConfig, parse_config  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import command_line, default_run_name, script_main  # noqa: E402
+from fgclf.runtime import ArgumentParser, command_line, default_run_name, script_main  # noqa: E402
 
 
 @dataclass
@@ -48,16 +47,10 @@ class _Data:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line errors, exit status 2, like every fgclf script
-        raise UserError(message)
-
-
 def parse_args(argv: Optional[list[str]]):
     from fgclf.ensemble import DEFAULT_TEMPERATURE, METHODS
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("members", nargs="+", help="run directories (with predictions.npz) or checkpoint folders")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--output-dir", type=Path, default=None, help="default: runs/ensemble_<time>")

@@ -15,7 +15,6 @@ resize and crop). ``--confused`` reads the run's ``predictions.npz`` and its dat
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,18 +22,13 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import script_main  # noqa: E402
+from fgclf.runtime import ArgumentParser, script_main  # noqa: E402
 
 CAMS = ("gradcam", "gradcam++", "hirescam", "eigencam", "finercam")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line errors, exit status 2, like every fgclf script
-        raise UserError(message)
-
-
 def parse_args(argv: Optional[list[str]]):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="*", help="images to explain (or --confused)")
     p.add_argument("--model", required=True, help="run directory, checkpoint folder or export")
     p.add_argument("--confused", type=int, default=0, help="explain the run's N most confused class pairs")

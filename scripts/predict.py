@@ -17,7 +17,6 @@ input order.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,16 +24,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import script_main  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line errors, exit status 2, like every fgclf script
-        raise UserError(message)
+from fgclf.runtime import ArgumentParser, script_main  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("inputs", nargs="+", help="image files, folders, .txt/.csv lists of paths")
     p.add_argument("--model", required=True, help="run directory, checkpoint folder or exported model")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
