@@ -10,7 +10,9 @@
 * :func:`most_confused`: the test images of the run's most confused class pairs;
 * :func:`save_grid`: image | map of the predicted class | map of the true class, one row each.
 
-The model's forward is its method's inference, so the maps explain the prediction the run made.
+The model's forward is its method's inference, so the maps explain the prediction the run made,
+with one limit: a method that runs the backbone more than once per image (WS-DAN's and CAL's crop,
+NTS-Net's parts) gets the map of the first pass, the whole image.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Optional[Callable]]:
     """``(layer, reshape_transform)`` for the maps of ``model`` (see the module doc)."""
     backbone = getattr(model, "backbone", model)  # a method's model holds the timm model as .backbone
     if hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks"):
+        # TransFG's last block sees only the selected part tokens: the one before it has the whole grid
+        block = backbone.blocks[-2] if type(model).__name__ == "TransFGModel" else backbone.blocks[-1]
         prefix = getattr(backbone, "num_prefix_tokens", 1)
         grid = getattr(backbone.patch_embed, "grid_size", None)
 
@@ -49,10 +53,12 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Optional[Callable]]:
             t = t[:, prefix:]
             h, w = grid if grid is not None and grid[0] * grid[1] == t.shape[1] else (int(t.shape[1] ** 0.5),) * 2
             return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
-        return backbone.blocks[-1].norm1, tokens_to_map
+        return block.norm1, tokens_to_map
     info = getattr(backbone, "feature_info", None)
     if info:
         last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        if getattr(backbone, "output_fmt", "NCHW") == "NHWC":  # Swin, MambaOut: channels last
+            return backbone.get_submodule(last), lambda t: t.permute(0, 3, 1, 2)
         return backbone.get_submodule(last), None
     convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -61,7 +67,8 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Optional[Callable]]:
 
 
 def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *, method: str = "gradcam",
-               layer: Optional[nn.Module] = None, reshape: Optional[Callable] = None) -> np.ndarray:
+               layer: Optional[nn.Module] = None, reshape: Optional[Callable] = None,
+               batch_size: int = 16) -> np.ndarray:
     """``(N, H, W)`` maps in [0, 1] of ``classes[i]`` for ``images[i]`` (the model's own forward)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -69,6 +76,10 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *
     if layer is None:
         layer, reshape = target_layer(model)
     model.eval()
+    if len(images) > batch_size:  # the activations and gradients of a whole folder at once would not fit
+        return np.concatenate([class_maps(model, images[i:i + batch_size], classes[i:i + batch_size], method=method,
+                                          layer=layer, reshape=reshape, batch_size=batch_size)
+                               for i in range(0, len(images), batch_size)])
     if method == "finercam":
         cam = cam_cls(model=model, target_layers=[layer], reshape_transform=reshape)
         with cam:

@@ -42,18 +42,25 @@ def _inputs(config: dict, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def _check(name: str, got: Any, want: torch.Tensor, path: Path, atol: float) -> float:
+def _check(name: str, run: Any, model: nn.Module, x: torch.Tensor, path: Path, atol: float) -> float:
+    """Run the export (``run(x)``) on ``x`` (a batch size never traced) and compare with the model;
+    a failure or a difference above ``atol`` removes the export and is a UserError."""
     import numpy as np
 
-    diff = float(np.abs(np.asarray(got, dtype=np.float64) - want.double().numpy()).max())
-    if not diff <= atol:  # nan too
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        raise UserError(f"the {name} export does not reproduce the model (max |logit difference| {diff:.2e} > "
-                        f"{atol:g} on a batch of other images); the model has steps tracing cannot capture "
-                        "(data-dependent crops or selections): use --format timm or the fgclf export")
+    try:
+        got = run(x)
+        with torch.no_grad():
+            want = model(x)
+        diff = float(np.abs(np.asarray(got, dtype=np.float64) - want.double().numpy()).max())
+        why = None if diff <= atol else f"max |logit difference| {diff:.2e} > {atol:g}"  # nan too
+    except Exception as err:  # e.g. a batch size baked into the trace
+        diff, why = float("nan"), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if why is not None:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
+        raise UserError(f"the {name} export does not reproduce the model on a batch of other inputs ({why}); the "
+                        "model has steps tracing cannot capture (a fixed batch size, data-dependent crops or "
+                        "selections): use --format timm or the fgclf export")
     return diff
 
 
@@ -70,7 +77,8 @@ def export_onnx(model: nn.Module, config: dict, path: Path, *, opset: int = 18, 
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(model, (x,), str(tmp), dynamo=True, opset_version=opset, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+                              output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                              external_data=False)  # one self-contained file (models under 2 GB)
         else:
             torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
@@ -78,14 +86,14 @@ def export_onnx(model: nn.Module, config: dict, path: Path, *, opset: int = 18, 
         raise
     except Exception as err:  # the exporter's own errors: unsupported operators, data-dependent shapes
         tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
         raise UserError(f"ONNX export failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                         "try --onnx-exporter torchscript or --format torchscript") from None
     os.replace(tmp, path)
-    check = _inputs(config, 3, 1)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
-    with torch.no_grad():
-        diff = _check("ONNX", got, model(check), path, atol)
+    def run(x: torch.Tensor):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    diff = _check("ONNX", run, model, _inputs(config, 3, 1), path, atol)
     return {"file": path.name, "opset": opset, "exporter": exporter, "max_abs_diff": diff,
             "onnxruntime": ort.__version__}
 
@@ -101,9 +109,10 @@ def export_torchscript(model: nn.Module, config: dict, path: Path, *, atol: floa
     tmp = path.with_name(f".{path.name}.partial")
     traced.save(str(tmp))
     os.replace(tmp, path)
-    check = _inputs(config, 3, 1)
-    with torch.no_grad():
-        diff = _check("TorchScript", torch.jit.load(str(path))(check), model(check), path, atol)
+    def run(x: torch.Tensor):
+        with torch.no_grad():
+            return torch.jit.load(str(path))(x).numpy()
+    diff = _check("TorchScript", run, model, _inputs(config, 3, 1), path, atol)
     return {"file": path.name, "max_abs_diff": diff}
 
 
@@ -250,10 +259,12 @@ def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
         loads_with = "import timm\nmodel = timm.create_model('hf-hub:<user>/<repo>', pretrained=True)"
     except UserError:
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            tmp = folder / f".{name}.partial"
-            shutil.copyfile(checkpoint.path / name, tmp)
-            os.replace(tmp, folder / name)
+        tmp = folder / ".model.safetensors.partial"
+        shutil.copyfile(checkpoint.path / "model.safetensors", tmp)
+        os.replace(tmp, folder / "model.safetensors")
+        from fgclf.utils import atomic_write_json as _write_json
+
+        _write_json(folder / "config.json", {**config, "tta_flip": checkpoint.tta_flip})  # predict.py reads it
         info = {"files": ["model.safetensors", "config.json"], "load": f"fgclf create_model('file:{folder}')"}
         loads_with = ("# pip install fgclf; download the folder (huggingface_hub.snapshot_download)\n"
                       "from fgclf.models import create_model\nmodel = create_model('file:<downloaded folder>')")
@@ -263,18 +274,25 @@ def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
     return {**info, "files": [*info["files"], "README.md"]}
 
 
-def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
-    """Upload ``folder`` to the hub model repo ``repo_id`` (created if needed); its URL. Refused
-    with one line when the hub is offline (``HF_HUB_OFFLINE``) or no token is set."""
+def check_hub_access() -> None:
+    """A UserError when an upload cannot work: no huggingface_hub, the hub offline, or no token."""
     try:
         import huggingface_hub
-        from huggingface_hub import HfApi
     except ImportError:
         raise UserError("--push-to-hub needs huggingface_hub: pip install huggingface_hub") from None
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UserError("--push-to-hub: the hub is offline (HF_HUB_OFFLINE is set); the folder is ready to upload later")
+        raise UserError("--push-to-hub: the hub is offline (HF_HUB_OFFLINE is set); export with --format hub now "
+                        "and upload the folder later")
     if not huggingface_hub.get_token():
         raise UserError("--push-to-hub needs a token: `huggingface-cli login` or HF_TOKEN")
+
+
+def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload ``folder`` to the hub model repo ``repo_id`` (created if needed); its URL. Refused
+    with one line when the hub is offline (``HF_HUB_OFFLINE``) or no token is set."""
+    from huggingface_hub import HfApi
+
+    check_hub_access()
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -308,12 +326,13 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
         info = export_hub(model, checkpoint, output)
     else:
         info = export_timm(model, config, output)
-    record = {"format": fmt, "source": str(checkpoint.path), "class_names": config.get("class_names"),
+    record = {"format": fmt, "source": str(checkpoint.path), "tta_flip": checkpoint.tta_flip,
+              "class_names": config.get("class_names"),
               "data_config": config.get("data_config"), "method": config.get("method"),
               "torch": torch.__version__, **info}
     atomic_write_json(output / "export.json", record)
     return record
 
 
-__all__ = ["FORMATS", "export_hub", "export_model", "export_onnx", "export_timm", "export_torchscript", "model_card",
+__all__ = ["FORMATS", "check_hub_access", "export_hub", "export_model", "export_onnx", "export_timm", "export_torchscript", "model_card",
            "push_to_hub", "timm_architecture"]

@@ -58,7 +58,8 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     elif path.parent.name == "checkpoints":
         run = path.parent.parent
     config = read_checkpoint_config(path)
-    return Checkpoint(path, config, run_tta_flip(run) if run is not None else None)
+    flip = run_tta_flip(run) if run is not None else config.get("tta_flip")  # an export records its run's
+    return Checkpoint(path, config, flip if isinstance(flip, bool) else None)
 
 
 def _is_image(path: Path) -> bool:

@@ -9,8 +9,9 @@
 Maps (``--cam``): ``gradcam`` (default), ``gradcam++``, ``hirescam``, ``eigencam`` and ``finercam``
 (Finer-CAM: the class's evidence minus that of its most similar classes, for fine-grained
 confusions), through the ``grad-cam`` package, on the last stage of a CNN or the last block of a
-ViT (for a method's model: of its backbone), over the images as the model sees them (its eval
-resize and crop). ``--confused`` reads the run's ``predictions.npz`` and its dataset (config.yaml's
+ViT (for a method's model: of its backbone; TransFG: the last block over the whole grid), over
+the images as the model sees them (its eval resize and crop). A method that runs the backbone
+more than once per image (WS-DAN, CAL, NTS-Net) is explained by its first pass, the whole image. ``--confused`` reads the run's ``predictions.npz`` and its dataset (config.yaml's
 ``data`` section, so the dataset must be where the run found it).
 """
 from __future__ import annotations
@@ -82,7 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         path_of = dict(zip(records.image_ids, records.items))
         ids = np.load(run / "predictions.npz")["image_ids"]
         paths = [path_of[str(ids[i])] for i, _, _ in picks]
-    x = torch.stack([tf(load_image(p)) for p in paths])
+    def decode(path: str):
+        try:
+            return tf(load_image(path))
+        except Exception as err:  # noqa: BLE001 -- PIL raises many types
+            raise UserError(f"cannot read image {path} ({type(err).__name__}: {err})") from None
+
+    x = torch.stack([decode(p) for p in paths])
     with torch.no_grad():
         logits = model(x)
     top2 = logits.topk(min(2, logits.shape[1]), dim=1).indices

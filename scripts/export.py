@@ -57,7 +57,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fgclf.predict import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.model)
-    from fgclf.export import export_model
+    from fgclf.export import check_hub_access, export_model
+
+    if args.push_to_hub:  # before the export's work: no upload can happen offline or without a token
+        check_hub_access()
 
     record = export_model(checkpoint, args.format, args.output, opset=args.opset, exporter=args.onnx_exporter,
                           atol=args.atol)

@@ -67,7 +67,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     skipped=inputs.skipped)
         done = sum(lg is not None for lg in pred.logits)
         failed = len(pred.errors) + len(inputs.skipped)
-        print(f"predicted {done} images with {checkpoint.path} -> {written['csv']} and {written['jsonl']}"
+        tta = checkpoint.tta_flip if flip is None else flip
+        print(f"predicted {done} images with {checkpoint.path} ({'flip TTA' if tta else 'no TTA'}) -> "
+              f"{written['csv']} and {written['jsonl']}"
               + (f"; {failed} files not predicted, listed in {written['errors']}" if failed else ""))
     accelerator.wait_for_everyone()
     return 0

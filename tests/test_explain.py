@@ -75,3 +75,29 @@ def test_script_draws_confused_pairs_and_chosen_images(toy_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run_in_process("explain.py", ["--model", str(run), "--output", str(tmp_path / "x.png")])
     assert proc.returncode == 2 and "give images to explain or --confused N" in last_error_line(proc)
+
+
+class Masked(nn.Module):
+    """A timm model (as a method's ``backbone``) that sees only the top-left quadrant of a 128 px image."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = timm.create_model(name, num_classes=3)
+        mask = torch.zeros(1, 1, 128, 128)
+        mask[..., :64, :64] = 1
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.backbone(x * self.mask)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_convnext", "test_mambaout"])
+def test_the_chosen_layer_of_timm_models_localises(name):
+    """target_layer on real timm families (MambaOut's stages are channels-last, NHWC): the maps of a
+    model that sees one quadrant lie there, not in the opposite quadrant."""
+    model = Masked(name).eval()
+    x = torch.rand(3, 3, 128, 128)
+    maps = class_maps(model, x, model(x).argmax(1).tolist())
+    assert maps.shape == (3, 128, 128)
+    assert maps[:, :64, :64].mean() > 3 * maps[:, 64:, 64:].mean() + 1e-6

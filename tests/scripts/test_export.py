@@ -129,6 +129,11 @@ def test_hub_folder_of_a_method_model_is_the_fgclf_export(bcnn_run, tmp_path):
     assert "create_model('file:" in (tmp_path / "hub" / "README.md").read_text()
     model = create_model(f"file:{tmp_path / 'hub'}", num_classes=4)
     assert type(model).__name__ != "EfficientNet"  # the method's model, rebuilt
+    # the run's TTA travels with the export, so predict.py uses it outside the run directory
+    from fgclf.predict import resolve_checkpoint
+
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["tta_flip"] is False
+    assert resolve_checkpoint(tmp_path / "hub").tta_flip is False
 
 
 def test_push_to_hub_is_refused_offline_and_uploads_the_folder_online(run, tmp_path, monkeypatch):
@@ -138,7 +143,7 @@ def test_push_to_hub_is_refused_offline_and_uploads_the_folder_online(run, tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     proc = _run_in_process("export.py", args)
     assert proc.returncode == 2 and "the hub is offline" in last_error_line(proc)
-    assert (tmp_path / "hub" / "README.md").is_file()  # the folder is kept for a later upload
+    assert not (tmp_path / "hub").exists()  # refused before any export work
     calls = []
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
@@ -151,3 +156,37 @@ def test_push_to_hub_is_refused_offline_and_uploads_the_folder_online(run, tmp_p
     proc = _run_in_process("export.py", args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert calls == [("create", "me/birds"), ("upload", "me/birds", str(tmp_path / "hub"))]
+
+
+class FixedBatch(torch.nn.Module):
+    """Reads its batch size as a Python int: a trace bakes the traced batch size in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1))
+
+
+@pytest.mark.parametrize("fmt", ["onnx_dynamo", "onnx_torchscript", "torchscript"])
+def test_an_export_that_does_not_reproduce_the_model_is_removed(tmp_path, fmt):
+    """The check runs a batch of another size: a baked-in batch size fails it (or the exporter refuses
+    the model); either way one UserError and no file left behind."""
+    from fgclf.errors import UserError
+    from fgclf.export import export_onnx, export_torchscript
+
+    model, config = FixedBatch().eval(), {"data_config": {"input_size": (3, 8, 8)}}
+    with pytest.raises(UserError) as err:
+        if fmt == "torchscript":
+            export_torchscript(model, config, tmp_path / "m.pt")
+        else:
+            export_onnx(model, config, tmp_path / "m.onnx", exporter=fmt.split("_")[1])
+    assert "\n" not in str(err.value) and ("does not reproduce the model" in str(err.value)
+                                           or "ONNX export failed" in str(err.value))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_is_one_self_contained_file(run, tmp_path):
+    _export(run, "onnx", tmp_path / "onnx")
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export.json", "model.onnx"]
