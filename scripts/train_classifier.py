@@ -19,7 +19,7 @@ Examples (each runs on CPU, 1 GPU or N GPUs by switching only the accelerate con
     # continue an interrupted run (same command plus --resume)
     accelerate launch scripts/train_classifier.py --train.output_dir runs/demo --resume last
 
-Writes runs/<name>/: config.yaml, metrics.jsonl, metrics.json, predictions.npz,
+Writes runs/<name>/: config.yaml, metrics.jsonl, metrics.json, predictions.npz, report.html,
 confusion_matrix.csv/.png, per_class.csv, curves.png, report.md, checkpoints/{last,best}.
 Flags: ``--help`` lists all; precedence is defaults < ``--config`` YAML < CLI flags.
 """
@@ -516,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_metrics_table(metrics, title=f"test metrics ({run_dir})"))
         for level, m in (metrics.get("levels") or {}).items():
             print(f"level {level} ({m['num_classes']} classes): top1 {m['top1']:.4f}, f1_macro {m['f1_macro']:.4f}")
+        from fgclf.report_html import write_html_report
+
+        items = splits["test"].records.items  # image files (an HF dataset's rows have none)
+        write_html_report(run_dir, items if all(isinstance(i, str) for i in items) else None)
     del model, optimizer, scheduler, train_loader, test_loader, val_loader
     shutdown(accelerator)
     return 0

@@ -1,0 +1,97 @@
+"""report.html: every number and picture it shows comes from the run's files."""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import _run_in_process, last_error_line, train_toy
+from PIL import Image
+
+from fgclf.report_html import confused_pairs
+
+
+class _Page(HTMLParser):
+    """The images (their data URLs), the per-class table's rows, the h3 headings and the scripts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images, self.rows, self.h3, self.scripts = [], [], [], 0
+        self._table = self._row = self._cell = self._h3 = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "table" and attrs.get("id") == "per-class":
+            self._table = True
+        elif tag == "tr" and self._table:
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._cell = ""
+        elif tag == "h3":
+            self._h3 = ""
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if self._row:
+                self.rows.append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "h3" and self._h3 is not None:
+            self.h3.append(self._h3)
+            self._h3 = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._h3 is not None:
+            self._h3 += data
+
+
+@pytest.fixture(scope="module")
+def run(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "run"
+    train_toy(toy_root, out, "--train.epochs", "1")
+    return out
+
+
+def test_the_run_writes_a_self_contained_report(run):
+    page = _Page()
+    page.feed((run / "report.html").read_text())
+    with open(run / "per_class.csv", newline="") as f:
+        per_class = list(csv.DictReader(f))
+    assert [r[0] for r in page.rows] == [r["class_name"] for r in per_class]
+    assert [int(r[1]) for r in page.rows] == [int(r["support"]) for r in per_class]
+    npz = np.load(run / "predictions.npz")
+    names = [str(n) for n in npz["class_names"]]
+    pairs = confused_pairs(npz["labels"], npz["probs"].argmax(1), 8)
+    assert [h for h in page.h3 if " taken for " in h] == [f"{names[t]} taken for {names[p]}: {len(i)} images"
+                                                          for t, p, i in pairs]
+    assert all(src.startswith("data:image/") for src in page.images)  # nothing refers to a file
+    decoded = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) for src in page.images]
+    wrong = int((npz["labels"] != npz["probs"].argmax(1)).sum())
+    # curves + confusion matrix, two per confused pair (when the other class has a right answer), the gallery
+    assert len(decoded) >= 2 + min(wrong, 24) and all(im.size[0] > 0 for im in decoded)
+    assert page.scripts == 1
+
+
+def test_report_script_rewrites_it_the_same(run, tmp_path):
+    before = (run / "report.html").read_text()
+    (run / "report.html").unlink()
+    proc = _run_in_process("report.py", [str(run)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "report.html").read_text() == before
+    proc = _run_in_process("report.py", [str(tmp_path)])
+    assert proc.returncode == 2 and "not a finished run" in last_error_line(proc)
