@@ -10,7 +10,7 @@ ACCELERATE := $(VENV)/bin/accelerate
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: demo test test-slow test-all install clean help
+.PHONY: demo test test-slow test-all install clean help browser
 
 help:
 	@echo "make demo      train on the embedded toy dataset (pretrained vs scratch) and print metrics"
@@ -30,7 +30,15 @@ demo: $(STAMP)
 	$(PY) scripts/make_toy_dataset.py
 	bash scripts/demo.sh
 
-test: $(STAMP)
+# Chromium for the report.html browser test (tests/test_report_html.py): Debian's package when it is
+# missing and apt can install it (root); otherwise the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) || echo "could not install chromium"; \
+	    else echo "no chromium (needs root and apt-get): the browser test is skipped"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)

@@ -95,3 +95,40 @@ def test_report_script_rewrites_it_the_same(run, tmp_path):
     assert (run / "report.html").read_text() == before
     proc = _run_in_process("report.py", [str(tmp_path)])
     assert proc.returncode == 2 and "not a finished run" in last_error_line(proc)
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium here: `make browser` installs Debian's (make test runs it)")
+def test_report_opens_in_a_headless_browser(run, tmp_path):
+    """Chromium loads the page without console errors, decodes every inlined image and sorts the
+    per-class table when a header is clicked (a probe script appended to a copy reports into the title)."""
+    import subprocess
+
+    probe = """<script>
+window.addEventListener('load', function(){
+  var ok = Array.from(document.images).filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
+  document.querySelectorAll('#per-class th')[2].click();  // accuracy, ascending
+  var first = document.querySelector('#per-class tbody tr td:nth-child(3)').textContent;
+  document.title = 'probe ' + ok + '/' + document.images.length + ' ' + first;
+});
+</script>"""
+    page = tmp_path / "report.html"
+    page.write_text((run / "report.html").read_text().replace("</body>", probe + "</body>"))
+    proc = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    _, counts, first = title.split(" ")
+    ok, total = map(int, counts.split("/"))
+    assert total >= 2 and ok == total
+    with open(run / "per_class.csv", newline="") as f:
+        lowest = min(float(r["accuracy"]) for r in csv.DictReader(f))
+    assert float(first) == pytest.approx(lowest, abs=1e-4)
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not [ln for ln in console if "Uncaught" in ln or ":ERROR:" in ln], console
