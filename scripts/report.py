@@ -39,9 +39,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     paths = None
     try:
         from fgclf.config import TrainClassifierConfig, load_config
-        from fgclf.data import load_records
-
-        from fgclf.data import load_kwargs_from_config
+        from fgclf.data import load_kwargs_from_config, load_records
 
         data = load_config(TrainClassifierConfig, args.run / "config.yaml").data
         records = load_records(**load_kwargs_from_config(data), keep_missing=True)

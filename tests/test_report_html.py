@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 from html.parser import HTMLParser
 from pathlib import Path
 

@@ -33,7 +33,6 @@ the Flowers-102 class names (which the dataset does not ship) come from torchvis
 from __future__ import annotations
 
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
