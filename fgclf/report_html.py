@@ -2,8 +2,8 @@
 
 The metrics (and per-level metrics), the training curves and the confusion matrix (the PNGs of the
 run directory, inlined), the per-class table (click a header to sort), the most confused class
-pairs, each with a misclassified test image beside a correctly classified image of the class it
-was taken for, and a gallery of misclassified test images with true and predicted classes. Images
+pairs, each with a misclassified test image, its Grad-CAM maps for the predicted and the true
+class (:mod:`fgclf.explain`), and a correctly classified image of the class it was taken for, and a gallery of misclassified test images with true and predicted classes. Images
 are inlined as base64 JPEG thumbnails, so the file can be mailed or opened from anywhere.
 Written by ``train_classifier.py`` after the test evaluation and by ``scripts/report.py RUN_DIR``.
 """
@@ -45,6 +45,49 @@ def _figure(b64: Optional[str], caption: str, mime: str = "image/jpeg") -> str:
     return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
+def pair_maps(run_dir: Path, paths: Sequence[str], picks: Sequence[tuple[int, int, int]]) -> Optional[list]:
+    """Grad-CAM overlays (base64 JPEGs) of each pick ``(test index, true, predicted)``: the map of the
+    predicted and of the true class over the image as the run's best model sees it; None when
+    there is no best checkpoint, no grad-cam package, or the maps fail (the page says so)."""
+    best = run_dir / "checkpoints" / "best"
+    if not picks or not (best / "config.json").is_file():
+        return None
+    try:
+        import matplotlib
+        import torch
+        from PIL import Image
+
+        from fgclf.data import create_transform
+        from fgclf.data.datasets import load_image
+        from fgclf.explain import class_maps
+        from fgclf.models import create_model, read_checkpoint_config
+
+        meta = read_checkpoint_config(best)
+        model = create_model(f"file:{best}", num_classes=meta["num_classes"]).eval()
+        data_config = meta.get("data_config") or {}
+        tf = create_transform(data_config, is_training=False)
+        x = torch.stack([tf(load_image(paths[i])) for i, _, _ in picks])
+        maps = [class_maps(model, x, [p for _, _, p in picks]), class_maps(model, x, [t for _, t, _ in picks])]
+        mean = torch.tensor(data_config.get("mean", (0.5,) * 3)).view(3, 1, 1)
+        std = torch.tensor(data_config.get("std", (0.5,) * 3)).view(3, 1, 1)
+        shown = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        cmap = matplotlib.colormaps["jet"]
+        out = []
+        for k in range(len(picks)):
+            row = []
+            for m in maps:
+                blend = 0.55 * shown[k] + 0.45 * cmap(m[k])[..., :3]
+                img = Image.fromarray((blend * 255).astype(np.uint8))
+                img.thumbnail((THUMB, THUMB))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=85)
+                row.append(base64.b64encode(buf.getvalue()).decode())
+            out.append(row)
+        return out
+    except Exception:  # noqa: BLE001 -- no grad-cam, a model the maps cannot take: the page goes without
+        return None
+
+
 def confused_pairs(labels: np.ndarray, pred: np.ndarray, top: int) -> list[tuple[int, int, list[int]]]:
     """``(true, predicted, test indices)`` of the ``top`` most frequent confusions, most first."""
     pairs: dict[tuple[int, int], list[int]] = {}
@@ -58,7 +101,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3;cursor:pointer}td:first-child,th:first-child{text-align:left}
 figure{display:inline-block;margin:4px;text-align:center;vertical-align:top}
-figure img{max-width:160px;max-height:160px;display:block;margin:auto}
+figure img{width:140px;height:auto;display:block;margin:auto}
 figcaption{font-size:11px;max-width:170px;word-wrap:break-word}.pair{margin:1em 0;border-top:1px solid #ddd}
 .missing{width:120px;height:90px;background:#eee;font-size:11px;line-height:90px}.plot{max-width:100%}
 """
@@ -81,13 +124,15 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
 
 
 def write_html_report(run_dir: str | Path, test_paths: Optional[Sequence[str]] = None, *, pairs: int = 8,
-                      gallery: int = 24) -> Path:
+                      gallery: int = 24, cams: bool = True) -> Path:
     """Write ``run_dir/report.html`` from its metrics.json, predictions.npz and figures.
 
     Args:
         test_paths: the image file of each test prediction (predictions.npz order); without them
             the page has the numbers and figures but no example images.
         pairs: most confused class pairs shown; gallery: misclassified images shown.
+        cams: beside each pair's image, the Grad-CAM maps of the predicted and the true class
+            (:func:`pair_maps`, from the run's best checkpoint; left out when they cannot be made).
     """
     from fgclf.utils import atomic_write_text
 
@@ -132,11 +177,17 @@ def write_html_report(run_dir: str | Path, test_paths: Optional[Sequence[str]] =
     found = confused_pairs(labels, pred, pairs)
     if not found:
         out.append("<p>No test image was misclassified.</p>")
-    for t, p, idx in found:
+    maps = pair_maps(run_dir, paths, [(idx[0], t, p) for t, p, idx in found]) if cams and paths is not None else None
+    if found and paths is not None and maps is None and cams:
+        out.append("<p>(no class activation maps: the run has no best checkpoint, or grad-cam is not installed)</p>")
+    for k, (t, p, idx) in enumerate(found):
         out.append(f"<div class='pair'><h3>{h(names[t])} taken for {h(names[p])}: {len(idx)} images</h3>")
         if paths is not None:
             right = np.flatnonzero((labels == p) & (pred == p))
             out.append(_figure(_thumb(paths[idx[0]]), f"{names[t]} (p = {probs[idx[0], p]:.2f} for {names[p]})"))
+            if maps is not None:
+                out.append(_figure(maps[k][0], f"Grad-CAM: why {names[p]}"))
+                out.append(_figure(maps[k][1], f"Grad-CAM: evidence for {names[t]}"))
             out.append(_figure(_thumb(paths[int(right[0])]), f"a {names[p]}, classified right") if len(right)
                        else "<p>(no correctly classified image of that class)</p>")
         out.append("</div>")
@@ -155,4 +206,4 @@ def write_html_report(run_dir: str | Path, test_paths: Optional[Sequence[str]] =
     return path
 
 
-__all__ = ["confused_pairs", "write_html_report"]
+__all__ = ["confused_pairs", "pair_maps", "write_html_report"]

@@ -20,13 +20,14 @@ class _Page(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self.images, self.rows, self.h3, self.scripts = [], [], [], 0
+        self.images, self.rows, self.h3, self.scripts, self.captions = [], [], [], 0, ""
         self._table = self._row = self._cell = self._h3 = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":
             self.images.append(attrs["src"])
+            self.captions += attrs.get("alt", "") + "\n"
         elif tag == "table" and attrs.get("id") == "per-class":
             self._table = True
         elif tag == "tr" and self._table:
@@ -79,10 +80,12 @@ def test_the_run_writes_a_self_contained_report(run):
     assert [h for h in page.h3 if " taken for " in h] == [f"{names[t]} taken for {names[p]}: {len(i)} images"
                                                           for t, p, i in pairs]
     assert all(src.startswith("data:image/") for src in page.images)  # nothing refers to a file
+    cams = page.captions.count("Grad-CAM: why") + page.captions.count("Grad-CAM: evidence")
+    assert cams == 2 * len(pairs) > 0  # both maps of every confused pair's image
     decoded = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) for src in page.images]
     wrong = int((npz["labels"] != npz["probs"].argmax(1)).sum())
-    # curves + confusion matrix, two per confused pair (when the other class has a right answer), the gallery
-    assert len(decoded) >= 2 + min(wrong, 24) and all(im.size[0] > 0 for im in decoded)
+    # curves + confusion matrix, the pairs' images and maps, the gallery
+    assert len(decoded) >= 2 + 3 * len(pairs) + min(wrong, 24) and all(im.size[0] > 0 for im in decoded)
     assert page.scripts == 1
 
 
