@@ -3,7 +3,8 @@
 * :func:`resolve_checkpoint`: a run directory (its ``checkpoints/best``), a checkpoint folder or
   an export (``config.json`` + ``model.safetensors``), with the run's test-time flip when known;
 * :func:`collect_inputs`: image files, folders (recursively, sorted), and ``.txt`` / ``.csv``
-  lists of paths (relative to the list's folder) in, in the order given;
+  lists of paths (relative to the list's folder) in, in the order given; :func:`dataset_inputs`:
+  one split of any dataset ``--data.format`` reads (HF datasets included);
 * :func:`predict`: batched, optionally sharded over the processes of an ``Accelerator`` (each
   process a contiguous slice, gathered back in input order); an image that cannot be decoded
   is reported with its reason and skipped, never a crash mid-way;
@@ -81,10 +82,25 @@ def _read_list(path: Path) -> list[str]:
 
 @dataclass
 class Inputs:
-    """The images to predict, in order, and the files passed over (``(path, reason)``)."""
+    """The images to predict, in order, and the files passed over (``(path, reason)``). With
+    ``records`` (a dataset split) the images are its items and ``paths`` their image ids."""
 
     paths: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    records: Any = None
+
+
+def dataset_inputs(data, split: str) -> Inputs:
+    """One split of a dataset (a :class:`fgclf.config.DataConfig`: any ``--data.format``, HF
+    included) as inputs: its images in the dataset's order, named by their image ids."""
+    from fgclf.data import load_records_from_config
+
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split must be train, val or test, got {split!r}")
+    records = load_records_from_config(data)[0].split(split)
+    if not len(records):
+        raise UserError(f"the {split} split of {data.format} {data.root or ''} has no images".replace("  ", " "))
+    return Inputs([str(i) for i in records.image_ids], records=records)
 
 
 def collect_inputs(sources: Sequence[str | Path]) -> Inputs:
@@ -121,11 +137,17 @@ def collect_inputs(sources: Sequence[str | Path]) -> Inputs:
 
 
 class _Images:
-    """``(tensor, index, error)`` per path; an image that fails to decode gives a blank tensor and
-    the reason, so one bad file never stops a batch."""
+    """``(tensor, index, error)`` per path (or per item of ``records``); an image that fails to decode
+    gives a blank tensor and the reason, so one bad file never stops a batch."""
 
-    def __init__(self, paths: Sequence[str], transform, indices: Sequence[int], size: tuple[int, int, int]) -> None:
+    def __init__(self, paths: Sequence[str], transform, indices: Sequence[int], size: tuple[int, int, int],
+                 records: Any = None) -> None:
         self.paths, self.transform, self.indices, self.size = paths, transform, list(indices), size
+        self.dataset = None
+        if records is not None:
+            from fgclf.data.datasets import ImageDataset
+
+            self.dataset = ImageDataset(records)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -137,7 +159,8 @@ class _Images:
 
         index = self.indices[k]
         try:
-            return self.transform(load_image(self.paths[index])), index, ""
+            image = self.dataset.load(index) if self.dataset is not None else load_image(self.paths[index])
+            return self.transform(image), index, ""
         except Exception as err:  # noqa: BLE001 -- PIL raises many types; reported per file
             return torch.zeros(self.size), index, f"{type(err).__name__}: {err}".strip()
 
@@ -178,8 +201,8 @@ def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num
     per = -(-n // world)
     mine = range(min(n, rank * per), min(n, (rank + 1) * per))
     model = create_model(f"file:{checkpoint.path}", num_classes=meta["num_classes"]).to(device).eval()
-    loader = DataLoader(_Images(inputs.paths, transform, mine, size), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    loader = DataLoader(_Images(inputs.paths, transform, mine, size, inputs.records), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers)
     logits: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
     if progress:
@@ -252,5 +275,5 @@ def write_predictions(pred: Predictions, output: str | Path, *, topk: int = 5, s
     return written
 
 
-__all__ = ["Checkpoint", "Inputs", "Predictions", "collect_inputs", "predict", "resolve_checkpoint",
+__all__ = ["Checkpoint", "Inputs", "Predictions", "collect_inputs", "dataset_inputs", "predict", "resolve_checkpoint",
            "write_predictions"]

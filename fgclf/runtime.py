@@ -252,6 +252,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def split_data_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(data_args, others)``: the ``--data.*`` / ``--config`` flags (with their values) of ``argv``,
+    for a :class:`fgclf.config.DataConfig` parser, and the rest, for the script's own parser."""
+    data_args, own = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith(("--data.", "--config")):
+            take = 1 if "=" in token else 2
+            data_args += argv[i:i + take]
+            i += take
+        else:
+            own.append(token)
+            i += 1
+    return data_args, own
+
+
 def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[list[str]]], int]:
     """Decorator for script entry points: a UserError becomes ``error: ...`` on stderr, exit 2."""
 

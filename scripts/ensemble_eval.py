@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fgclf.config import DataConfig, parse_config  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import ArgumentParser, command_line, default_run_name, script_main  # noqa: E402
+from fgclf.runtime import ArgumentParser, command_line, default_run_name, script_main, split_data_args  # noqa: E402,E501
 
 
 @dataclass
@@ -61,18 +61,7 @@ def parse_args(argv: Optional[list[str]]):
                         f"(default {DEFAULT_TEMPERATURE})")
     p.add_argument("--tta-flip", choices=("auto", "true", "false"), default="auto",
                    help="flip TTA for checkpoint members (auto: as their run was evaluated; see above)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    data_args, own = [], []
-    i = 0
-    while i < len(argv):  # --data.* / --config (with their values) go to the DataConfig parser
-        token = argv[i]
-        if token.startswith(("--data.", "--config")):
-            take = 1 if "=" in token else 2
-            data_args += argv[i:i + take]
-            i += take
-        else:
-            own.append(token)
-            i += 1
+    data_args, own = split_data_args(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(own)
     data = parse_config(_Data, data_args, prog="ensemble_eval.py", description="dataset").data
     if not 0 < args.confidence < 1:

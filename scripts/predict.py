@@ -3,12 +3,15 @@
 
     python scripts/predict.py --model runs/cub_r50 photos/ --output preds.csv
     python scripts/predict.py --model runs/cub_r50/checkpoints/best a.jpg b.png list.txt --topk 3
+    python scripts/predict.py --model runs/cub_r50 --data.format cub --data.root /data/CUB_200_2011 --split test
     accelerate launch --num_processes 2 scripts/predict.py --model export_dir folder/ --output preds.csv
 
 ``--model``: a run directory (its ``checkpoints/best``), a checkpoint folder or an exported model
 (``config.json`` + ``model.safetensors``: any method, PEFT runs merged). Inputs: image files,
 folders (recursively, sorted; other files are listed as skipped), and ``.txt`` / ``.csv`` lists of
-paths (relative to the list's folder; a CSV's ``path`` column, else its first). Writes ``--output``
+paths (relative to the list's folder; a CSV's ``path`` column, else its first); or one split of a
+dataset, ``--data.format ... --data.root ... --split test`` (any format train_classifier.py reads,
+HF datasets included; rows are named by their image ids). Writes ``--output``
 (CSV: path, class1, prob1, ... classK, probK), the same as JSONL beside it (``--save-logits``
 adds the logits) and ``<output stem>.errors.csv`` naming every image that could not be read and
 why; each file is written whole or not at all. The run's flip TTA is used unless ``--tta-flip``
@@ -18,18 +21,32 @@ input order.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from fgclf.config import DataConfig, parse_config  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
-from fgclf.runtime import ArgumentParser, script_main  # noqa: E402
+from fgclf.runtime import ArgumentParser, script_main, split_data_args  # noqa: E402
+
+
+@dataclass
+class _Data:
+    """The dataset whose split is predicted (``--data.*`` as for train_classifier.py).
+
+    Args:
+        data: Its format, root and split settings.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def parse_args(argv: Optional[list[str]]):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("inputs", nargs="+", help="image files, folders, .txt/.csv lists of paths")
+    p.add_argument("inputs", nargs="*", help="image files, folders, .txt/.csv lists of paths (or --data.*)")
+    p.add_argument("--split", default="test", help="with --data.*: the split to predict (default: %(default)s)")
     p.add_argument("--model", required=True, help="run directory, checkpoint folder or exported model")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: %(default)s)")
@@ -39,7 +56,13 @@ def parse_args(argv: Optional[list[str]]):
                    help="average each image with its mirror image (auto: as the model's run did)")
     p.add_argument("--save-logits", action="store_true", help="add the logits to the JSONL")
     p.add_argument("--progress", choices=("true", "false"), default="true")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    data_args, own = split_data_args(list(sys.argv[1:] if argv is None else argv))
+    args = p.parse_args(own)
+    args.data = None
+    if data_args:
+        args.data = parse_config(_Data, data_args, prog="predict.py", description="dataset").data
+    if bool(args.inputs) == (args.data is not None):
+        raise UserError("give images, folders or lists to predict, or a dataset with --data.* (not both)")
     if args.topk < 1 or args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--topk and --batch-size must be >= 1, --num-workers >= 0")
     if args.output.suffix.lower() != ".csv":
@@ -53,7 +76,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fgclf.predict import collect_inputs, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.model)  # user errors before torch, the model or any image is loaded
-    inputs = collect_inputs(args.inputs)
+    if args.data is not None:
+        from fgclf.predict import dataset_inputs
+
+        inputs = dataset_inputs(args.data, args.split)
+    else:
+        inputs = collect_inputs(args.inputs)
     from accelerate import Accelerator
 
     from fgclf.predict import predict, write_predictions

@@ -117,3 +117,41 @@ def test_user_errors(run, tmp_path, case, message):
     proc = _run_in_process("predict.py", _args("--model", model, *inputs, "--output", output))
     assert proc.returncode == 2 and message in last_error_line(proc)
     assert not output.exists()
+
+
+def test_a_dataset_split_is_predicted_like_the_run_tested_it(run, toy_root, tmp_path):
+    """--data.* --split test: the run's own test split (its order and ids), the run's logits."""
+    out = tmp_path / "split.csv"
+    proc = _run_in_process("predict.py", _args("--model", run, "--data.format", "cub", "--data.root", toy_root,
+                                               "--split", "test", "--output", out, "--save-logits"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    npz = np.load(run / "predictions.npz")
+    assert [r["path"] for r in _rows(out)] == [str(i) for i in npz["image_ids"]]
+    logits = np.array([json.loads(x)["logits"] for x in out.with_suffix(".jsonl").read_text().splitlines()])
+    np.testing.assert_allclose(logits, npz["logits"], atol=1e-4)
+    proc = _run_in_process("predict.py", _args("--model", run, "--data.format", "cub", "--data.root", toy_root,
+                                               str(toy_root), "--output", out))
+    assert proc.returncode == 2 and "not both" in last_error_line(proc)
+
+
+def test_an_hf_dataset_split_is_predicted_from_its_rows(run, toy_root, tmp_path):
+    """An HF `datasets` imagefolder: its rows (in-memory images, no files) give the same logits as the
+    image files they were made from."""
+    pytest.importorskip("datasets")
+    files = _test_paths(run, toy_root)[:4]
+    for k, f in enumerate(files):
+        target = tmp_path / "hf" / "test" / f"class{k % 2}" / f"img{k}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    (tmp_path / "hf" / "train").mkdir()
+    shutil.copytree(tmp_path / "hf" / "test", tmp_path / "hf" / "train", dirs_exist_ok=True)
+    rows, direct = tmp_path / "rows.csv", tmp_path / "direct.csv"
+    proc = _run_in_process("predict.py", _args("--model", run, "--data.format", "hf", "--data.root", tmp_path / "hf",
+                                               "--split", "test", "--output", rows, "--save-logits"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _run_in_process("predict.py", _args("--model", run, *files, "--output", direct,
+                                               "--save-logits")).returncode == 0
+    load = lambda p: sorted(tuple(np.round(json.loads(x)["logits"], 4))  # noqa: E731
+                            for x in p.with_suffix(".jsonl").read_text().splitlines())
+    assert len(load(rows)) == 4 and np.allclose(load(rows), load(direct), atol=2e-4)
+    assert all(r["path"].startswith("test/") for r in _rows(rows))
