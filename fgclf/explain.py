@@ -91,14 +91,10 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *
 def most_confused(run: Path, pairs: int) -> list[tuple[int, int, int]]:
     """``(test index, true class, predicted class)`` of the first misclassified test image of each of
     the run's ``pairs`` most confused (true, predicted) class pairs (most images first)."""
+    from fgclf.report_html import confused_pairs
+
     npz = np.load(Path(run) / "predictions.npz")
-    labels, pred = npz["labels"], npz["logits"].argmax(1)
-    wrong = np.flatnonzero(labels != pred)
-    counts: dict[tuple[int, int], list[int]] = {}
-    for i in wrong:
-        counts.setdefault((int(labels[i]), int(pred[i])), []).append(int(i))
-    ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:pairs]
-    return [(idx[0], t, p) for (t, p), idx in ranked]
+    return [(idx[0], t, p) for t, p, idx in confused_pairs(npz["labels"], npz["logits"].argmax(1), pairs)]
 
 
 def save_grid(images: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[Sequence[str]], path: Path) -> None:

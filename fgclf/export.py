@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fgclf.errors import UserError
+from fgclf.utils import atomic_write_json, atomic_write_text
 
 FORMATS = ("onnx", "torchscript", "timm", "hub")
 ATOL = 1e-4
@@ -135,15 +136,14 @@ def export_timm(model: nn.Module, config: dict, folder: Path) -> dict:
     """``folder/model.safetensors`` + ``folder/config.json`` in timm's format."""
     from safetensors.torch import save_file
 
-    from fgclf.utils import atomic_write_json
-
     arch = timm_architecture(model, config)
     cfg = {k: v for k, v in (model.pretrained_cfg or {}).items() if isinstance(v, (str, int, float, bool, list, tuple,
                                                                                   type(None)))}
     data = config.get("data_config") or {}
     cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
     cfg.update(num_classes=int(config["num_classes"]), label_names=list(config.get("class_names") or []))
-    cfg.pop("hf_hub_id", None), cfg.pop("url", None), cfg.pop("file", None)
+    for key in ("hf_hub_id", "url", "file"):  # where the pretrained weights came from, not these
+        cfg.pop(key, None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -247,8 +247,6 @@ def model_card(checkpoint, config: dict, *, loads_with: str, license_: Optional[
 def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
     """A folder ready for the hub: a plain timm model in timm's format (loads with ``hf-hub:``),
     any other model (methods) as the fgclf export; with a ``README.md`` model card."""
-    from fgclf.utils import atomic_write_text
-
     config = checkpoint.config
     base = config.get("base") or {}
     scratch = base.get("pretrained") is False and not base.get("weights")
@@ -262,9 +260,7 @@ def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
         tmp = folder / ".model.safetensors.partial"
         shutil.copyfile(checkpoint.path / "model.safetensors", tmp)
         os.replace(tmp, folder / "model.safetensors")
-        from fgclf.utils import atomic_write_json as _write_json
-
-        _write_json(folder / "config.json", {**config, "tta_flip": checkpoint.tta_flip})  # predict.py reads it
+        atomic_write_json(folder / "config.json", {**config, "tta_flip": checkpoint.tta_flip})  # predict.py reads it
         info = {"files": ["model.safetensors", "config.json"], "load": f"fgclf create_model('file:{folder}')"}
         loads_with = ("# pip install fgclf; download the folder (huggingface_hub.snapshot_download)\n"
                       "from fgclf.models import create_model\nmodel = create_model('file:<downloaded folder>')")
@@ -309,8 +305,6 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
     """Export ``checkpoint`` (:class:`fgclf.predict.Checkpoint`) as ``fmt`` into the folder ``output``;
     writes and returns ``output/export.json``."""
     from fgclf.models import create_model
-    from fgclf.utils import atomic_write_json
-
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     config = checkpoint.config

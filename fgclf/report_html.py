@@ -88,6 +88,31 @@ def pair_maps(run_dir: Path, paths: Sequence[str], picks: Sequence[tuple[int, in
         return None
 
 
+def run_test_paths(run_dir: str | Path) -> list[str]:
+    """The image file of each of a finished run's test predictions (``predictions.npz`` order), from
+    the dataset its config.yaml names (its manifests only: no image is decoded).
+
+    Raises:
+        UserError: the dataset is not where the run found it, no longer holds those images, or its
+            images are rows of an HF dataset rather than files.
+    """
+    from fgclf.config import TrainClassifierConfig, load_config
+    from fgclf.data import load_kwargs_from_config, load_records
+    from fgclf.errors import UserError
+
+    run_dir = Path(run_dir)
+    data = load_config(TrainClassifierConfig, run_dir / "config.yaml").data
+    records = load_records(**load_kwargs_from_config(data), keep_missing=True)
+    path_of = dict(zip(records.image_ids, records.items))
+    ids = [str(i) for i in np.load(run_dir / "predictions.npz")["image_ids"]]
+    missing = [i for i in ids if i not in path_of]
+    if missing:
+        raise UserError(f"{data.format} {data.root or ''} no longer has the run's test image {missing[0]}")
+    if not all(isinstance(path_of[i], str) for i in ids):
+        raise UserError(f"the run's test images are rows of an HF dataset ({data.root}), not files")
+    return [path_of[i] for i in ids]
+
+
 def confused_pairs(labels: np.ndarray, pred: np.ndarray, top: int) -> list[tuple[int, int, list[int]]]:
     """``(true, predicted, test indices)`` of the ``top`` most frequent confusions, most first."""
     pairs: dict[tuple[int, int], list[int]] = {}
@@ -206,4 +231,4 @@ def write_html_report(run_dir: str | Path, test_paths: Optional[Sequence[str]] =
     return path
 
 
-__all__ = ["confused_pairs", "pair_maps", "write_html_report"]
+__all__ = ["confused_pairs", "pair_maps", "run_test_paths", "write_html_report"]

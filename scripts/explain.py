@@ -60,7 +60,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     checkpoint = resolve_checkpoint(args.model)
     paths = collect_inputs(args.images).paths if args.images else None
     run = _run_of(checkpoint) if args.confused else None
-    import numpy as np
     import torch
 
     from fgclf.data import create_transform
@@ -73,16 +72,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = create_model(f"file:{checkpoint.path}", num_classes=meta["num_classes"]).eval()
     tf = create_transform(meta.get("data_config") or {}, is_training=False)
     if run is not None:
-        from fgclf.config import TrainClassifierConfig, load_config
-        from fgclf.data import load_records_from_config
+        from fgclf.report_html import run_test_paths
 
         picks = most_confused(run, args.confused)
         if not picks:
             raise UserError(f"{run} classified every test image correctly: nothing is confused")
-        records, _ = load_records_from_config(load_config(TrainClassifierConfig, run / "config.yaml").data)
-        path_of = dict(zip(records.image_ids, records.items))
-        ids = np.load(run / "predictions.npz")["image_ids"]
-        paths = [path_of[str(ids[i])] for i, _, _ in picks]
+        test_paths = run_test_paths(run)
+        paths = [test_paths[i] for i, _, _ in picks]
     def decode(path: str):
         try:
             return tf(load_image(path))

@@ -32,20 +32,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"{args.run} has no {name}: not a finished run")
     if args.pairs < 0 or args.gallery < 0:
         raise UserError("--pairs and --gallery must be >= 0")
-    import numpy as np
-
-    from fgclf.report_html import write_html_report
+    from fgclf.report_html import run_test_paths, write_html_report
 
     paths = None
     try:
-        from fgclf.config import TrainClassifierConfig, load_config
-        from fgclf.data import load_kwargs_from_config, load_records
-
-        data = load_config(TrainClassifierConfig, args.run / "config.yaml").data
-        records = load_records(**load_kwargs_from_config(data), keep_missing=True)
-        path_of = dict(zip(records.image_ids, records.items))
-        paths = [path_of[str(i)] for i in np.load(args.run / "predictions.npz")["image_ids"]]
-    except (UserError, KeyError, OSError) as err:
+        paths = run_test_paths(args.run)
+    except (UserError, OSError) as err:
         print(f"note: the run's test images are not available ({str(err)[:200]}); the report has no example images")
     path = write_html_report(args.run, paths, pairs=args.pairs, gallery=args.gallery)
     print(f"wrote {path}")

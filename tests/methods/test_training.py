@@ -146,7 +146,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("bcnn", marks=SLOW), pytest.param("cbp", marks=SLOW),
                                   pytest.param("isqrt_cov", marks=SLOW), "wsdan", pytest.param("cal", marks=SLOW),
                                   "pmg", pytest.param("transfg", marks=SLOW), "api_net", "nts_net",
-                                  pytest.param("pim", marks=SLOW), "herbs"])
+                                  pytest.param("pim", marks=SLOW), "herbs", "hierarchy"])
 def test_resume_after_an_epoch_equals_the_uninterrupted_run(tmp_path, name):
     """``fit`` stopped after epoch 1 (``last`` written) and resumed into fresh objects ends where the
     uninterrupted 2-epoch run ends: weights, BatchNorm statistics, feature centres, random crops."""
