@@ -382,28 +382,34 @@ def _peft_keys_for_load(peft_model: nn.Module, adapter: dict) -> dict:
     return captured
 
 
-def load_adapter_model(ckpt_dir: str | Path) -> nn.Module:
-    """Rebuild a PEFT run's model from its base weights plus the saved adapter (``best/``).
+def load_adapter_model(ckpt_dir: str | Path, *, base_weights: bool = True) -> nn.Module:
+    """Rebuild a PEFT run's model from its base weights plus the saved adapter (``best/``, or an
+    adapter export of ``scripts/export.py --format adapter``).
 
     The base comes from the recorded ``model_name`` / ``base`` settings (the same pretrained or
     local weights the run started from); the adapter file holds the adapter and the new head.
     ``--model.name file:DIR`` loads the merged export instead; both give the same outputs.
+    ``base_weights=False`` builds the same structure on randomly initialised base weights (for
+    writing the adapter's own config without downloading the base).
     """
     from safetensors.torch import load_file
 
     from fgclf.models import apply_peft, create_model
 
     ckpt_dir = Path(ckpt_dir)
-    meta = json.loads((ckpt_dir / "config.json").read_text())
+    try:
+        meta = json.loads((ckpt_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {ckpt_dir / 'config.json'} ({err})") from None
     peft_cfg, base = meta.get("peft"), meta.get("base") or {}
     if not peft_cfg or not (ckpt_dir / ADAPTER_NAME).is_file():
         raise UserError(f"{ckpt_dir} holds no PEFT adapter; load it with --model.name file:{ckpt_dir}")
-    if not base.get("pretrained", False) and not base.get("weights"):
+    if base_weights and not base.get("pretrained", False) and not base.get("weights"):
         raise UserError(f"{ckpt_dir}'s adapter was trained on randomly initialised base weights, which cannot be "
                         f"rebuilt; load the merged export with --model.name file:{ckpt_dir}")
     model = create_model(base.get("model_name", meta["model_name"]), num_classes=meta["num_classes"],
-                         pretrained=base.get("pretrained", False), weights=base.get("weights"),
-                         **meta.get("model_kwargs", {}))
+                         pretrained=base_weights and base.get("pretrained", False),
+                         weights=base.get("weights") if base_weights else None, **meta.get("model_kwargs", {}))
     method = meta.get("method") or {}
     if method.get("name", "plain") != "plain":  # the method's model around the base, as the run built it
         from fgclf.methods import create_method

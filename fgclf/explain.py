@@ -7,6 +7,10 @@
 * :func:`class_maps`: one map per image for a chosen class each (``gradcam``, ``gradcam++``,
   ``hirescam``, ``eigencam``, or ``finercam``: Finer-CAM, which subtracts the evidence for the most
   similar classes, made for fine-grained confusions), scaled to [0, 1] at the input size;
+* :func:`attention_rollout`: attention rollout for ViTs (Abnar & Zuidema, "Quantifying Attention
+  Flow in Transformers", ACL 2020): per layer the heads' attention (mean, or max/min as in
+  jacobgil/vit-explain) plus the identity for the residual, rows renormalised, multiplied from the
+  first layer up; the class token's row over the patch tokens is the map. Class-agnostic;
 * :func:`most_confused`: the test images of the run's most confused class pairs;
 * :func:`save_grid`: image | map of the predicted class | map of the true class, one row each.
 
@@ -26,6 +30,7 @@ from torch import nn
 from fgclf.errors import UserError
 
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "eigencam", "finercam")
+HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def _cam_class(name: str):
@@ -88,6 +93,67 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 
 
+def _vit_backbone(model: nn.Module) -> nn.Module:
+    backbone = getattr(model, "backbone", model)
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None or not hasattr(backbone, "patch_embed") or not all(
+            hasattr(getattr(b, "attn", None), "qkv") and hasattr(b.attn, "num_heads") for b in blocks):
+        raise UserError(f"attention rollout needs a ViT (timm blocks with attn.qkv); {type(backbone).__name__} "
+                        "has none: use a CAM (--cam gradcam)")
+    return backbone
+
+
+def attention_rollout(model: nn.Module, images: torch.Tensor, *, head_fusion: str = "mean") -> np.ndarray:
+    """``(N, H, W)`` attention rollout maps in [0, 1] at the input size (see the module doc).
+
+    The attention probabilities are recomputed from each block's ``attn.qkv`` output by a forward
+    hook (timm's fused kernels never materialise them), during the model's own forward; the layers
+    multiplied are those that see the whole token grid (TransFG's last layer sees only its parts).
+    A model without a class token gets the mean over the tokens' rows (the attention each patch
+    receives).
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise UserError(f"unknown head fusion {head_fusion!r}; known: {', '.join(HEAD_FUSIONS)}")
+    backbone = _vit_backbone(model)
+    probs: list[torch.Tensor] = []
+
+    def hook(attn: nn.Module):
+        def record(module, args, out) -> None:
+            b, n, _ = out.shape
+            qkv = out.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+            probs.append(((q.float() * attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1))
+        return record
+
+    handles = [blk.attn.qkv.register_forward_hook(hook(blk.attn)) for blk in backbone.blocks]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = probs[0].shape[-1]
+    eye = torch.eye(n)
+    rollout = eye.expand(images.shape[0], n, n)
+    for p in probs:
+        if p.shape[-1] != n:  # a layer over a subset of the tokens ends the product
+            break
+        fused = p.mean(1) if head_fusion == "mean" else (p.amax(1) if head_fusion == "max" else p.amin(1))
+        a = 0.5 * fused + 0.5 * eye
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    has_cls = getattr(backbone, "cls_token", None) is not None
+    row = rollout[:, 0, prefix:] if has_cls else rollout[:, prefix:, prefix:].mean(1)
+    grid = getattr(backbone.patch_embed, "grid_size", None)
+    h, w = grid if grid is not None and grid[0] * grid[1] == row.shape[1] else (int(row.shape[1] ** 0.5),) * 2
+    maps = torch.nn.functional.interpolate(row.reshape(-1, 1, h, w), size=tuple(images.shape[-2:]), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    lo = maps.flatten(1).amin(1).view(-1, 1, 1)
+    hi = maps.flatten(1).amax(1).view(-1, 1, 1)
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
 def most_confused(run: Path, pairs: int) -> list[tuple[int, int, int]]:
     """``(test index, true class, predicted class)`` of the first misclassified test image of each of
     the run's ``pairs`` most confused (true, predicted) class pairs (most images first)."""
@@ -121,4 +187,4 @@ def save_grid(images: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[S
     plt.close(fig)
 
 
-__all__ = ["CAM_METHODS", "class_maps", "most_confused", "save_grid", "target_layer"]
+__all__ = ["CAM_METHODS", "HEAD_FUSIONS", "attention_rollout", "class_maps", "most_confused", "save_grid", "target_layer"]

@@ -10,6 +10,12 @@
   pretrained=True)`` loads without fgclf (and the hub, once uploaded, as ``hf-hub:``); only for
   models that are a timm architecture (method ``plain``).
 
+* ``adapter``: a PEFT run's adapter in PEFT's own format (``adapter_model.safetensors`` +
+  ``adapter_config.json``, whose ``base_model_name_or_path`` names the base) with the fgclf
+  ``config.json`` (the base reference: model name, pretrained tag or weight file) and a
+  ``README.md`` with the code that rebuilds it: timm + ``peft.PeftModel.from_pretrained`` for a
+  plain model, ``fgclf.checkpoint.load_adapter_model`` for a method's model; the base weights
+  are not copied (megabytes instead of the whole model);
 * ``hub``: a folder for the HF hub: the ``timm`` files for a plain timm model (else the fgclf
   export) and a ``README.md`` model card (data, protocol, test metrics with the interval over
   a sweep's seeds, the training config, intended use and limits, the pretrained weights'
@@ -34,7 +40,7 @@ from torch import nn
 from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json, atomic_write_text
 
-FORMATS = ("onnx", "torchscript", "timm", "hub")
+FORMATS = ("onnx", "torchscript", "timm", "hub", "adapter")
 ATOL = 1e-4
 
 
@@ -159,6 +165,67 @@ def export_timm(model: nn.Module, config: dict, folder: Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"architecture": arch, "files": ["model.safetensors", "config.json"],
             "load": f"timm.create_model('local-dir:{folder.resolve()}', pretrained=True)"}
+
+
+def check_adapter(checkpoint) -> None:
+    """A UserError unless ``checkpoint`` is a PEFT run's whose base weights can be found again."""
+    from fgclf.checkpoint import ADAPTER_NAME
+
+    config = checkpoint.config
+    if not config.get("peft") or not (checkpoint.path / ADAPTER_NAME).is_file():
+        raise UserError("--format adapter writes a PEFT run's adapter; this model was not trained with --peft "
+                        "(export it as onnx, torchscript, timm or hub)")
+    base = config.get("base") or {}
+    if not base.get("pretrained") and not base.get("weights"):
+        raise UserError("--format adapter: the adapter was trained on randomly initialised base weights, which no "
+                        "reference can rebuild; export the merged model (--format onnx, torchscript, timm or hub)")
+
+
+def base_reference(config: dict) -> str:
+    """What the adapter's base is: the local weight file, timm's hub id, or the model name."""
+    base = config.get("base") or {}
+    if base.get("weights"):
+        return str(Path(base["weights"]).resolve())
+    name = base.get("model_name") or config["model_name"]
+    return name if ":" in name else f"timm/{name}"
+
+
+def export_adapter(checkpoint, folder: Path) -> dict:
+    """PEFT's adapter files + the fgclf config.json + a README.md that says how to rebuild the model."""
+    from fgclf.checkpoint import ADAPTER_NAME, load_adapter_model
+
+    check_adapter(checkpoint)
+    config = checkpoint.config
+    structure = load_adapter_model(checkpoint.path, base_weights=False)  # for its PEFT config; no download
+    peft_config = structure.peft_config["default"]
+    peft_config.base_model_name_or_path = base_reference(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    base = config.get("base") or {}
+    name = base.get("model_name") or config["model_name"]
+    method = (config.get("method") or {}).get("name", "plain")
+    if method == "plain" and ":" not in name:
+        overlay = f", pretrained_cfg_overlay=dict(file={base['weights']!r})" if base.get("weights") else ""
+        kwargs = "".join(f", {k}={v!r}" for k, v in (config.get("model_kwargs") or {}).items())
+        loads_with = ("import timm\nfrom peft import PeftModel\n\n"
+                      f"base = timm.create_model({name!r}, pretrained=True, num_classes={int(config['num_classes'])}"
+                      f"{overlay}{kwargs})\nmodel = PeftModel.from_pretrained(base, {str(folder.resolve())!r}).eval()")
+    else:
+        loads_with = ("from fgclf.checkpoint import load_adapter_model\n\n"
+                      f"model = load_adapter_model({str(folder.resolve())!r})  # the base rebuilt, the adapter applied")
+    try:
+        peft_config.save_pretrained(str(tmp))  # adapter_config.json
+        shutil.copyfile(checkpoint.path / ADAPTER_NAME, tmp / ADAPTER_NAME)
+        atomic_write_json(tmp / "config.json", {**config, "tta_flip": checkpoint.tta_flip})
+        atomic_write_text(tmp / "README.md", model_card(checkpoint, config, loads_with=loads_with, license_=None,
+                                                        library="peft"))
+        folder.mkdir(parents=True, exist_ok=True)
+        files = ["adapter_config.json", ADAPTER_NAME, "config.json", "README.md"]
+        for file in files:
+            os.replace(tmp / file, folder / file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"files": files, "base": peft_config.base_model_name_or_path, "load": loads_with.splitlines()[-1],
+            "adapter_bytes": (folder / ADAPTER_NAME).stat().st_size}
 
 
 def _seed_interval(run: Optional[Path], metric: str) -> Optional[dict]:
@@ -304,11 +371,12 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
                  atol: float = ATOL) -> dict:
     """Export ``checkpoint`` (:class:`fgclf.predict.Checkpoint`) as ``fmt`` into the folder ``output``;
     writes and returns ``output/export.json``."""
-    from fgclf.models import create_model
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     config = checkpoint.config
-    model = create_model(f"file:{checkpoint.path}", num_classes=config["num_classes"]).eval()
+    if fmt == "adapter":
+        check_adapter(checkpoint)  # refused before anything is written
+    model = None if fmt == "adapter" else checkpoint.load_model()
     if fmt == "timm":
         timm_architecture(model, config)  # refused before anything is written
     output.mkdir(parents=True, exist_ok=True)
@@ -318,6 +386,8 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
         info = export_torchscript(model, config, output / "model.torchscript.pt", atol=atol)
     elif fmt == "hub":
         info = export_hub(model, checkpoint, output)
+    elif fmt == "adapter":
+        info = export_adapter(checkpoint, output)
     else:
         info = export_timm(model, config, output)
     record = {"format": fmt, "source": str(checkpoint.path), "tta_flip": checkpoint.tta_flip,
@@ -328,5 +398,5 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
     return record
 
 
-__all__ = ["FORMATS", "check_hub_access", "export_hub", "export_model", "export_onnx", "export_timm", "export_torchscript", "model_card",
+__all__ = ["FORMATS", "base_reference", "check_adapter", "check_hub_access", "export_adapter", "export_hub", "export_model", "export_onnx", "export_timm", "export_torchscript", "model_card",
            "push_to_hub", "timm_architecture"]

@@ -34,12 +34,24 @@ LIST_SUFFIXES = (".txt", ".csv")
 
 @dataclass
 class Checkpoint:
-    """A model folder to predict with: ``path`` (config.json + weights), its ``config`` and the
-    test-time flip of the run it comes from (None when not known)."""
+    """A model folder to predict with: ``path`` (config.json + weights, or a PEFT adapter over
+    recorded base weights: ``adapter``), its ``config`` and the test-time flip of the run it comes
+    from (None when not known)."""
 
     path: Path
     config: dict
     tta_flip: Optional[bool] = None
+    adapter: bool = False
+
+    def load_model(self):
+        """The model in eval mode: the merged export, or the base rebuilt with the adapter merged in."""
+        if self.adapter:
+            from fgclf.checkpoint import load_adapter_model
+
+            return load_adapter_model(self.path).merge_and_unload().eval()
+        from fgclf.models import create_model
+
+        return create_model(f"file:{self.path}", num_classes=self.config["num_classes"]).eval()
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
@@ -58,9 +70,18 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
                             f"{run / 'checkpoints' / 'last'} to use its last state)")
     elif path.parent.name == "checkpoints":
         run = path.parent.parent
-    config = read_checkpoint_config(path)
+    from fgclf.checkpoint import ADAPTER_NAME
+
+    adapter = (path / ADAPTER_NAME).is_file() and not (path / "model.safetensors").is_file()
+    if adapter:  # an adapter export (scripts/export.py --format adapter): no merged weights
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} has an adapter but no readable config.json ({err})") from None
+    else:
+        config = read_checkpoint_config(path)
     flip = run_tta_flip(run) if run is not None else config.get("tta_flip")  # an export records its run's
-    return Checkpoint(path, config, flip if isinstance(flip, bool) else None)
+    return Checkpoint(path, config, flip if isinstance(flip, bool) else None, adapter)
 
 
 def _is_image(path: Path) -> bool:
@@ -187,7 +208,6 @@ def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num
 
     from fgclf.data import create_transform
     from fgclf.data.mixup import tta_flip_logits
-    from fgclf.models import create_model
 
     meta = checkpoint.config
     flip = checkpoint.tta_flip if tta_flip is None else tta_flip
@@ -200,7 +220,7 @@ def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num
         rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     per = -(-n // world)
     mine = range(min(n, rank * per), min(n, (rank + 1) * per))
-    model = create_model(f"file:{checkpoint.path}", num_classes=meta["num_classes"]).to(device).eval()
+    model = checkpoint.load_model().to(device)
     loader = DataLoader(_Images(inputs.paths, transform, mine, size, inputs.records), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     logits: dict[int, np.ndarray] = {}

@@ -5,6 +5,7 @@
     python scripts/export.py --model runs/cub_r50/checkpoints/best --format torchscript --output exports/ts
     python scripts/export.py --model runs/cub_r50 --format timm --output exports/cub_r50_timm
     python scripts/export.py --model runs/sweep/plain/seed1 --format hub --output exports/hub [--push-to-hub me/cub-r50]
+    python scripts/export.py --model runs/cub_vit_lora --format adapter --output exports/cub_vit_lora_adapter
 
 ``--model``: a run directory (its ``checkpoints/best``), a checkpoint folder or an fgclf export.
 ONNX (dynamic batch axis, ``--opset``) and TorchScript exports are run on a batch of other inputs
@@ -14,7 +15,11 @@ and the command fails: a method with data-dependent steps cannot be traced). ``t
 models, loadable with ``timm.create_model("local-dir:FOLDER", pretrained=True)`` (the folder timm's
 ``push_to_hub`` uploads). ``hub`` writes that (or, for a method's model, the fgclf export) with a
 ``README.md`` model card; ``--push-to-hub REPO`` uploads it (refused with one line when offline or
-without a token). Every export writes
+without a token). ``adapter`` (PEFT runs) writes the adapter in PEFT's format with a reference
+to the base weights instead of the merged model (``peft.PeftModel.from_pretrained`` on the timm
+base rebuilds it; README.md in the folder has the code); every format above exports a PEFT run
+merged. ``predict.py``, ``explain.py`` and ``export.py`` take an adapter folder as ``--model``.
+Every export writes
 ``export.json`` (format, source, class names, input config, the check's result).
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import ArgumentParser, script_main  # noqa: E402
 
-FORMATS = ("onnx", "torchscript", "timm", "hub")
+FORMATS = ("onnx", "torchscript", "timm", "hub", "adapter")
 
 
 def parse_args(argv: Optional[list[str]]):

@@ -101,3 +101,99 @@ def test_the_chosen_layer_of_timm_models_localises(name):
     maps = class_maps(model, x, model(x).argmax(1).tolist())
     assert maps.shape == (3, 128, 128)
     assert maps[:, :64, :64].mean() > 3 * maps[:, 64:, 64:].mean() + 1e-6
+
+
+def _reference_rollout(vit, x, head_fusion):
+    """Abnar & Zuidema's rollout by hand, from the probabilities timm's unfused attention computes
+    (read at ``attn_drop``'s input), in float64 numpy."""
+    probs = []
+    for blk in vit.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, a, o: probs.append(a[0].double().numpy()))
+    with torch.no_grad():
+        vit(x)
+    n = probs[0].shape[-1]
+    out = np.broadcast_to(np.eye(n), (x.shape[0], n, n))
+    for p in probs:
+        fused = {"mean": p.mean(1), "max": p.max(1), "min": p.min(1)}[head_fusion]
+        a = 0.5 * fused + 0.5 * np.eye(n)
+        out = (a / a.sum(-1, keepdims=True)) @ out
+    return out[:, 0, 1:]
+
+
+@pytest.mark.parametrize("head_fusion", ["mean", "max"])
+def test_attention_rollout_equals_the_formula(head_fusion):
+    from fgclf.explain import attention_rollout
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=3, img_size=32, patch_size=8).eval()  # 4 x 4 patches
+    x = torch.randn(2, 3, 32, 32)
+    maps = attention_rollout(vit, x, head_fusion=head_fusion)
+    want = _reference_rollout(vit, x, head_fusion).reshape(2, 4, 4)
+    assert maps.shape == (2, 32, 32)
+    # the map is the class token's row over the 4 x 4 grid, upsampled: its patch centres' order is the grid's
+    got = torch.nn.functional.interpolate(torch.from_numpy(want).float()[:, None], size=(32, 32), mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()
+    got = (got - got.min((1, 2), keepdims=True)) / (got.max((1, 2), keepdims=True) - got.min((1, 2), keepdims=True))
+    np.testing.assert_allclose(maps, got, atol=2e-4)  # float32 against float64, stretched to [0, 1]
+
+
+def test_attention_rollout_peaks_where_the_class_token_looks():
+    """A ViT built so that every query attends to the tokens of the top-left quadrant (their keys are
+    large there, from the position embedding alone): the rollout's map lies in that quadrant."""
+    from fgclf.explain import attention_rollout
+
+    vit = timm.create_model("test_vit", num_classes=3, img_size=32, patch_size=8).eval()
+    dim = vit.embed_dim
+    with torch.no_grad():
+        vit.patch_embed.proj.weight.zero_()
+        vit.patch_embed.proj.bias.zero_()
+        vit.cls_token.zero_()
+        vit.pos_embed.zero_()
+        grid = vit.pos_embed[0, 1:].view(4, 4, dim)
+        grid[:2, :2, 0] = 10.0  # the top-left quadrant's tokens carry feature 0
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.zero_()
+            blk.attn.qkv.bias.zero_()
+            blk.attn.qkv.weight[dim:2 * dim, 0] = 5.0  # keys read feature 0 (after norm1)
+            blk.attn.qkv.bias[:dim] = 1.0  # every query the same: looks for feature 0
+    maps = attention_rollout(vit, torch.rand(2, 3, 32, 32))
+    assert maps[:, :16, :16].mean() > 3 * maps[:, 16:, 16:].mean() + 1e-6
+    row, col = np.unravel_index(maps[0].argmax(), maps[0].shape)
+    assert row < 16 and col < 16
+
+
+def test_attention_rollout_refuses_a_cnn():
+    from fgclf.errors import UserError
+    from fgclf.explain import attention_rollout
+
+    with pytest.raises(UserError, match="attention rollout needs a ViT"):
+        attention_rollout(timm.create_model("test_resnet", num_classes=3), torch.rand(1, 3, 32, 32))
+
+
+def test_script_rollout_of_a_vit_run_and_a_methods_own_maps(toy_root, tmp_path):
+    """--cam rollout draws a ViT run's confused images (and refuses a CNN); --cam method writes the
+    picture WS-DAN draws (and refuses a method that draws none)."""
+    from PIL import Image
+
+    vit = tmp_path / "vit"
+    train_toy(toy_root, vit, "--train.epochs", "1", "--model.name", "test_vit", "--model.kwargs", '{"img_size": 32}')
+    out = tmp_path / "rollout.png"
+    proc = _run_in_process("explain.py", ["--model", str(vit), "--confused", "2", "--cam", "rollout", "--output",
+                                          str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rollout maps of" in proc.stdout and Image.open(out).size[0] > 200
+    proc = _run_in_process("explain.py", ["--model", str(vit), "--confused", "2", "--cam", "method", "--output",
+                                          str(tmp_path / "m.png")])
+    assert proc.returncode == 2 and "method plain draws no maps of its own" in last_error_line(proc)
+    wsdan = tmp_path / "wsdan"
+    train_toy(toy_root, wsdan, "--train.epochs", "1", "--method.name", "wsdan", "--method.num_maps", "4")
+    image = next((toy_root / "images").rglob("*.jpg"))
+    proc = _run_in_process("explain.py", ["--model", str(wsdan), str(image), str(image), "--cam", "method",
+                                          "--output", str(tmp_path / "wsdan.png")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wsdan's own maps of 2 images" in proc.stdout and Image.open(tmp_path / "wsdan.png").size[0] > 100
+    proc = _run_in_process("explain.py", ["--model", str(wsdan), str(image), "--cam", "rollout", "--output",
+                                          str(tmp_path / "r.png")])
+    assert proc.returncode == 2 and "attention rollout needs a ViT" in last_error_line(proc)
+    assert not (tmp_path / "r.png").exists()

@@ -190,3 +190,54 @@ def test_an_export_that_does_not_reproduce_the_model_is_removed(tmp_path, fmt):
 def test_onnx_is_one_self_contained_file(run, tmp_path):
     _export(run, "onnx", tmp_path / "onnx")
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export.json", "model.onnx"]
+
+
+def test_adapter_export_rebuilds_with_timm_and_peft_alone(toy_root, tmp_path):
+    """A LoRA run exported as its adapter + a reference to the base weights: timm and peft, without
+    fgclf, rebuild the run's test logits; predict.py takes the folder as --model too; a run without an
+    adapter is refused with one line."""
+    import timm
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base.safetensors"  # "pretrained" base weights on disk that the reference names
+    torch.manual_seed(3)
+    save_file(timm.create_model("test_efficientnet_gn", num_classes=0).state_dict(), str(base))
+    run = tmp_path / "lora"
+    train_toy(toy_root, run, "--train.epochs", "1", "--peft", "lora", "--model.weights", str(base),
+              "--optim.lr", "0.01")
+    _, record = _export(run, "adapter", tmp_path / "adapter")
+    folder = tmp_path / "adapter"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                        "config.json", "export.json"]
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    assert record["adapter_bytes"] < (run / "checkpoints" / "best" / "model.safetensors").stat().st_size / 2
+    code = (folder / "README.md").read_text().split("```python\n")[1].split("```")[0]  # the card's own code
+    saved = np.load(run / "predictions.npz")
+    rec = load_records(format="cub", root=str(toy_root), val_fraction=0.15)
+    path_of = dict(zip(rec.image_ids, rec.items))
+    meta = json.loads((folder / "config.json").read_text())
+    tf = create_transform(meta["data_config"], is_training=False)
+    np.save(tmp_path / "x.npy", torch.stack([tf(load_image(path_of[i])) for i in saved["image_ids"]]).numpy())
+    script = code + f"""
+import sys, numpy as np, torch
+with torch.no_grad():
+    np.save({str(tmp_path / 'y.npy')!r}, model(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).numpy())
+print(type(model).__name__, "fgclf" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "PeftModel False"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), saved["logits"], atol=1e-4)
+    # predict.py on the adapter folder: the base rebuilt from the reference, the adapter merged in
+    proc = _run_in_process("predict.py", ["--model", str(folder), "--output", str(tmp_path / "pred.csv"),
+                                          *[path_of[i] for i in saved["image_ids"][:4]], "--save-logits",
+                                          "--tta-flip", "false", "--num-workers", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(np.array([r["logits"] for r in rows]), saved["logits"][:4], atol=1e-4)
+
+
+def test_adapter_export_of_a_run_without_peft_is_refused(run, tmp_path):
+    proc = _run_in_process("export.py", ["--model", str(run), "--format", "adapter", "--output", str(tmp_path / "a")])
+    assert proc.returncode == 2 and "was not trained with --peft" in last_error_line(proc)
+    assert not (tmp_path / "a").exists()
