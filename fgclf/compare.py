@@ -28,7 +28,7 @@ Every group also gets its cost (:func:`run_costs`): trainable parameters, second
 the size of ``checkpoints/best`` and of the weights file a user must keep beside the public
 backbone (the adapter of a PEFT run, the head of a cached-feature probe, else the whole model).
 
-:func:`write_comparison` writes a summary directory: summary.md, summary.csv, costs.csv,
+:func:`write_comparison` writes a summary directory: summary.md, summary.html, summary.csv, costs.csv,
 summary.json and comparison.png.
 """
 from __future__ import annotations
@@ -441,31 +441,61 @@ def _p(x: Optional[float]) -> str:
     return "" if x is None else ("nan" if math.isnan(x) else f"{x:.3g}")
 
 
-def _comparison_lines(comp: dict, pct: str) -> list[str]:
-    """The summary.md section of one group against the baseline."""
+# The cells of summary.md's tables, shared with summary.html (fgclf.compare_html): both show the same strings.
+
+
+def intervals_text(result: dict) -> str:
+    """The sentence saying what the intervals are."""
+    return (f"Intervals are {result['confidence']:.0%} intervals of the mean over runs: Student t, and percentile "
+            f"bootstrap ({result['n_boot']} resamples, seed {result['bootstrap_seed']}; only from {BOOTSTRAP_MIN_N} "
+            "runs up: with fewer the percentile bootstrap is too narrow, with 3 runs it is exactly [min, max]).")
+
+
+def runs_text(runs: Sequence[dict]) -> str:
+    """A group's runs with their seed and fold: ``3 runs: ce_s1 (seed 1); ...``."""
+    keys = [", ".join(f"{k} {r[k]}" for k in ("seed", "fold") if r[k] is not None) or "no seed" for r in runs]
+    return f"{len(runs)} run{'s' * (len(runs) != 1)}: " + "; ".join(f"{Path(r['run']).name} ({k})"
+                                                                    for r, k in zip(runs, keys))
+
+
+def summary_head(pct: str) -> list[str]:
+    return ["metric", "group", "n", "mean ± std", f"{pct} t-CI", f"{pct} bootstrap CI", "min", "max"]
+
+
+def summary_cells(s: dict) -> list[str]:
+    """One row of the per-group table (:func:`summary_head`)."""
+    boot = (f"n/a (n < {BOOTSTRAP_MIN_N})" if s.get("boot_note") else
+            f"[{_num(s['boot_lo'])}, {_num(s['boot_hi'])}]")
+    return [s["metric"], s["group"], str(s["n"]), f"{_num(s['mean'])} ± {_num(s['std'])}",
+            f"[{_num(s['ci_lo'])}, {_num(s['ci_hi'])}]", boot, _num(s["min"]), _num(s["max"])]
+
+
+def comparison_section(comp: dict, pct: str) -> dict:
+    """One group against the baseline: ``title``, ``text`` (the lines above its table), ``head`` and
+    ``rows`` of the table (empty when there is nothing paired), ``notes`` (what its (!) and (z) mean)."""
     by = " and ".join(comp["paired_by"])
-    lines = [f"### {comp['group']} - {comp['baseline']}", ""]
+    text = []
     if by:
-        lines.append(f"Paired by {by}: {comp['n_pairs']} pair{'s' * (comp['n_pairs'] != 1)} "
-                     f"({', '.join(comp['paired_keys']) or 'none'}).")
-    lines += [f"Left out: {u['run']} ({u['reason']})." for u in comp["unpaired"]]
+        text.append(f"Paired by {by}: {comp['n_pairs']} pair{'s' * (comp['n_pairs'] != 1)} "
+                    f"({', '.join(comp['paired_keys']) or 'none'}).")
+    text += [f"Left out: {u['run']} ({u['reason']})." for u in comp["unpaired"]]
+    out = {"title": f"{comp['group']} - {comp['baseline']}", "text": text, "head": [], "rows": [], "notes": []}
     if not comp["metrics"]:
-        return lines + [""]
+        return out
     if comp["n_pairs"] < 2:
-        lines += ["One run each: differences only (a paired test needs at least 2 pairs; McNemar below "
-                  "tests top-1 per sample)." if not by else "One pair: differences only, no paired test.", "",
-                  "| metric | difference |", "|---|---:|"]
-        lines += [f"| {m} | {e['ttest']['mean_diff']:+.4f} |" for m, e in comp["metrics"].items()]
-        return lines + [""]
+        text.append("One run each: differences only (a paired test needs at least 2 pairs; McNemar below "
+                    "tests top-1 per sample)." if not by else "One pair: differences only, no paired test.")
+        out.update(head=["metric", "difference"],
+                   rows=[[m, f"{e['ttest']['mean_diff']:+.4f}"] for m, e in comp["metrics"].items()])
+        return out
     cv = comp["n_train"] is not None
     if cv:
-        lines.append(f"Folds share training data, so the plain paired t-test is too optimistic; the corrected "
-                     f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g} (training images per fold) "
-                     f"and n_test={comp['n_test']:g} (the held-out validation fold, n_val; not the shared test "
-                     "split, whose images are the same for every fold).")
-    head = ["metric", "pairs", "mean diff", f"{pct} CI" + (" (corrected)" if cv else ""), "paired t p",
-            "Wilcoxon p"] + (["corrected t p"] if cv else [])
-    lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        text.append(f"Folds share training data, so the plain paired t-test is too optimistic; the corrected "
+                    f"t-test (Nadeau & Bengio 2003) uses n_train={comp['n_train']:g} (training images per fold) "
+                    f"and n_test={comp['n_test']:g} (the held-out validation fold, n_val; not the shared test "
+                    "split, whose images are the same for every fold).")
+    out["head"] = ["metric", "pairs", "mean diff", f"{pct} CI" + (" (corrected)" if cv else ""), "paired t p",
+                   "Wilcoxon p"] + (["corrected t p"] if cv else [])
     warnings, flat = [], []
     for metric, entry in comp["metrics"].items():
         t, w = entry["ttest"], entry["wilcoxon"]
@@ -479,33 +509,58 @@ def _comparison_lines(comp: dict, pct: str) -> list[str]:
                  _p(w["p"]) + (" (!)" if w["warning"] else "")]
         if cv:
             cells.append(p_cell if zero else _p(entry["corrected_ttest"]["p"]))
-        lines.append("| " + " | ".join(cells) + " |")
+        out["rows"].append(cells)
         if w["warning"] and w["warning"] not in warnings:
             warnings.append(w["warning"])
-    notes = [f"(!) {text}." for text in warnings]
+    out["notes"] = [f"(!) {text}." for text in warnings]
     if flat:
-        notes.append(f"(z) every paired difference is the same for {', '.join(flat)}: zero variance, so no "
-                     "t-test p-value or interval (scipy would print t = inf, p = 0, which only says the runs did "
-                     "not vary); more seeds or folds are needed.")
-    return lines + [""] + notes + [""]
+        out["notes"].append(f"(z) every paired difference is the same for {', '.join(flat)}: zero variance, so no "
+                            "t-test p-value or interval (scipy would print t = inf, p = 0, which only says the runs "
+                            "did not vary); more seeds or folds are needed.")
+    return out
 
 
-def _cost_lines(costs: Mapping[str, dict]) -> list[str]:
+def mcnemar_text(base: str) -> str:
+    return (f"b: {base} right, group wrong; c: group right, {base} wrong. Exact binomial test below 25 "
+            "discordant samples, else chi-square with continuity correction.")
+
+
+MCNEMAR_HEAD = ["group", "samples", "top1 baseline", "top1 group", "b", "c", "test", "statistic", "p"]
+
+
+def mcnemar_cells(m: dict) -> list[str]:
+    """One row of the McNemar table (:data:`MCNEMAR_HEAD`)."""
+    return [m["group"], str(m["n"]), _num(m["acc_a"]), _num(m["acc_b"]), str(m["b"]), str(m["c"]),
+            "exact" if m["exact"] else "chi-square", f"{m['statistic']:.4g}", _p(m["p"])]
+
+
+COST_TEXT = ("Means over the group's runs (peak memory: the largest). Seconds per epoch: each run's median epoch. "
+             "Peak memory: process peak RSS on CPU (interpreter and libraries included), peak CUDA allocation on a "
+             "GPU. Weights: the file to keep beside the public backbone (adapter, probe head) or the whole model.")
+COST_HEAD = ["group", "trainable params", "s/epoch", "train s", "peak memory MiB", "best/ MiB", "weights MiB (file)"]
+
+
+def cost_cells(group: str, c: dict) -> list[str]:
+    """One row of the cost table (:data:`COST_HEAD`); blank where no run recorded it."""
     def cell(value: Any, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    lines = ["## Cost per group", "",
-             "Means over the group's runs (peak memory: the largest). Seconds per epoch: each run's median epoch. "
-             "Peak memory: process peak RSS on CPU (interpreter and libraries included), peak CUDA allocation on a "
-             "GPU. Weights: the file to keep beside the public backbone (adapter, probe head) or the whole model.",
-             "", "| group | trainable params | s/epoch | train s | peak memory MiB | best/ MiB | weights MiB (file) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for g, c in costs.items():
-        weights = f"{cell(c['weights_mb'], '.2f')} ({c['weights_file']})" if c["weights_file"] else ""
-        lines.append(f"| {g} | {cell(c['trainable_params'], ',.0f')} | {cell(c['epoch_seconds'], '.2f')} | "
-                     f"{cell(c['train_seconds'], '.0f')} | {cell(c['peak_memory_mb'], ',.0f')} | "
-                     f"{cell(c['best_mb'], '.2f')} | {weights} |")
-    return lines + [""]
+    weights = f"{cell(c['weights_mb'], '.2f')} ({c['weights_file']})" if c["weights_file"] else ""
+    return [group, cell(c["trainable_params"], ",.0f"), cell(c["epoch_seconds"], ".2f"),
+            cell(c["train_seconds"], ".0f"), cell(c["peak_memory_mb"], ",.0f"), cell(c["best_mb"], ".2f"), weights]
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _comparison_lines(comp: dict, pct: str) -> list[str]:
+    """The summary.md section of one group against the baseline."""
+    sec = comparison_section(comp, pct)
+    lines = [f"### {sec['title']}", "", *sec["text"]]
+    if sec["rows"]:
+        lines += ["", _md_row(sec["head"]), "|---|" + "---:|" * (len(sec["head"]) - 1), *map(_md_row, sec["rows"])]
+    return lines + [""] + (sec["notes"] + [""] if sec["notes"] else [])
 
 
 def costs_csv(result: dict) -> str:
@@ -523,38 +578,21 @@ def format_markdown(result: dict) -> str:
     pct = f"{result['confidence']:.0%}"
     base = result["baseline"]
     lines = [f"# Comparison of {len(result['groups'])} groups (baseline: {base})", ""]
-    for g, runs in result["groups"].items():
-        keys = [", ".join(f"{k} {r[k]}" for k in ("seed", "fold") if r[k] is not None) or "no seed" for r in runs]
-        lines.append(f"- **{g}**: {len(runs)} run{'s' * (len(runs) != 1)}: " + "; ".join(f"{Path(r['run']).name} ({k})"
-                                                                  for r, k in zip(runs, keys)))
-    lines += ["", f"Intervals are {pct} intervals of the mean over runs: Student t, and percentile bootstrap "
-              f"({result['n_boot']} resamples, seed {result['bootstrap_seed']}; only from {BOOTSTRAP_MIN_N} runs up: "
-              "with fewer the percentile bootstrap is too narrow, with 3 runs it is exactly [min, max]). "
-              "Files: [summary.csv](summary.csv), [summary.json](summary.json).", "", "## Per group", "",
-              f"| metric | group | n | mean ± std | {pct} t-CI | {pct} bootstrap CI | min | max |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for s in result["summaries"]:
-        boot = (f"n/a (n < {BOOTSTRAP_MIN_N})" if s.get("boot_note") else
-                f"[{_num(s['boot_lo'])}, {_num(s['boot_hi'])}]")
-        lines.append(f"| {s['metric']} | {s['group']} | {s['n']} | {_num(s['mean'])} ± {_num(s['std'])} | "
-                     f"[{_num(s['ci_lo'])}, {_num(s['ci_hi'])}] | {boot} | "
-                     f"{_num(s['min'])} | {_num(s['max'])} |")
+    lines += [f"- **{g}**: {runs_text(runs)}" for g, runs in result["groups"].items()]
+    lines += ["", intervals_text(result) + " Files: [summary.csv](summary.csv), [summary.json](summary.json).", "",
+              "## Per group", "", _md_row(summary_head(pct)), "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [_md_row(summary_cells(s)) for s in result["summaries"]]
     if result["comparisons"]:
         lines += ["", f"## Paired differences against {base} (group - baseline)", ""]
         for comp in result["comparisons"]:
             lines += _comparison_lines(comp, pct)
     if result["mcnemar"]:
-        lines += ["## McNemar on the shared test set (top-1 correctness per sample)", "",
-                  f"b: {base} right, group wrong; c: group right, {base} wrong. Exact binomial test below 25 "
-                  "discordant samples, else chi-square with continuity correction.", "",
-                  "| group | samples | top1 baseline | top1 group | b | c | test | statistic | p |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for m in result["mcnemar"]:
-            lines.append(f"| {m['group']} | {m['n']} | {_num(m['acc_a'])} | {_num(m['acc_b'])} | {m['b']} | {m['c']} | "
-                         f"{'exact' if m['exact'] else 'chi-square'} | {m['statistic']:.4g} | {_p(m['p'])} |")
-        lines.append("")
+        lines += ["## McNemar on the shared test set (top-1 correctness per sample)", "", mcnemar_text(base), "",
+                  _md_row(MCNEMAR_HEAD), "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += [_md_row(mcnemar_cells(m)) for m in result["mcnemar"]] + [""]
     if result.get("costs"):
-        lines += _cost_lines(result["costs"])
+        lines += ["## Cost per group", "", COST_TEXT, "", _md_row(COST_HEAD), "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [_md_row(cost_cells(g, c)) for g, c in result["costs"].items()] + [""]
     if result["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in result["notes"]] + [""]
     lines += ["![Means with t-intervals per metric](comparison.png)"]
@@ -562,7 +600,10 @@ def format_markdown(result: dict) -> str:
 
 
 def write_comparison(result: dict, output_dir: str | os.PathLike) -> Path:
-    """Write summary.json, summary.csv, costs.csv, comparison.png and summary.md into ``output_dir``."""
+    """Write summary.json, summary.csv, costs.csv, comparison.png, summary.md and summary.html (the same
+    tables and the plot inlined in one self-contained page, :mod:`fgclf.compare_html`) into ``output_dir``."""
+    from fgclf.compare_html import comparison_html
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
@@ -570,4 +611,5 @@ def write_comparison(result: dict, output_dir: str | os.PathLike) -> Path:
     atomic_write_text(out / "costs.csv", costs_csv(result))
     plot_comparison(result, out / "comparison.png")
     atomic_write_text(out / "summary.md", format_markdown(result))
+    atomic_write_text(out / "summary.html", comparison_html(result, out / "comparison.png"))
     return out

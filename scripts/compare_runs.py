@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 r"""Compare finished runs: a side-by-side table, or groups of repeated runs with statistics.
 
-One row per run, its final test metrics as columns (prints a Markdown table, writes it with --output):
+One row per run, its final test metrics as columns (prints a Markdown table; --output FILE.md writes
+it there and as a sortable page beside it, FILE.html):
 
     python scripts/compare_runs.py runs/demo/finetune runs/demo/scratch
     python scripts/compare_runs.py runs/demo/* --metrics top1 f1_macro --output runs/demo/summary.md
@@ -13,7 +14,8 @@ Groups of runs (seeds or CV folds; the first group is the baseline; quoted globs
         --metrics top1 f1_macro --output-dir runs/compare_losses
     python scripts/compare_runs.py --group ce 'runs/sweep/ce_*' --group focal 'runs/sweep/focal_*'
 
-writes summary.md, summary.csv, summary.json and comparison.png into --output-dir (default
+writes summary.md, summary.html (the same tables and the plot in one self-contained page),
+summary.csv, costs.csv, summary.json and comparison.png into --output-dir (default
 runs/compare_<groups>_<time>): per group mean +- std with a t interval, and a percentile bootstrap
 interval from 10 runs up (with fewer it is too narrow; with 3 runs it is exactly [min, max]);
 against the baseline, paired by seed (by fold for CV runs): mean difference with its interval,
@@ -37,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fgclf.compare import DEFAULT_GROUP_METRICS, compare_groups, format_markdown, write_comparison  # noqa: E402
+from fgclf.compare_html import table_html  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import default_run_name, script_main  # noqa: E402
 from fgclf.utils import atomic_write_text  # noqa: E402
@@ -44,10 +47,9 @@ from fgclf.utils import atomic_write_text  # noqa: E402
 DEFAULT_METRICS = ["top1", "top5", "f1_macro", "auroc_macro", "loss", "best_epoch", "train_seconds"]
 
 
-def comparison_table(run_dirs: list[Path], metrics: list[str]) -> str:
-    """A Markdown table: run | model | method | strategy/peft | metric columns."""
-    rows = ["| run | model | method | trains | " + " | ".join(metrics) + " |",
-            "|---|---|---|---|" + "---:|" * len(metrics)]
+def table_cells(run_dirs: list[Path], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The run table's header and one row of cells per run: run | model | method | trains | metrics."""
+    rows = []
     for run in run_dirs:
         path = run / "metrics.json"
         if not path.is_file():
@@ -61,9 +63,14 @@ def comparison_table(run_dirs: list[Path], metrics: list[str]) -> str:
                 cells.append("nan" if math.isnan(value) else (f"{value:.1f}" if key == "train_seconds" else f"{value:.4f}"))
             else:
                 cells.append("" if value is None else str(value))
-        rows.append(f"| {run.name} | {m.get('model', '')} | {m.get('method', 'plain')} | {trains} | "
-                    + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
+        rows.append([run.name, str(m.get("model", "")), str(m.get("method", "plain")), str(trains), *cells])
+    return ["run", "model", "method", "trains", *metrics], rows
+
+
+def comparison_table(head: list[str], rows: list[list[str]]) -> str:
+    """The Markdown table of :func:`table_cells` (the HTML one is :func:`fgclf.compare_html.table_html`)."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in (head, *rows)]
+    return "\n".join([lines[0], "|---|---|---|---|" + "---:|" * (len(head) - 4), *lines[1:]]) + "\n"
 
 
 def _groups(specs: list[list[str]]) -> dict[str, list[str]]:
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+",
                         help=f"metrics.json keys (table default: {' '.join(DEFAULT_METRICS)}; "
                              f"groups: those of {' '.join(DEFAULT_GROUP_METRICS)} that every run has)")
-    parser.add_argument("--output", type=Path, help="table mode: also write the table to this Markdown file")
+    parser.add_argument("--output", type=Path,
+                        help="table mode: also write the table to this Markdown file and as HTML beside it (.html)")
     parser.add_argument("--output-dir", type=Path, help="group mode: summary directory (default runs/compare_...)")
     parser.add_argument("--confidence", type=float, default=0.95, help="coverage of every interval")
     parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
@@ -101,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         if args.output_dir:
             raise UserError("--output-dir is for --group comparisons; the run table is written with --output FILE")
-        table = comparison_table(args.runs, args.metrics or DEFAULT_METRICS)
+        if args.output and args.output.suffix == ".html":
+            raise UserError("--output is the Markdown file (FILE.md); the HTML table is written beside it")
+        head, rows = table_cells(args.runs, args.metrics or DEFAULT_METRICS)
+        table = comparison_table(head, rows)
         print(table, end="")
         if args.output:
             atomic_write_text(args.output, table)
+            atomic_write_text(args.output.with_suffix(".html"), table_html(head, rows, title=args.output.stem))
         return 0
     if args.output:
         raise UserError("--output is for the run table; --group comparisons are written with --output-dir DIR")
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                             n_boot=args.n_boot, seed=args.seed)
     out = write_comparison(result, args.output_dir or Path("runs") / default_run_name("compare", *groups))
     print(format_markdown(result), end="")
-    print(f"\nwritten to {out}/ (summary.md, summary.csv, summary.json, comparison.png)")
+    print(f"\nwritten to {out}/ (summary.md, summary.html, summary.csv, costs.csv, summary.json, comparison.png)")
     return 0
 
 

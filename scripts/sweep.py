@@ -8,10 +8,11 @@
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
 arguments; the summary (mean, std, t and bootstrap intervals per variant, paired tests
-against the first variant) lands in <output-dir>/comparison/ as summary.md/.csv/.json and
-comparison.png. Re-running skips finished runs and resumes interrupted ones. Runs go seed by
-seed (every variant's seed 1, then seed 2, ...), so a sweep stopped half-way is still a
-paired comparison on the seeds it finished.
+against the first variant) lands in <output-dir>/comparison/ as summary.md/.html/.csv/.json,
+costs.csv and comparison.png (summary.html: the tables and the plot in one self-contained
+page). Re-running skips finished runs and resumes interrupted ones. Runs go seed by seed
+(every variant's seed 1, then seed 2, ...), so a sweep stopped half-way is still a paired
+comparison on the seeds it finished.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         result = compare_groups(groups, args.metrics)
         write_comparison(result, out / "comparison")
         print(format_markdown(result))
-        print(f"comparison written to {out / 'comparison'}")
+        print(f"comparison written to {out / 'comparison'} (summary.md, summary.html, summary.csv, summary.json, "
+              "costs.csv, comparison.png)")
     if failed:
         print(f"error: {len(failed)} of {len(runs)} runs failed: " + ", ".join(str(r.run_dir) for r in failed),
               file=sys.stderr)

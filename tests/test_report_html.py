@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 from html.parser import HTMLParser
 from pathlib import Path
@@ -105,12 +106,28 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium here: `make browser` installs Debian's (make test runs it)")
+def _browse(html_text: str, probe: str, page: Path) -> str:
+    """Load ``html_text`` with the ``probe`` script appended (it reports into the title) from ``page`` in
+    headless Chromium; assert it ran without console errors and return the title."""
+    import subprocess
+
+    page.write_text(html_text.replace("</body>", probe + "</body>"))
+    proc = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not [ln for ln in console if "Uncaught" in ln or ":ERROR:" in ln], console
+    return proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+
+
+NO_CHROMIUM = "no Chromium here: `make browser` installs Debian's (make test runs it)"
+
+
+@pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
 def test_report_opens_in_a_headless_browser(run, tmp_path):
     """Chromium loads the page without console errors, decodes every inlined image and sorts the
     per-class table when a header is clicked (a probe script appended to a copy reports into the title)."""
-    import subprocess
-
     probe = """<script>
 window.addEventListener('load', function(){
   var ok = Array.from(document.images).filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
@@ -119,18 +136,37 @@ window.addEventListener('load', function(){
   document.title = 'probe ' + ok + '/' + document.images.length + ' ' + first;
 });
 </script>"""
-    page = tmp_path / "report.html"
-    page.write_text((run / "report.html").read_text().replace("</body>", probe + "</body>"))
-    proc = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                           "--v=0", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    title = proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    title = _browse((run / "report.html").read_text(), probe, tmp_path / "report.html")
     _, counts, first = title.split(" ")
     ok, total = map(int, counts.split("/"))
     assert total >= 2 and ok == total
     with open(run / "per_class.csv", newline="") as f:
         lowest = min(float(r["accuracy"]) for r in csv.DictReader(f))
     assert float(first) == pytest.approx(lowest, abs=1e-4)
-    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
-    assert not [ln for ln in console if "Uncaught" in ln or ":ERROR:" in ln], console
+
+
+@pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
+def test_comparison_opens_in_a_headless_browser(tmp_path):
+    """A comparison's summary.html (tests/test_compare_html.py's runs, one group named with a <script>):
+    no console errors (the name's script does not run), the plot decodes, and a click on the top1
+    table's max header sorts its groups by their largest top1."""
+    import json
+
+    from test_compare_html import make_comparison
+
+    cmp = make_comparison(tmp_path)
+    probe = """<script>
+window.addEventListener('load', function(){
+  var ok = Array.from(document.images).filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
+  var table = document.querySelector('table[data-metric="top1"]');
+  table.querySelectorAll('th')[6].click();  // max, ascending
+  var order = Array.from(table.tBodies[0].rows).map(function(r){ return r.cells[0].textContent; });
+  document.title = 'probe ' + ok + '/' + document.images.length + ' ' + JSON.stringify(order);
+});
+</script>"""
+    title = _browse((cmp / "summary.html").read_text(), probe, tmp_path / "summary.html")
+    _, counts, order = title.split(" ", 2)
+    assert counts == "1/1"
+    top1 = [s for s in json.loads((cmp / "summary.json").read_text())["summaries"] if s["metric"] == "top1"]
+    expected = [s["group"] for s in sorted(top1, key=lambda s: s["max"])]
+    assert json.loads(html.unescape(order)) == expected != [s["group"] for s in top1]  # the click reordered them

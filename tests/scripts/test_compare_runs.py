@@ -78,7 +78,7 @@ def test_groups_match_scipy_and_statsmodels(tmp_path, capsys):
     assert run_main("--group", "ce", *ce, "--group", "focal", *focal, "--metrics", "top1", "f1_macro",
                     "--output-dir", out, "--n-boot", "2000") == 0
     stdout = capsys.readouterr().out
-    for name in ("summary.md", "summary.csv", "summary.json", "comparison.png"):
+    for name in ("summary.md", "summary.html", "summary.csv", "summary.json", "comparison.png"):
         assert (out / name).is_file(), name
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "summary.md").read_text() in stdout
