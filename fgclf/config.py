@@ -469,6 +469,14 @@ class TrainConfig:
             a multi-process run with samples from the start of the epoch, and a single process
             trains on a smaller last batch), and BatchNorm never normalises a batch of one image.
             ``--parallel pipeline`` always drops it.
+        ema_decay: Keep an exponential moving average of the weights with this decay (timm's
+            ModelEmaV3, updated after every optimizer update; 0: off; e.g. 0.9998). Both the raw
+            and the averaged weights are validated each epoch and ``best`` takes whichever scores
+            higher (metrics.json's ``best_weights`` says which; without a validation split,
+            the average). DDP and ZeRO-1/2; not ZeRO-3, FSDP or a pipeline split.
+        ema_warmup: Warm the EMA decay up as timm does (``1 - (1 + t) ** -2/3``, capped at
+            ``ema_decay``), so a run of a few thousand updates is not an average dominated by the
+            starting weights.
     """
 
     epochs: int = 5
@@ -492,6 +500,8 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     drop_last: bool = True
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
 
 
 @dataclass

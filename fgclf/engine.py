@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -48,6 +48,8 @@ class TrainState:
         stopped_early: Whether early stopping ended the run.
         train_seconds: Wall time of the finished epochs (training + validation + checkpoints),
             summed over resumed pieces of the run.
+        best_weights: Which weights ``best`` holds: ``raw`` (the trained ones) or ``ema`` (their
+            moving average, ``--train.ema_decay``).
     """
 
     epoch: int = 0
@@ -58,6 +60,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+    best_weights: str = "raw"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,6 +237,8 @@ class FitOptions:
         epoch_callbacks: Run on every process after each epoch's validation (e.g. attention pictures).
         max_nonfinite_steps: Consecutive non-finite losses tolerated (:class:`RunGuard`).
         seed: The run's seed (per-sample random choices of a method, see ``StepContext.uniform``).
+        ema: A :class:`fgclf.ema.ModelEma` of the model: updated after every optimizer update,
+            validated beside the raw weights, and saved as ``best`` when it scores higher.
     """
 
     epochs: int = 1
@@ -249,6 +254,7 @@ class FitOptions:
     epoch_callbacks: tuple = ()
     max_nonfinite_steps: int = 3
     seed: int = 0
+    ema: Optional[Any] = None
 
 
 def _plain(method):
@@ -421,7 +427,11 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 f"the latest loss was non-finite, so no checkpoint was written: {_checkpoint_note(run_dir)}")
         raise StopTraining(f"stopped by {signal.Signals(signum).name} {where}; {note}", signum=signum)
 
+    averaged = accelerator.unwrap_model(model) if o.ema is not None else None
+
     def on_update(st: TrainState) -> None:
+        if o.ema is not None:  # before any checkpoint of this update: last/ holds the average after it
+            o.ema.update(averaged, st.global_step)
         save = bool(checkpoint_every_steps) and st.global_step % checkpoint_every_steps == 0
         if save or guard.due(st.global_step):
             check(st)
@@ -461,16 +471,28 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 if value is None:
                     raise UserError(f"early_stopping_metric '{metric}' is not computed; use loss or one of "
                                     f"{', '.join(scores)}")
+                weights, which = model, "raw"
+                if o.ema is not None:  # the average is validated too; the better of the two competes for best
+                    ema_out = eval_fn(accelerator, o.ema.module, val_loader, method=method, loss_fn=EVAL_LOSS,
+                                      progress=o.progress, desc="val ema")
+                    ema_scores = compute_metrics(ema_out.logits, ema_out.labels, num_classes=num_classes)
+                    record.update({"val_ema/loss": ema_out.loss, **{f"val_ema/{k}": v for k, v in ema_scores.items()}})
+                    ema_value = ema_out.loss if metric == "loss" else ema_scores[metric]
+                    if _improved(ema_value, value, 0.0, mode):
+                        weights, which, value = o.ema.module, "ema", ema_value
+                    record["ema_decay"] = o.ema.decay_at(state.global_step)
                 if _improved(value, state.best_metric, min_delta, mode):
                     state.best_metric, state.best_epoch, state.bad_epochs = float(value), state.epoch, 0
-                    checkpointer.save_best(model, state)
+                    state.best_weights = which
+                    checkpointer.save_best(weights, state)
                 else:
                     state.bad_epochs += 1
                     if patience and state.bad_epochs >= patience:
                         state.stopped_early = True
-            else:
+            else:  # no validation: the last epoch's weights (the average's, when there is one)
                 state.best_epoch = state.epoch
-                checkpointer.save_best(model, state)
+                state.best_weights = "raw" if o.ema is None else "ema"
+                checkpointer.save_best(model if o.ema is None else o.ema.module, state)
             watched = record.get("val/loss" if metric == "loss" else f"val/{metric}")
             scheduler.step_epoch(watched)
             record["memory_mb"] = peak_memory_mb(accelerator.device)

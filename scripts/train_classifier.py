@@ -72,6 +72,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (cfg.model.hierarchy_weight >= 0, "model.hierarchy_weight must be >= 0"),
         (cfg.method.name != "hierarchy" or cfg.model.name.startswith("file:"),
          "method hierarchy is switched on by --model.hierarchy true (its levels come from the dataset)"),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}"),
+        (t.ema_decay == 0 or cfg.parallel == "data", "train.ema_decay needs --parallel data (a pipeline stage "
+                                                     "holds only its part of the model)"),
     ]
     if cfg.parallel == "pipeline":  # what the pipeline runner does not do (yet), refused before any work
         p = cfg.pp
@@ -364,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             "zero_optimization", {}).get("stage") == 3:  # each process would sum its empty parameter placeholders
         raise UserError(f"loss.regularizer {cfg.loss.regularizer} sums the whole weights, which ZeRO-3 splits across "
                         "processes; use ZeRO-2 or optim.weight_decay instead")
+    if t.ema_decay and (accelerator.distributed_type.value == "FSDP" or ds_plugin is not None and ds_plugin.deepspeed_config.get(
+            "zero_optimization", {}).get("stage") == 3):
+        raise UserError("train.ema_decay averages the whole weights on every process, which ZeRO-3 and FSDP split "
+                        "across processes; use DDP or ZeRO-2 (ZeRO-1/2 keep whole weights on every process)")
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
@@ -467,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpointer.skip_frozen(model)  # last/ keeps what training changes; frozen weights come from the base
         val_loader = accelerator.prepare(loaders["val"]) if loaders["val"] is not None else None
         hooks = {}
+        if t.ema_decay:  # after prepare: the average lives beside the weights it follows (device, dtype)
+            from fgclf.ema import ModelEma
+
+            ema = ModelEma(accelerator.unwrap_model(model), t.ema_decay, warmup=t.ema_warmup)
+            checkpointer.track_states(ema=ema)  # last/ carries the average: resume continues it exactly
     else:  # stages are not wrapped by accelerate; the runner replaces the engine's step and eval
         train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]
         checkpointer.track(optimizer, scheduler)
@@ -486,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                              min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm,
                              log_every=t.log_every, checkpoint_every_steps=t.checkpoint_every_steps,
                              max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
-                             callbacks=debug_callbacks(), seed=t.seed,
+                             callbacks=debug_callbacks(), seed=t.seed, ema=ema if t.ema_decay else None,
                              epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
         state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, method, state=state,
                     checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
@@ -504,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
+                 "best_weights": state.best_weights,
                  "model": cfg.model.name, "method": method.name, "peft": cfg.peft, "strategy": cfg.model.strategy,
                  "parameters": params,
                  "n_train": len(splits["train"]), "n_val": len(splits["val"]),
