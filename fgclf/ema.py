@@ -8,8 +8,10 @@ pretrained starting point; without it the decay is ``decay`` from the second upd
 Floating-point parameters and buffers (BatchNorm statistics) are averaged, in float32 even
 when the model's weights are half precision (DeepSpeed). Every process keeps the same average
 (the weights it averages are the same after every update), so no communication is needed.
-The average's weights are saved in ``last/`` (exact resume) and, when the validation prefers
-them, as ``best``.
+Frozen parameters (PEFT's base, a linear probe's body) are not copied: the average shares them
+with the model (their average is themselves), so it costs the trainable part only, and ``last/``
+holds the average of the trainable parameters and the buffers. The average's weights are saved
+in ``last/`` (exact resume) and, when the validation prefers them, as ``best``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ class ModelEma:
     def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True) -> None:
         from timm.utils import ModelEmaV3
 
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         self._ema = ModelEmaV3(model, decay=decay, use_warmup=warmup, dtype=torch.float32)
+        self.shared = set()
+        for name, param in frozen.items():  # shared, not copied (lerp of a tensor with itself leaves it)
+            if param.dtype == torch.float32:
+                parent, _, leaf = name.rpartition(".")
+                self._ema.module.get_submodule(parent)._parameters[leaf] = param
+                self.shared.add(name)
         for p in self._ema.module.parameters():
             p.requires_grad_(False)
         self.decay, self.warmup = decay, warmup
@@ -45,10 +54,14 @@ class ModelEma:
         self._ema.update(model, step=step)
 
     def state_dict(self) -> dict:
-        return dict(self._ema.module.state_dict())
+        """The average of the trainable parameters and of the buffers (the shared frozen ones left out)."""
+        return {k: v for k, v in self._ema.module.state_dict().items() if k not in self.shared}
 
     def load_state_dict(self, state: dict) -> None:
-        self._ema.module.load_state_dict(state)
+        missing, unexpected = self._ema.module.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - self.shared:
+            raise ValueError(f"EMA state does not fit the model: missing {sorted(set(missing) - self.shared)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
 
 
 __all__ = ["ModelEma"]

@@ -83,3 +83,30 @@ def test_state_round_trip_continues_the_same_average():
     for key, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], value)
     assert not any(p.requires_grad for p in a.module.parameters())
+
+
+def test_frozen_parameters_are_shared_not_copied_and_left_out_of_the_state():
+    """PEFT / linear probe: the average of a frozen parameter is itself, so the EMA holds the model's own
+    tensor (no second copy) and its state (last/) has the trainable parameters and buffers only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    ema = ModelEma(model, 0.5, warmup=False)
+    assert ema.module[0].weight.data_ptr() == model[0].weight.data_ptr()
+    assert ema.module[2].weight.data_ptr() != model[2].weight.data_ptr()
+    assert set(ema.state_dict()) == set(model.state_dict()) - {"0.weight", "0.bias"}
+    start = model[2].weight.detach().clone()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    ema.update(model, 1)  # a copy at the first update
+    ema.update(model, 2)
+    torch.testing.assert_close(ema.module[2].weight, start + 1.0)
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    ema.update(model, 3)  # decay 0.5
+    torch.testing.assert_close(ema.module[2].weight, start + 1.5)
+    torch.testing.assert_close(ema.module[0].weight, model[0].weight)
+    other = ModelEma(model, 0.5)
+    other.load_state_dict(ema.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict({"9.weight": torch.zeros(1)})
