@@ -548,6 +548,22 @@ class PipelineConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a trained teacher.
+
+    Args:
+        teacher: The teacher: a run directory, checkpoint folder or export trained on the same
+            classes (any architecture and input size); null: no distillation.
+        alpha: Weight of the soft-target term: ``(1 - alpha) * method loss + alpha * T^2 * KL``.
+        temperature: Softmax temperature ``T`` of both models' logits in the KL term.
+    """
+
+    teacher: Optional[str] = None
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+
+@dataclass
 class TrainClassifierConfig:
     """Everything ``scripts/train_classifier.py`` needs.
 
@@ -569,6 +585,7 @@ class TrainClassifierConfig:
     peft: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     parallel: Literal["data", "pipeline"] = "data"
     pp: PipelineConfig = field(default_factory=PipelineConfig)
     resume: Optional[str] = None

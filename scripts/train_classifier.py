@@ -75,6 +75,11 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}"),
         (t.ema_decay == 0 or cfg.parallel == "data", "train.ema_decay needs --parallel data (a pipeline stage "
                                                      "holds only its part of the model)"),
+        (0 <= cfg.distill.alpha <= 1, f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}"),
+        (cfg.distill.temperature > 0, f"distill.temperature must be > 0, got {cfg.distill.temperature}"),
+        (cfg.distill.teacher is None or Path(cfg.distill.teacher).exists(),
+         f"--distill.teacher: no such run directory or model folder: {cfg.distill.teacher}"),
+        (cfg.distill.teacher is None or cfg.parallel == "data", "--distill.teacher needs --parallel data"),
     ]
     if cfg.parallel == "pipeline":  # what the pipeline runner does not do (yet), refused before any work
         p = cfg.pp
@@ -409,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
     splits, loaders, data_cfg = build_loaders(cfg, records, model, method)
+    teacher = None
+    if cfg.distill.teacher:  # read and checked before the run directory appears
+        from fgclf.distill import load_teacher
+
+        teacher = load_teacher(cfg.distill.teacher, class_names=class_names, student_data=data_cfg,
+                               device=accelerator.device)
     parts = build_parts(cfg, [records.labels[i] for i, sp in enumerate(records.splits) if sp == "train"],
                         len(class_names))
     runner = stages = None
@@ -493,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state.epoch]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
+    fit_method = method
+    if teacher is not None:  # the teacher's soft targets join the method's loss (fgclf/distill.py)
+        from fgclf.distill import Distillation
+
+        fit_method = Distillation(method, teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     try:  # SIGTERM/SIGINT end fit after the current update, with `last` written; debug_* are test hooks (no-ops)
         options = FitOptions(epochs=t.epochs, metric=t.early_stopping_metric, patience=t.early_stopping_patience,
                              min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm,
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
                              callbacks=debug_callbacks(), seed=t.seed, ema=ema if t.ema_decay else None,
                              epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
-        state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, method, state=state,
+        state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, fit_method, state=state,
                     checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
     except StopTraining as stop:  # no test evaluation: say how to continue, shut down cleanly, exit 128 + signal
         if accelerator.is_main_process:  # before the shutdown barrier: a launcher may end us once another exits
