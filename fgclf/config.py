@@ -477,6 +477,9 @@ class TrainConfig:
         ema_warmup: Warm the EMA decay up as timm does (``1 - (1 + t) ** -2/3``, capped at
             ``ema_decay``), so a run of a few thousand updates is not an average dominated by the
             starting weights.
+        sam_rho: Sharpness-Aware Minimization with this neighbourhood radius (Foret et al. 2021;
+            0: off; 0.05 is the paper's; two forward/backward passes per update).
+        sam_adaptive: Adaptive SAM (Kwon et al. 2021; scale-invariant, use a larger rho, 0.5-2).
     """
 
     epochs: int = 5
@@ -502,6 +505,8 @@ class TrainConfig:
     drop_last: bool = True
     ema_decay: float = 0.0
     ema_warmup: bool = True
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
 
 
 @dataclass

@@ -239,6 +239,8 @@ class FitOptions:
         seed: The run's seed (per-sample random choices of a method, see ``StepContext.uniform``).
         ema: A :class:`fgclf.ema.ModelEma` of the model: updated after every optimizer update,
             validated beside the raw weights, and saved as ``best`` when it scores higher.
+        sam: A :class:`fgclf.sam.SAM` of the model's trainable parameters: every update takes
+            the gradient again at the perturbed weights (see :func:`_sam_second_pass`).
     """
 
     epochs: int = 1
@@ -255,6 +257,7 @@ class FitOptions:
     max_nonfinite_steps: int = 3
     seed: int = 0
     ema: Optional[Any] = None
+    sam: Optional[Any] = None
 
 
 def _plain(method):
@@ -262,6 +265,41 @@ def _plain(method):
     from fgclf.methods import Method, StepParts, create_method
 
     return method if isinstance(method, Method) else create_method("plain", parts=StepParts(loss_fn=method))
+
+
+def _sam_second_pass(accelerator, model: nn.Module, method, ctx, sam, micro: list) -> None:
+    """SAM's second gradient (fgclf/sam.py): at the perturbed weights, over the update's micro-batches
+    ``micro`` (``(batch, rng state and ctx position before its first pass)``), with their random draws
+    (global streams and the context's keyed draws) replayed and
+    BatchNorm's running statistics left alone; the gradient replaces the first (all-reduced again
+    on the last micro-batch), and the weights go back."""
+    from contextlib import nullcontext
+
+    from fgclf.sam import frozen_running_stats, rng_state, set_rng_state
+
+    if not sam.perturb():
+        return
+    after, position = rng_state(), _ctx_position(ctx)  # where the first pass left them: the run goes on from there
+    for p in sam.params:
+        p.grad = None
+    with frozen_running_stats(model):
+        for k, (batch, state, at) in enumerate(micro):
+            set_rng_state(state)
+            _set_ctx_position(ctx, at)
+            last = k == len(micro) - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                accelerator.backward(method.training_step(model, batch, ctx).loss)
+    set_rng_state(after)
+    _set_ctx_position(ctx, position)
+    sam.restore()
+
+
+def _ctx_position(ctx) -> tuple:
+    return ctx.batch_index, ctx.global_step, ctx.substep, ctx.draws
+
+
+def _set_ctx_position(ctx, at: tuple) -> None:
+    ctx.batch_index, ctx.global_step, ctx.substep, ctx.draws = at
 
 
 def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, method, *,
@@ -288,15 +326,25 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     start, loss_sum, batches, samples, term_sums = time.perf_counter(), None, 0, 0, {}
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
                disable=not (o.progress and accelerator.is_local_main_process))
+    micro: list = []  # SAM: this update's micro-batches and the RNG state before each
     for batch in bar:
         ctx.start_batch(state.step_in_epoch, state.global_step)
         stepped = False  # did any of this batch's optimizer steps apply (fp16 loss scaling may skip one)?
         for substep in range(method.substeps):  # PMG: one optimizer step per granularity; others: one
             ctx.substep = substep
             with accelerator.accumulate(model):
+                if o.sam is not None:
+                    from fgclf.sam import rng_state
+
+                    # a copy: timm's mixup mixes the images in place, and the replay must start from the originals
+                    kept = tuple(b.clone() if torch.is_tensor(b) else b for b in batch)
+                    micro.append((kept, rng_state(), _ctx_position(ctx)))
                 out = method.training_step(model, batch, ctx)
                 loss = out.loss
                 accelerator.backward(loss)
+                if o.sam is not None and accelerator.sync_gradients:
+                    _sam_second_pass(accelerator, model, method, ctx, o.sam, micro)
+                    micro = []
                 if accelerator.sync_gradients and o.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
                 optimizer.step()

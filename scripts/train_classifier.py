@@ -75,6 +75,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}"),
         (t.ema_decay == 0 or cfg.parallel == "data", "train.ema_decay needs --parallel data (a pipeline stage "
                                                      "holds only its part of the model)"),
+        (t.sam_rho >= 0, f"train.sam_rho must be >= 0 (0: off), got {t.sam_rho}"),
+        (t.sam_rho == 0 or cfg.parallel == "data", "train.sam_rho needs --parallel data"),
+        (not t.sam_adaptive or t.sam_rho > 0, "train.sam_adaptive needs train.sam_rho > 0 (ASAM's radius, e.g. 0.5)"),
         (0 <= cfg.distill.alpha <= 1, f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}"),
         (cfg.distill.temperature > 0, f"distill.temperature must be > 0, got {cfg.distill.temperature}"),
         (cfg.distill.teacher is None or Path(cfg.distill.teacher).exists(),
@@ -376,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             "zero_optimization", {}).get("stage") == 3):
         raise UserError("train.ema_decay averages the whole weights on every process, which ZeRO-3 and FSDP split "
                         "across processes; use DDP or ZeRO-2 (ZeRO-1/2 keep whole weights on every process)")
+    if t.sam_rho and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise UserError("train.sam_rho perturbs the weights by their whole gradient, which DeepSpeed and FSDP "
+                        "partition across processes; use DDP")
     name = default_run_name(cfg.data.format, cfg.model.name.split("/")[-1], cfg.peft if cfg.peft != "none" else cfg.model.strategy)
     run_dir = Path(broadcast_from_main(accelerator, lambda: str(prepare_run_dir(
         output_dir, t.name, default_name=name, resuming=resume_dir is not None))))
@@ -504,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
             history = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch", 0) <= state.epoch]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
+    from fgclf.sam import SAM
+
     fit_method = method
     if teacher is not None:  # the teacher's soft targets join the method's loss (fgclf/distill.py)
         from fgclf.distill import Distillation
@@ -515,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                              log_every=t.log_every, checkpoint_every_steps=t.checkpoint_every_steps,
                              max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
                              callbacks=debug_callbacks(), seed=t.seed, ema=ema if t.ema_decay else None,
+                             sam=SAM(model.parameters(), rho=t.sam_rho, adaptive=t.sam_adaptive) if t.sam_rho else None,
                              epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
         state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, fit_method, state=state,
                     checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
