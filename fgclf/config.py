@@ -457,6 +457,11 @@ class TrainConfig:
         mixed_precision: Override the accelerate config: ``no``, ``fp16`` or ``bf16``.
         progress: Show tqdm progress bars (main process only).
         tta_flip: Evaluate on the average of the image's and its mirror image's logits.
+        tta: Test-time augmentation (fgclf/tta.py): ``none``, ``flip`` (as ``tta_flip``),
+            ``five_crop`` (corners and centre, 0.875 of the side), ``ten_crop`` (and their mirror
+            images) or ``multiscale`` (centre crops at 1, 0.875 and 0.75, each mirrored); the
+            multi-view modes average probabilities. Validation and test use it; each view is one
+            more forward pass (metrics.json records the views and the test evaluation's seconds).
         channels_last: Keep convolution weights (and so activations) in NHWC memory order,
             which oneDNN and cuDNN run faster for most CNNs (see bench/engine_overhead.py).
         compile: ``torch.compile`` the model (accelerate's dynamo plugin, inductor backend):
@@ -499,6 +504,7 @@ class TrainConfig:
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     progress: bool = True
     tta_flip: bool = False
+    tta: Literal["none", "flip", "five_crop", "ten_crop", "multiscale"] = "none"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False

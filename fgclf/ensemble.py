@@ -86,8 +86,7 @@ def best_val_metric(run_dir: str | Path, key: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def run_tta_flip(run_dir: str | Path) -> Optional[bool]:
-    """``train.tta_flip`` of a run's config.yaml (how its predictions.npz was made); None if unknown."""
+def _run_train_config(run_dir: str | Path) -> Optional[dict]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None
@@ -98,8 +97,24 @@ def run_tta_flip(run_dir: str | Path) -> Optional[bool]:
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML ({err})") from err
     train = config.get("train") if isinstance(config, dict) else None
-    value = train.get("tta_flip") if isinstance(train, dict) else None
+    return train if isinstance(train, dict) else None
+
+
+def run_tta_flip(run_dir: str | Path) -> Optional[bool]:
+    """``train.tta_flip`` of a run's config.yaml (how its predictions.npz was made); None if unknown."""
+    train = _run_train_config(run_dir)
+    value = train.get("tta_flip") if train is not None else None
+    if value is not True and train is not None and train.get("tta") == "flip":
+        value = True
     return bool(value) if isinstance(value, bool) else None
+
+
+def run_tta(run_dir: str | Path) -> Optional[str]:
+    """The multi-view ``train.tta`` of a run's config.yaml (``five_crop``, ``ten_crop``,
+    ``multiscale``), else None (no TTA, the flip, or not known)."""
+    train = _run_train_config(run_dir)
+    value = train.get("tta") if train is not None else None
+    return value if value in ("five_crop", "ten_crop", "multiscale") else None
 
 
 def load_run_member(run_dir: str | Path, name: Optional[str] = None) -> Member:

@@ -215,7 +215,7 @@ def export_adapter(checkpoint, folder: Path) -> dict:
     try:
         peft_config.save_pretrained(str(tmp))  # adapter_config.json
         shutil.copyfile(checkpoint.path / ADAPTER_NAME, tmp / ADAPTER_NAME)
-        atomic_write_json(tmp / "config.json", {**config, "tta_flip": checkpoint.tta_flip})
+        atomic_write_json(tmp / "config.json", {**config, "tta_flip": checkpoint.tta_flip, "tta": checkpoint.tta})
         atomic_write_text(tmp / "README.md", model_card(checkpoint, config, loads_with=loads_with, license_=None,
                                                         library="peft"))
         folder.mkdir(parents=True, exist_ok=True)
@@ -327,7 +327,8 @@ def export_hub(model: nn.Module, checkpoint, folder: Path) -> dict:
         tmp = folder / ".model.safetensors.partial"
         shutil.copyfile(checkpoint.path / "model.safetensors", tmp)
         os.replace(tmp, folder / "model.safetensors")
-        atomic_write_json(folder / "config.json", {**config, "tta_flip": checkpoint.tta_flip})  # predict.py reads it
+        atomic_write_json(folder / "config.json", {**config, "tta_flip": checkpoint.tta_flip,  # predict.py reads them
+                                                   "tta": checkpoint.tta})
         info = {"files": ["model.safetensors", "config.json"], "load": f"fgclf create_model('file:{folder}')"}
         loads_with = ("# pip install fgclf; download the folder (huggingface_hub.snapshot_download)\n"
                       "from fgclf.models import create_model\nmodel = create_model('file:<downloaded folder>')")
@@ -390,7 +391,7 @@ def export_model(checkpoint, fmt: str, output: Path, *, opset: int = 18, exporte
         info = export_adapter(checkpoint, output)
     else:
         info = export_timm(model, config, output)
-    record = {"format": fmt, "source": str(checkpoint.path), "tta_flip": checkpoint.tta_flip,
+    record = {"format": fmt, "source": str(checkpoint.path), "tta_flip": checkpoint.tta_flip, "tta": checkpoint.tta,
               "class_names": config.get("class_names"),
               "data_config": config.get("data_config"), "method": config.get("method"),
               "torch": torch.__version__, **info}

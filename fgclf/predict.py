@@ -36,12 +36,14 @@ LIST_SUFFIXES = (".txt", ".csv")
 class Checkpoint:
     """A model folder to predict with: ``path`` (config.json + weights, or a PEFT adapter over
     recorded base weights: ``adapter``), its ``config`` and the test-time flip of the run it comes
-    from (None when not known)."""
+    from (None when not known), or its multi-view TTA (``tta``: ``five_crop``, ``ten_crop``,
+    ``multiscale``; :mod:`fgclf.tta`)."""
 
     path: Path
     config: dict
     tta_flip: Optional[bool] = None
     adapter: bool = False
+    tta: Optional[str] = None
 
     def load_model(self):
         """The model in eval mode: the merged export, or the base rebuilt with the adapter merged in."""
@@ -56,7 +58,7 @@ class Checkpoint:
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
     """``path`` as a model folder: a run directory means its ``checkpoints/best``."""
-    from fgclf.ensemble import run_tta_flip
+    from fgclf.ensemble import run_tta, run_tta_flip
     from fgclf.models import read_checkpoint_config
 
     path = Path(path)
@@ -81,7 +83,9 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     else:
         config = read_checkpoint_config(path)
     flip = run_tta_flip(run) if run is not None else config.get("tta_flip")  # an export records its run's
-    return Checkpoint(path, config, flip if isinstance(flip, bool) else None, adapter)
+    views = run_tta(run) if run is not None else config.get("tta")
+    return Checkpoint(path, config, flip if isinstance(flip, bool) else None, adapter,
+                      views if views in ("five_crop", "ten_crop", "multiscale") else None)
 
 
 def _is_image(path: Path) -> bool:
@@ -197,8 +201,10 @@ class Predictions:
 
 
 def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num_workers: int = 0,
-            tta_flip: Optional[bool] = None, accelerator: Any = None, progress: bool = False) -> Predictions:
-    """Logits of every input image (the method's inference; the run's flip TTA unless ``tta_flip``).
+            tta_flip: Optional[bool] = None, accelerator: Any = None, progress: bool = False,
+            tta: Optional[str] = None) -> Predictions:
+    """Logits of every input image (the method's inference; the run's TTA unless ``tta_flip`` or
+    ``tta``, a mode of :mod:`fgclf.tta`, says otherwise). Multi-view TTA gives log mean probabilities.
 
     With an ``accelerator`` of several processes each takes a contiguous slice of the inputs and
     the main process gets them all back in input order (the others get the same object).
@@ -211,6 +217,9 @@ def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num
 
     meta = checkpoint.config
     flip = checkpoint.tta_flip if tta_flip is None else tta_flip
+    mode = tta if tta is not None else (checkpoint.tta if tta_flip is None else None)
+    if mode in ("none", "flip"):
+        flip, mode = mode == "flip", None
     data_config = meta.get("data_config") or {}
     transform = create_transform(data_config, is_training=False)
     size = tuple(data_config.get("input_size") or (3, 224, 224))
@@ -236,7 +245,12 @@ def predict(checkpoint: Checkpoint, inputs: Inputs, *, batch_size: int = 32, num
             if not ok:
                 continue
             x = images[ok].to(device)
-            out = tta_flip_logits(model, x) if flip else model(x)
+            if mode is not None:
+                from fgclf.tta import tta_logits
+
+                out = tta_logits(model, x, mode)
+            else:
+                out = tta_flip_logits(model, x) if flip else model(x)
             for k, row in zip(ok, out.float().cpu().numpy()):
                 logits[int(indices[k])] = row
     if world > 1:

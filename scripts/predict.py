@@ -14,8 +14,8 @@ dataset, ``--data.format ... --data.root ... --split test`` (any format train_cl
 HF datasets included; rows are named by their image ids). Writes ``--output``
 (CSV: path, class1, prob1, ... classK, probK), the same as JSONL beside it (``--save-logits``
 adds the logits) and ``<output stem>.errors.csv`` naming every image that could not be read and
-why; each file is written whole or not at all. The run's flip TTA is used unless ``--tta-flip``
-says otherwise. Under ``accelerate launch`` each process predicts a slice and the file keeps the
+why; each file is written whole or not at all. The run's TTA (its flip, or its multi-view
+``train.tta``: fgclf/tta.py) is used unless ``--tta-flip`` or ``--tta`` says otherwise. Under ``accelerate launch`` each process predicts a slice and the file keeps the
 input order.
 """
 from __future__ import annotations
@@ -54,6 +54,8 @@ def parse_args(argv: Optional[list[str]]):
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--tta-flip", choices=("auto", "true", "false"), default="auto",
                    help="average each image with its mirror image (auto: as the model's run did)")
+    p.add_argument("--tta", choices=("auto", "none", "flip", "five_crop", "ten_crop", "multiscale"), default="auto",
+                   help="test-time augmentation (fgclf/tta.py); auto: the run's (default: %(default)s)")
     p.add_argument("--save-logits", action="store_true", help="add the logits to the JSONL")
     p.add_argument("--progress", choices=("true", "false"), default="true")
     data_args, own = split_data_args(list(sys.argv[1:] if argv is None else argv))
@@ -88,15 +90,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     accelerator = Accelerator()
     flip = None if args.tta_flip == "auto" else args.tta_flip == "true"
+    mode = None if args.tta == "auto" else args.tta
     pred = predict(checkpoint, inputs, batch_size=args.batch_size, num_workers=args.num_workers, tta_flip=flip,
-                   accelerator=accelerator, progress=args.progress == "true")
+                   accelerator=accelerator, progress=args.progress == "true", tta=mode)
     if accelerator.is_main_process:
         written = write_predictions(pred, args.output, topk=args.topk, save_logits=args.save_logits,
                                     skipped=inputs.skipped)
         done = sum(lg is not None for lg in pred.logits)
         failed = len(pred.errors) + len(inputs.skipped)
-        tta = checkpoint.tta_flip if flip is None else flip
-        print(f"predicted {done} images with {checkpoint.path} ({'flip TTA' if tta else 'no TTA'}) -> "
+        tta = mode or (checkpoint.tta if flip is None else None) or (
+            "flip" if (checkpoint.tta_flip if flip is None else flip) else "none")
+        print(f"predicted {done} images with {checkpoint.path} ({'no TTA' if tta == 'none' else tta + ' TTA'}) -> "
               f"{written['csv']} and {written['jsonl']}"
               + (f"; {failed} files not predicted, listed in {written['errors']}" if failed else ""))
     accelerator.wait_for_everyone()

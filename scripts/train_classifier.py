@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +76,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}"),
         (t.ema_decay == 0 or cfg.parallel == "data", "train.ema_decay needs --parallel data (a pipeline stage "
                                                      "holds only its part of the model)"),
+        (not t.tta_flip or t.tta in ("none", "flip"), f"train.tta_flip true and train.tta {t.tta}: choose one "
+                                                        "(ten_crop and multiscale include the mirror images)"),
         (t.sam_rho >= 0, f"train.sam_rho must be >= 0 (0: off), got {t.sam_rho}"),
         (t.sam_rho == 0 or cfg.parallel == "data", "train.sam_rho needs --parallel data"),
         (not t.sam_adaptive or t.sam_rho > 0, "train.sam_adaptive needs train.sam_rho > 0 (ASAM's radius, e.g. 0.5)"),
@@ -94,8 +97,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
              "--parallel pipeline trains the whole model: no --peft, model.strategy=full"),
             (t.grad_accum_steps == 1, "--parallel pipeline accumulates over pp.microbatches; keep train.grad_accum_steps 1"),
             (cfg.mixup.alpha == 0 and cfg.mixup.cutmix_alpha == 0 and not cfg.loss.regularizer and not t.tta_flip
-             and cfg.loss.confusion is None,
-             "--parallel pipeline does not support mixup, loss.regularizer, loss.confusion or train.tta_flip yet"),
+             and t.tta == "none" and cfg.loss.confusion is None,
+             "--parallel pipeline does not support mixup, loss.regularizer, loss.confusion or train.tta(_flip) yet"),
             (cfg.method.name == "plain", f"--parallel pipeline splits a plain timm model; method {cfg.method.name} "
                                          "needs --parallel data"),
             (not cfg.model.hierarchy, "--parallel pipeline splits a plain timm model; model.hierarchy needs "
@@ -318,8 +321,9 @@ def build_parts(cfg: TrainClassifierConfig, train_labels: list[int], num_classes
     mixup = create_mixup(mixup_alpha=cfg.mixup.alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
                          switch_prob=cfg.mixup.switch_prob, num_classes=num_classes)
     penalty = create_logit_penalty(lc.confusion, weight=lc.confusion_weight) if lc.confusion else None
+    flip = cfg.train.tta_flip or cfg.train.tta == "flip"
     return StepParts(loss_fn=create_loss(lc.name, **kwargs), mixup=mixup, regularizer=regularizer,
-                     logit_penalty=penalty, tta_flip=cfg.train.tta_flip)
+                     logit_penalty=penalty, tta_flip=flip, tta="none" if flip else cfg.train.tta)
 
 
 def method_pictures(accelerator, method, model, test_set, run_dir: Path) -> tuple:
@@ -511,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         accelerator.print(f"resumed from {resume_dir} at epoch {state.epoch}, update {state.global_step}")
     from fgclf.sam import SAM
+    from fgclf.tta import num_views
 
     fit_method = method
     if teacher is not None:  # the teacher's soft targets join the method's loss (fgclf/distill.py)
@@ -536,12 +541,16 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
+    test_start = time.perf_counter()
     out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, method=method, loss_fn=EVAL_LOSS,
                                          progress=t.progress, desc="test")
+    test_seconds = time.perf_counter() - test_start
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
-                 "best_weights": state.best_weights,
+                 "best_weights": state.best_weights, "test_seconds": test_seconds,
+                 "tta": "flip" if method.parts.tta_flip else method.parts.tta,
+                 "tta_views": num_views("flip" if method.parts.tta_flip else method.parts.tta),
                  "model": cfg.model.name, "method": method.name, "peft": cfg.peft, "strategy": cfg.model.strategy,
                  "parameters": params,
                  "n_train": len(splits["train"]), "n_val": len(splits["val"]),

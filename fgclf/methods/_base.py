@@ -120,6 +120,8 @@ class StepParts:
         logit_penalty: A penalty on the batch's logits ``logit_penalty(logits) -> scalar``
             (pairwise confusion, maximum entropy), or None; logged as the ``confusion`` term.
         tta_flip: Evaluate on the average of the image's and its mirror image's logits.
+        tta: A multi-view test-time augmentation of :mod:`fgclf.tta` (``five_crop``,
+            ``ten_crop``, ``multiscale``); ``none``: the flip above or nothing.
     """
 
     loss_fn: Callable = field(default_factory=nn.CrossEntropyLoss)
@@ -127,6 +129,7 @@ class StepParts:
     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None
     logit_penalty: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     tta_flip: bool = False
+    tta: str = "none"
 
 
 class Method:
@@ -198,7 +201,11 @@ class Method:
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits: the model's eval-mode forward (the method's inference), flip-averaged
-        with ``tta_flip``."""
+        with ``tta_flip``, averaged over the views of ``tta`` (:mod:`fgclf.tta`)."""
+        if self.parts.tta not in ("none", "flip"):
+            from fgclf.tta import tta_logits
+
+            return tta_logits(model, images, self.parts.tta)
         if self.parts.tta_flip:
             from fgclf.data.mixup import tta_flip_logits
 
