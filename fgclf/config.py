@@ -169,6 +169,9 @@ class ModelConfig:
         strategy: ``full`` trains every parameter; ``partial:N`` freezes the stem and the first
             N stages (timm's stage grouping); ``linear_probe`` freezes all but the head.
         freeze_bn: Keep BatchNorm running statistics frozen (eval mode) while training.
+        unfreeze: Gradual unfreezing schedule ``"EPOCH:head|stageK|all,..."`` from epoch 0 (e.g.
+            ``"0:head,2:stage3,4:all"``; fgclf/unfreeze.py): which parameters train by epoch
+            (null: as the strategy says). With strategy ``full`` and no PEFT.
         head_init: ``zero`` starts a pretrained model's new classifier at zero (BiT's recipe);
             ``default`` keeps timm's random init. Models without pretrained weights always
             keep the default.
@@ -193,6 +196,7 @@ class ModelConfig:
     attn_drop_rate: Optional[float] = None
     strategy: str = "full"
     freeze_bn: bool = False
+    unfreeze: Optional[str] = None
     head_init: Literal["zero", "default"] = "zero"
     hierarchy: bool = False
     hierarchy_weight: float = 1.0

@@ -241,6 +241,8 @@ class FitOptions:
             validated beside the raw weights, and saved as ``best`` when it scores higher.
         sam: A :class:`fgclf.sam.SAM` of the model's trainable parameters: every update takes
             the gradient again at the perturbed weights (see :func:`_sam_second_pass`).
+        unfreeze: A :class:`fgclf.unfreeze.GradualUnfreeze`: told the epoch before ``train_mode``
+            runs, and the frozen parameters' gradients dropped before clipping and each step.
     """
 
     epochs: int = 1
@@ -258,6 +260,7 @@ class FitOptions:
     seed: int = 0
     ema: Optional[Any] = None
     sam: Optional[Any] = None
+    unfreeze: Optional[Any] = None
 
 
 def _plain(method):
@@ -321,6 +324,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     from fgclf.methods import StepContext
 
     method, o = _plain(method), options or FitOptions()
+    if o.unfreeze is not None:
+        o.unfreeze.set_epoch(state.epoch)
     (o.train_mode or (lambda m: m.train()))(model)
     ctx = StepContext(accelerator=accelerator, cast=input_dtype(accelerator), seed=o.seed, epoch=state.epoch)
     start, loss_sum, batches, samples, term_sums = time.perf_counter(), None, 0, 0, {}
@@ -345,6 +350,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                 if o.sam is not None and accelerator.sync_gradients:
                     _sam_second_pass(accelerator, model, method, ctx, o.sam, micro)
                     micro = []
+                if o.unfreeze is not None and accelerator.sync_gradients:
+                    o.unfreeze.drop_frozen_grads()
                 if accelerator.sync_gradients and o.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
                 optimizer.step()
@@ -377,8 +384,10 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     mean_loss = accelerator.reduce(loss_sum / max(batches, 1), "mean").item() if batches else float("nan")
     samples = int(accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item())
     terms = {f"train/{name}": accelerator.reduce(total / batches, "mean").item() for name, total in term_sums.items()}
+    extra = {} if o.unfreeze is None else {"trainable_params": sum(
+        p.numel() for n, p in o.unfreeze.model.named_parameters() if n in o.unfreeze.trainable(state.epoch))}
     return {"train_loss": mean_loss, **terms, "lr": optimizer.param_groups[0]["lr"], "samples": samples,
-            "epoch_time": time.perf_counter() - start}
+            "epoch_time": time.perf_counter() - start, **extra}
 
 
 @torch.no_grad()

@@ -78,6 +78,9 @@ def validate(cfg: TrainClassifierConfig) -> None:
                                                      "holds only its part of the model)"),
         (not t.tta_flip or t.tta in ("none", "flip"), f"train.tta_flip true and train.tta {t.tta}: choose one "
                                                         "(ten_crop and multiscale include the mirror images)"),
+        (cfg.model.unfreeze is None or (cfg.model.strategy == "full" and cfg.peft == "none"),
+         "model.unfreeze schedules which stages train; use it with model.strategy full and no --peft"),
+        (cfg.model.unfreeze is None or cfg.parallel == "data", "model.unfreeze needs --parallel data"),
         (t.sam_rho >= 0, f"train.sam_rho must be >= 0 (0: off), got {t.sam_rho}"),
         (t.sam_rho == 0 or cfg.parallel == "data", "train.sam_rho needs --parallel data"),
         (not t.sam_adaptive or t.sam_rho > 0, "train.sam_adaptive needs train.sam_rho > 0 (ASAM's radius, e.g. 0.5)"),
@@ -116,6 +119,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if cfg.model.unfreeze:
+        from fgclf.unfreeze import parse_schedule
+
+        parse_schedule(cfg.model.unfreeze)
     from fgclf.methods import method_from_config
 
     method = method_from_config(cfg.method)  # unknown method or an option of another method: refused here
@@ -289,6 +296,10 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int, method):
     elif head_is_new(model, name=m.name, pretrained=m.pretrained, weights=m.weights, num_classes=num_classes):
         init_head(model, m.head_init)  # never touches a trained head loaded from a file
     train_mode = apply_strategy(model, m.strategy, freeze_bn=m.freeze_bn)
+    if m.unfreeze:  # the schedule checked against this model's stages now (applied after prepare)
+        from fgclf.unfreeze import GradualUnfreeze
+
+        GradualUnfreeze(model, m.unfreeze)
     peft_meta = None
     if cfg.peft != "none":
         lc = cfg.lora
@@ -383,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             "zero_optimization", {}).get("stage") == 3):
         raise UserError("train.ema_decay averages the whole weights on every process, which ZeRO-3 and FSDP split "
                         "across processes; use DDP or ZeRO-2 (ZeRO-1/2 keep whole weights on every process)")
+    if cfg.model.unfreeze and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise UserError("model.unfreeze drops the frozen stages' gradients before each step, which DeepSpeed and "
+                        "FSDP partition across processes; use DDP")
     if t.sam_rho and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
         raise UserError("train.sam_rho perturbs the weights by their whole gradient, which DeepSpeed and FSDP "
                         "partition across processes; use DDP")
@@ -500,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
 
             ema = ModelEma(accelerator.unwrap_model(model), t.ema_decay, warmup=t.ema_warmup)
             checkpointer.track_states(ema=ema)  # last/ carries the average: resume continues it exactly
+        if cfg.model.unfreeze:
+            from fgclf.unfreeze import GradualUnfreeze
+
+            unfreeze = GradualUnfreeze(accelerator.unwrap_model(model), cfg.model.unfreeze)
+            train_mode = unfreeze.train_mode(train_mode)
     else:  # stages are not wrapped by accelerate; the runner replaces the engine's step and eval
         train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]
         checkpointer.track(optimizer, scheduler)
@@ -529,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
                              callbacks=debug_callbacks(), seed=t.seed, ema=ema if t.ema_decay else None,
                              sam=SAM(model.parameters(), rho=t.sam_rho, adaptive=t.sam_adaptive) if t.sam_rho else None,
+                             unfreeze=unfreeze if cfg.model.unfreeze else None,
                              epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
         state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, fit_method, state=state,
                     checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
