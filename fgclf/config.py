@@ -101,6 +101,9 @@ class DataConfig:
         aug: Train augmentation: a preset (``aug.preset``: none, basic, strong, randaugment,
             trivialaugment, autoaugment, augmix) and parts that override it (``aug.rotation``,
             ``aug.gaussian_noise``, ``aug.random_erasing``, ...).
+        progressive: Progressive resizing ``"EPOCH:SIZE,..."`` from epoch 0 (e.g.
+            ``"0:224,10:336,20:448"``; fgclf/data/progressive.py): the training crop size by epoch;
+            evaluation stays at ``image_size``; the batch size does not change (null: off).
         num_workers: DataLoader worker processes per training process.
         persistent_workers: Keep the train/eval workers alive between epochs (saves their start-up
             each epoch; exact resume still holds: augmentation is seeded per sample).
@@ -138,6 +141,7 @@ class DataConfig:
     fold: int = 0
     split_seed: int = 0
     aug: AugmentConfig = field(default_factory=AugmentConfig)
+    progressive: Optional[str] = None
     num_workers: int = 2
     persistent_workers: bool = False
     prefetch_factor: Optional[int] = None

@@ -514,6 +514,9 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 dataset.set_epoch(state.epoch)
             record = train_fn(accelerator, model, loader, optimizer, scheduler, method, state=state, options=o,
                               on_update=on_update, guard=guard)
+            scheduled = getattr(dataset, "transform", None)
+            if hasattr(scheduled, "size"):  # progressive resizing: the crop size this epoch trained at
+                record["train_size"] = scheduled.size(state.epoch)
             check(state, epoch_end=True)
             state.epoch += 1
             state.step_in_epoch = 0

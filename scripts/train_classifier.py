@@ -109,6 +109,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
             (t.mixed_precision != "fp16", "--parallel pipeline supports bf16, not fp16"),
             (t.eval_batch_size in (None, t.batch_size), "--parallel pipeline evaluates in batches of train.batch_size"),
             (not t.compile, "--parallel pipeline does not support train.compile yet"),
+            (cfg.data.progressive is None, "--parallel pipeline splits the model for one input size; no "
+                                           "data.progressive"),
             (not t.sync_bn, "--parallel pipeline: train.sync_bn does not apply (each stage sees whole microbatches; "
                             "BatchNorm statistics are per microbatch)"),
             (t.drop_last, "--parallel pipeline always drops the last incomplete training batch; keep train.drop_last true"),
@@ -123,6 +125,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
         from fgclf.unfreeze import parse_schedule
 
         parse_schedule(cfg.model.unfreeze)
+    if cfg.data.progressive:
+        from fgclf.data.progressive import parse_progressive
+
+        parse_progressive(cfg.data.progressive)
     from fgclf.methods import method_from_config
 
     method = method_from_config(cfg.method)  # unknown method or an option of another method: refused here
@@ -186,6 +192,11 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     d = cfg.data
     data_cfg = fd.input_config_for(d, resolve_data_config(model))
     train_tf = fd.create_transform(data_cfg, is_training=True, aug=d.aug)
+    if d.progressive:  # the train crop size by epoch; evaluation stays at data_cfg's size
+        from fgclf.data.progressive import ScheduledTransform, parse_progressive
+
+        train_tf = ScheduledTransform(parse_progressive(d.progressive), lambda size: fd.create_transform(
+            {**data_cfg, "input_size": (3, size, size)}, is_training=True, aug=d.aug))
     eval_tf = fd.create_transform(data_cfg, is_training=False)
     cache = None
     if d.cache:  # resized once, reused by every epoch, run and seed
@@ -438,6 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
     splits, loaders, data_cfg = build_loaders(cfg, records, model, method)
+    body = getattr(model, "backbone", model)
+    if cfg.data.progressive and hasattr(body, "patch_embed"):  # a ViT: sizes it can take
+        from fgclf.data.progressive import parse_progressive
+
+        if not getattr(body, "dynamic_img_size", False):
+            raise UserError(f"data.progressive trains at several sizes; {cfg.model.name} takes one input size: pass "
+                            "--model.kwargs '{\"dynamic_img_size\": true}' (timm ViTs) or leave data.progressive off")
+        patch = getattr(body.patch_embed, "patch_size", (1, 1))[0]
+        odd = [size for _, size in parse_progressive(cfg.data.progressive) if size % patch]
+        if odd and not getattr(body.patch_embed, "dynamic_img_pad", False):
+            raise UserError(f"data.progressive: {cfg.model.name} cuts {patch} px patches; size {odd[0]} is not a multiple")
     teacher = None
     if cfg.distill.teacher:  # read and checked before the run directory appears
         from fgclf.distill import load_teacher

@@ -73,8 +73,12 @@ class PerSampleSeeds(torch.utils.data.Dataset):
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch whose draws the following ``__getitem__`` calls make (``fit`` sets it)."""
+        """The epoch whose draws the following ``__getitem__`` calls make (``fit`` sets it); a transform
+        that changes with the epoch (progressive resizing) is told too."""
         self._epoch.fill_(int(epoch))
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_epoch"):
+            transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
