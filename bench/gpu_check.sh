@@ -6,7 +6,8 @@
 # and LoRA), a one-GPU demo-sized fine-tune under the
 # fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU), a bf16 run with
 # channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px, WS-DAN and iSQRT-COV toy runs in bf16
-# (the tests marked gpu also train every fine-grained method in bf16); with 2 or more
+# (the tests marked gpu also train every fine-grained method in bf16), SAM + EMA under fp16 loss scaling and
+# EMA under ZeRO-2 (bf16 weights averaged in float32), each asserted finite and above chance; with 2 or more
 # GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,32 @@ out=runs/gpu_check/bf16-nhwc-compile-$(date +%s)
 .venv/bin/accelerate launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
   --config configs/toy_effnetlite0_finetune.yaml --train.channels_last true --train.compile true \
   --train.output_dir "$out" --train.progress false
+check_run() {  # a finished run: finite test loss, top-1 above chance (12 toy classes), the EMA kept in float32
+  $PY - "$1" <<'PYEOF'
+import json, math, sys
+from pathlib import Path
+from safetensors import safe_open
+run = Path(sys.argv[1])
+m = json.loads((run / "metrics.json").read_text())
+assert math.isfinite(m["loss"]) and m["top1"] > 1 / 12, m
+ema = run / "checkpoints" / "last" / "objects" / "ema.safetensors"
+if ema.exists():
+    with safe_open(str(ema), framework="pt") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "num_batches" not in k}
+    assert dtypes == {"torch.float32"}, dtypes
+print(run.name, "ok: top1", m["top1"], "best_weights", m.get("best_weights"))
+PYEOF
+}
+out=runs/gpu_check/fp16-sam-ema-$(date +%s)
+.venv/bin/accelerate launch --config_file accelerate_configs/gpu1_fp16.yaml scripts/train_classifier.py \
+  --config configs/toy_effnetlite0_finetune.yaml --train.sam_rho 0.05 --train.ema_decay 0.999 --train.epochs 3 \
+  --train.output_dir "$out" --train.progress false
+check_run "$out"
+out=runs/gpu_check/zero2-bf16-ema-$(date +%s)
+.venv/bin/accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 1 \
+  --mixed_precision bf16 scripts/train_classifier.py --config configs/toy_effnetlite0_finetune.yaml \
+  --train.ema_decay 0.999 --train.epochs 3 --train.output_dir "$out" --train.progress false
+check_run "$out"
 for method in wsdan isqrt_cov; do
   out=runs/gpu_check/$method-bf16-$(date +%s)
   .venv/bin/accelerate launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \

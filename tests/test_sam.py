@@ -127,3 +127,22 @@ def test_the_second_pass_sees_the_same_mixed_images():
         torch.testing.assert_close(seen[second], seen[first])
         torch.testing.assert_close(targets[second], targets[first])
     assert not torch.allclose(seen[0], data.tensors[0][:2])  # it was mixed
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_perturbation_does_not_depend_on_the_loss_scale(adaptive):
+    """fp16 runs hold gradients times the GradScaler's scale when SAM perturbs: e is the same as from the
+    unscaled gradients, so nothing needs unscaling before the step."""
+    torch.manual_seed(0)
+    moved = []
+    for scale in (1.0, 2.0 ** 16):
+        p = nn.Parameter(torch.randn(5))
+        with torch.no_grad():
+            p.copy_(torch.arange(1.0, 6.0))
+        p.grad = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.05]) * scale
+        sam = SAM([p], rho=0.5, adaptive=adaptive)
+        assert sam.perturb()
+        moved.append(p.detach().clone())
+        sam.restore()
+        torch.testing.assert_close(p.detach(), torch.arange(1.0, 6.0))
+    torch.testing.assert_close(moved[0], moved[1])
