@@ -141,3 +141,29 @@ def test_zero2_bf16_casts_inputs_and_exports_a_loadable_model(toy_root, tmp_path
     from fgclf.models import create_model
 
     create_model(f"file:{tmp_path / 'bf16/checkpoints/best'}", num_classes=4)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--train.ema_decay", "0.9"), "train.ema_decay averages the whole weights"),
+    pytest.param(("--train.sam_rho", "0.05"), "train.sam_rho perturbs the weights", marks=pytest.mark.slow),
+    pytest.param(("--model.unfreeze", "0:head,1:all"), "model.unfreeze drops", marks=pytest.mark.slow)])
+def test_tricks_that_need_whole_weights_or_gradients_are_refused_under_zero3(toy_root, tmp_path, extra, message):
+    proc = _deepspeed(toy_root, tmp_path / "x", "--train.epochs", "1", *extra, config=_zero3_sharding_everything(tmp_path))
+    assert proc.returncode != 0 and message in last_error_line(proc), proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_ema_under_zero2_on_two_cpu_processes_matches_one_process(toy_root, tmp_path):
+    """ZeRO-2 keeps whole weights on every process: the average (kept in float32) and the validation of
+    both weights match one plain process."""
+    common = ["--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01", "--train.ema_decay", "0.9"]
+    ds = _deepspeed(toy_root, tmp_path / "ds", *common)
+    assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-4000:]
+    one = run_script("train_classifier.py", ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS,
+                                              "--train.output_dir", str(tmp_path / "one"), *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    ha, hb = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "ds"))
+    np.testing.assert_allclose([h["val_ema/loss"] for h in ha], [h["val_ema/loss"] for h in hb], atol=1e-4)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "ds"))
+    assert a["best_weights"] == b["best_weights"] and abs(a["loss"] - b["loss"]) < 1e-4
