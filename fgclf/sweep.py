@@ -44,7 +44,8 @@ from fgclf.checkpoint_paths import find_last
 from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json
 
-_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare"}
+_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare", "executor"}
+_EXECUTOR_KEYS = {"local": {"name"}, "parallel": {"name", "parallel", "gpus_per_run"}}
 # keys of a variant that choose how it runs rather than a flag of the script
 _RUN_KEYS = ("script", "base", "launch")
 _PREPARE_KEYS = {"script", "launch", "args"}
@@ -234,14 +235,93 @@ def prepare(plan: dict, out_dir: str | Path, *, repo: Path, dry_run: bool = Fals
         atomic_write_json(marker, {"command": recorded})
 
 
-def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = False) -> list[PlannedRun]:
-    """Run what is not finished, one after another; returns the runs that failed.
+EXECUTORS = ("local", "parallel")
 
-    A run folder left without any checkpoint (a run that failed before its first epoch
-    ended) holds nothing to keep and is started again from scratch.
+
+def run_slots(parallel: int, gpus_per_run: int, gpu_count: int) -> list[dict]:
+    """The environment of each of ``parallel`` concurrent runs: its own ``CUDA_VISIBLE_DEVICES``
+    (``gpus_per_run`` GPUs each) when there are GPUs, else an equal share of the CPU cores as
+    ``OMP_NUM_THREADS`` (which ``accelerate launch`` takes as its threads per process)."""
+    import os
+
+    if parallel < 1 or gpus_per_run < 1:
+        raise UserError("--parallel and --gpus-per-run must be >= 1")
+    if gpu_count:
+        if parallel * gpus_per_run > gpu_count:
+            raise UserError(f"--parallel {parallel} x --gpus-per-run {gpus_per_run} needs {parallel * gpus_per_run} "
+                            f"GPUs; this node has {gpu_count}")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(k * gpus_per_run, (k + 1) * gpus_per_run))}
+                for k in range(parallel)]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(parallel)]
+
+
+def resolve_executor(plan: dict, *, name: Optional[str] = None, parallel: Optional[int] = None,
+                     gpus_per_run: Optional[int] = None) -> dict:
+    """The executor and its options: the command line's over the plan's ``executor:`` section
+    (``{name: parallel, parallel: 4, gpus_per_run: 1}``); an option the executor does not have,
+    or an unknown executor, is a UserError."""
+    section = plan.get("executor") or {}
+    if isinstance(section, str):
+        section = {"name": section}
+    if not isinstance(section, dict):
+        raise UserError("sweep plan: executor must be a name or a mapping such as {name: parallel, parallel: 4}")
+    merged = {**section, **{k: v for k, v in (("name", name), ("parallel", parallel), ("gpus_per_run", gpus_per_run))
+                            if v is not None}}
+    merged.setdefault("name", "local")
+    if merged["name"] not in _EXECUTOR_KEYS:
+        raise UserError(f"unknown executor {merged['name']!r}; known: {', '.join(EXECUTORS)}")
+    extra = set(merged) - _EXECUTOR_KEYS[merged["name"]]
+    if extra:
+        raise UserError(f"executor {merged['name']} has no option {', '.join(sorted(extra))} "
+                        f"(it takes: {', '.join(sorted(_EXECUTOR_KEYS[merged['name']] - {'name'})) or 'none'})")
+    if merged["name"] == "parallel":
+        merged.setdefault("parallel", 2)
+        merged.setdefault("gpus_per_run", 1)
+        if not isinstance(merged["parallel"], int) or not isinstance(merged["gpus_per_run"], int):
+            raise UserError("executor parallel: parallel and gpus_per_run must be whole numbers")
+    return merged
+
+
+def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = False, parallel: int = 1,
+            slots: Optional[list[dict]] = None) -> list[PlannedRun]:
+    """Run what is not finished; returns the runs that failed.
+
+    One after another (``parallel`` 1: the ``local`` executor, output on this terminal), or
+    ``parallel`` at a time, each with its slot's environment (:func:`run_slots`) and its output in
+    ``<run>/sweep.log``, started in the given order as slots free up; a failed run is reported and
+    the others go on. A run folder left without any checkpoint (a run that failed before its first
+    epoch ended) holds nothing to keep and is started again from scratch.
     """
+    import os
+    import time
+
     check_unchanged(plan, runs)
-    failed = []
+    failed: list[PlannedRun] = []
+    slots = slots or [{}] * parallel
+    free = list(range(len(slots)))
+    active: dict = {}  # Popen -> (run, label, slot, log file)
+
+    def reap(block: bool) -> None:
+        while active:
+            for proc in list(active):
+                if proc.poll() is None:
+                    continue
+                run, label, slot, log = active.pop(proc)
+                log.close()
+                free.append(slot)
+                if proc.returncode != 0:
+                    print(f"{label}: FAILED with exit status {proc.returncode} (log: {run.run_dir / 'sweep.log'})",
+                          file=sys.stderr, flush=True)
+                    failed.append(run)
+                else:
+                    print(f"{label}: finished", flush=True)
+                if not block:
+                    return
+            if not block or not active:
+                return
+            time.sleep(0.5)
+
     for k, run in enumerate(runs, 1):
         state = status(run)
         label = f"[{k}/{len(runs)}] {run.variant} seed={run.seed}" + (f" fold={run.fold}" if run.fold is not None else "")
@@ -256,8 +336,19 @@ def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = F
             shutil.rmtree(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.run_dir / PLAN_FILE, _record(plan, run))
-        proc = subprocess.run(cmd, cwd=repo)
-        if proc.returncode != 0:
-            print(f"{label}: FAILED with exit status {proc.returncode}", file=sys.stderr, flush=True)
-            failed.append(run)
+        if parallel == 1:
+            proc = subprocess.run(cmd, cwd=repo, env={**os.environ, **slots[0]})
+            if proc.returncode != 0:
+                print(f"{label}: FAILED with exit status {proc.returncode}", file=sys.stderr, flush=True)
+                failed.append(run)
+            continue
+        while not free:
+            reap(block=False)
+            if not free:
+                time.sleep(0.5)
+        slot = free.pop(0)
+        log = open(run.run_dir / "sweep.log", "a")
+        proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, **slots[slot]}, stdout=log, stderr=subprocess.STDOUT)
+        active[proc] = (run, label, slot, log)
+    reap(block=True)
     return failed

@@ -4,6 +4,13 @@
     python scripts/sweep.py configs/sweep_toy_tricks.yaml              # run (skips finished runs)
     python scripts/sweep.py configs/sweep_toy_tricks.yaml --dry-run    # print the commands only
     python scripts/sweep.py configs/sweep_toy_tricks.yaml --output-dir runs/my_sweep
+    python scripts/sweep.py configs/sweep_toy_tricks.yaml --executor parallel --parallel 8   # 8 runs at once
+
+Executors (``--executor``, or ``executor:`` in the plan; the command line wins): ``local`` runs one
+run after another (the default); ``parallel`` runs ``--parallel N`` at once on this node, each with
+its own ``CUDA_VISIBLE_DEVICES`` of ``--gpus-per-run`` GPUs (on a machine without GPUs: an equal
+share of the cores as ``OMP_NUM_THREADS``) and its output in ``<run>/sweep.log``; a failed run is
+reported and the others go on; the summary is the same as with ``local``.
 
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
@@ -24,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fgclf.runtime import script_main  # noqa: E402
-from fgclf.sweep import check_unchanged, execute, expand, load_plan, prepare, status  # noqa: E402
+from fgclf.sweep import (check_unchanged, execute, expand, load_plan, prepare, resolve_executor,  # noqa: E402
+                         run_slots, status)
 
 
 @script_main
@@ -34,9 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, help="default: runs/<plan name>")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and commands, run nothing")
     parser.add_argument("--metrics", nargs="+", help="metrics to compare (default: the standard set)")
+    parser.add_argument("--executor", help="local (one run at a time, the default) or parallel")
+    parser.add_argument("--parallel", type=int, help="executor parallel: runs at once (default 2)")
+    parser.add_argument("--gpus-per-run", type=int, help="executor parallel: GPUs given to each run (default 1)")
     args = parser.parse_args(argv)
 
     plan = load_plan(args.plan)
+    executor = resolve_executor(plan, name=args.executor, parallel=args.parallel, gpus_per_run=args.gpus_per_run)
+    slots = None
+    if executor["name"] == "parallel":
+        import torch
+
+        slots = run_slots(executor["parallel"], executor["gpus_per_run"], torch.cuda.device_count())
     out = args.output_dir or Path("runs") / plan["name"]
     runs = expand(plan, out)
     print(f"sweep {plan['name']}: {len(runs)} runs in {out}", flush=True)
@@ -44,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(plan, out, repo=REPO, dry_run=args.dry_run)
     # seed-major order: a sweep stopped half-way has every variant on its first seeds
     order = sorted(runs, key=lambda r: (plan["seeds"].index(r.seed), -1 if r.fold is None else r.fold))
-    failed = execute(plan, order, repo=REPO, dry_run=args.dry_run)
+    failed = execute(plan, order, repo=REPO, dry_run=args.dry_run, parallel=len(slots) if slots else 1, slots=slots)
     if args.dry_run:
         return 0
     from fgclf.compare import compare_groups, format_markdown, write_comparison

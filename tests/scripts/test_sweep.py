@@ -128,3 +128,44 @@ def test_prepare_step_runs_once_and_refuses_a_changed_command(tmp_path):
     path.write_text(yaml.safe_dump({"prepare": {"feats": {"args": {}}}}))
     with pytest.raises(UserError, match="needs 'script'"):
         load_plan(path)
+
+
+def test_parallel_executor_gives_the_local_summary_and_survives_a_failed_run(toy_root, tmp_path):
+    """2 runs at once (each with half the cores) summarise as one after another; a run that fails is
+    reported, the others finish, and the sweep exits 1."""
+    plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
+    plan["seeds"] = [1]
+    path = tmp_path / "plan1.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    local = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "local")])
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    plan["variants"]["bad"] = {"optim.lr": -1}
+    path.write_text(yaml.safe_dump(plan))
+    par = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "par"), "--executor", "parallel",
+                                  "--parallel", "2"])
+    assert par.returncode == 1 and "bad seed=1: FAILED with exit status" in par.stderr, par.stderr[-3000:]
+    assert "optim.lr must be > 0" in (tmp_path / "par" / "bad" / "seed1" / "sweep.log").read_text()
+    rows = {}
+    for name in ("local", "par"):
+        summary = json.loads((tmp_path / name / "comparison" / "summary.json").read_text())
+        rows[name] = {(r["group"], r["metric"]): r["mean"] for r in summary["summaries"]}
+    assert set(rows["par"]) == set(rows["local"])  # the failed variant is not in the summary
+    for key, value in rows["local"].items():
+        assert rows["par"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_executor_options_and_slots():
+    from fgclf.sweep import resolve_executor, run_slots
+
+    assert resolve_executor({}) == {"name": "local"}
+    assert resolve_executor({"executor": {"name": "parallel", "parallel": 4}}, gpus_per_run=2) == {
+        "name": "parallel", "parallel": 4, "gpus_per_run": 2}
+    with pytest.raises(UserError, match="executor local has no option parallel"):
+        resolve_executor({}, parallel=2)
+    with pytest.raises(UserError, match="unknown executor 'slurmm'"):
+        resolve_executor({"executor": "slurmm"})
+    assert run_slots(2, 2, 4) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    with pytest.raises(UserError, match="needs 6 GPUs; this node has 4"):
+        run_slots(3, 2, 4)
+    cpu = run_slots(2, 1, 0)
+    assert len(cpu) == 2 and all(int(s["OMP_NUM_THREADS"]) >= 1 for s in cpu)
