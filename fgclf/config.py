@@ -487,8 +487,8 @@ class TrainConfig:
             and the averaged weights are validated each epoch and ``best`` takes whichever scores
             higher (metrics.json's ``best_weights`` says which; without a validation split,
             the average). DDP and ZeRO-1/2; not ZeRO-3, FSDP or a pipeline split.
-        ema_warmup: Warm the EMA decay up as timm does (``1 - (1 + t) ** -2/3``, capped at
-            ``ema_decay``), so a run of a few thousand updates is not an average dominated by the
+        ema_warmup: Warm the EMA decay up as timm does (``1 - t ** (-2/3)`` at update ``t``, the
+            first update a copy, capped at ``ema_decay``), so a run of a few thousand updates is not an average dominated by the
             starting weights.
         sam_rho: Sharpness-Aware Minimization with this neighbourhood radius (Foret et al. 2021;
             0: off; 0.05 is the paper's; two forward/backward passes per update).

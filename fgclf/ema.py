@@ -6,8 +6,12 @@ schedule: with ``warmup`` the decay at update ``t`` is ``min(decay, 1 - (1 + (t 
 (the first update copies the weights), so a short fine-grained run is not dominated by the
 pretrained starting point; without it the decay is ``decay`` from the second update on.
 Floating-point parameters and buffers (BatchNorm statistics) are averaged, in float32 even
-when the model's weights are half precision (DeepSpeed). Every process keeps the same average
-(the weights it averages are the same after every update), so no communication is needed.
+when the model's weights are half precision (DeepSpeed; the average is validated on float32
+inputs). The weights every process averages are the same after every update; BatchNorm
+statistics are not (without ``--train.sync_bn`` each process updates its own from its share of
+the batch), so before the average is validated or saved every process takes process 0's
+(:meth:`ModelEma.sync`), as DDP does with the model's buffers. Its creation copies the model
+once (peak memory), then the frozen parameters are shared again (below).
 Frozen parameters (PEFT's base, a linear probe's body) are not copied: the average shares them
 with the model (their average is themselves), so it costs the trainable part only, and ``last/``
 holds the average of the trainable parameters and the buffers. The average's weights are saved
@@ -52,6 +56,16 @@ class ModelEma:
     def update(self, model: nn.Module, step: int) -> None:
         """Average in ``model``'s weights after optimizer update ``step`` (1-based)."""
         self._ema.update(model, step=step)
+
+    def sync(self, accelerator) -> None:
+        """Every process takes process 0's averaged buffers (collective; a no-op on one process)."""
+        if accelerator is None or accelerator.num_processes < 2:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for buffer in self._ema.module.buffers():
+                dist.broadcast(buffer, src=0)
 
     def state_dict(self) -> dict:
         """The average of the trainable parameters and of the buffers (the shared frozen ones left out)."""

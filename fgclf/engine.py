@@ -285,13 +285,17 @@ def _sam_second_pass(accelerator, model: nn.Module, method, ctx, sam, micro: lis
     after, position = rng_state(), _ctx_position(ctx)  # where the first pass left them: the run goes on from there
     for p in sam.params:
         p.grad = None
-    with frozen_running_stats(model):
-        for k, (batch, state, at) in enumerate(micro):
-            set_rng_state(state)
-            _set_ctx_position(ctx, at)
-            last = k == len(micro) - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                accelerator.backward(method.training_step(model, batch, ctx).loss)
+    ctx.replay = True
+    try:
+        with frozen_running_stats(model):
+            for k, (batch, state, at) in enumerate(micro):
+                set_rng_state(state)
+                _set_ctx_position(ctx, at)
+                last = k == len(micro) - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    accelerator.backward(method.training_step(model, batch, ctx).loss)
+    finally:
+        ctx.replay = False
     set_rng_state(after)
     _set_ctx_position(ctx, position)
     sam.restore()
@@ -347,11 +351,13 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
                 out = method.training_step(model, batch, ctx)
                 loss = out.loss
                 accelerator.backward(loss)
+                if o.unfreeze is not None and accelerator.sync_gradients:
+                    o.unfreeze.drop_frozen_grads()  # before SAM: its radius is over the trained parameters only
                 if o.sam is not None and accelerator.sync_gradients:
                     _sam_second_pass(accelerator, model, method, ctx, o.sam, micro)
                     micro = []
-                if o.unfreeze is not None and accelerator.sync_gradients:
-                    o.unfreeze.drop_frozen_grads()
+                    if o.unfreeze is not None:
+                        o.unfreeze.drop_frozen_grads()
                 if accelerator.sync_gradients and o.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
                 optimizer.step()
@@ -392,16 +398,17 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
 
 @torch.no_grad()
 def evaluate(accelerator, model: nn.Module, loader, *, method=None, loss_fn: Optional[nn.Module] = None,
-             progress: bool = False, desc: str = "eval") -> EvalOutput:
+             progress: bool = False, desc: str = "eval", cast_inputs: bool = True) -> EvalOutput:
     """Logits and labels of every sample in ``loader``, gathered from all processes.
 
     Logits come from ``method.predict`` (the method's inference, with its test-time flip), or
     from the model's forward without a method. ``gather_for_metrics`` drops the samples that
     distributed samplers duplicate to even out the last batch, so each sample counts exactly
-    once; order is the dataset's order.
+    once; order is the dataset's order. ``cast_inputs=False`` keeps float32 inputs under DeepSpeed
+    (for a float32 model beside the engine's, such as the weight EMA).
     """
     model.eval()
-    cast = input_dtype(accelerator)
+    cast = input_dtype(accelerator) if cast_inputs else None
     predict = method.predict if method is not None else (lambda m, x: m(x))
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False,
@@ -484,7 +491,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 f"the latest loss was non-finite, so no checkpoint was written: {_checkpoint_note(run_dir)}")
         raise StopTraining(f"stopped by {signal.Signals(signum).name} {where}; {note}", signum=signum)
 
-    averaged = accelerator.unwrap_model(model) if o.ema is not None else None
+    averaged = accelerator.unwrap_model(model, keep_torch_compile=False) if o.ema is not None else None
 
     def on_update(st: TrainState) -> None:
         if o.ema is not None:  # before any checkpoint of this update: last/ holds the average after it
@@ -533,8 +540,9 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                                     f"{', '.join(scores)}")
                 weights, which = model, "raw"
                 if o.ema is not None:  # the average is validated too; the better of the two competes for best
-                    ema_out = eval_fn(accelerator, o.ema.module, val_loader, method=method, loss_fn=EVAL_LOSS,
-                                      progress=o.progress, desc="val ema")
+                    o.ema.sync(accelerator)
+                    ema_out = evaluate(accelerator, o.ema.module, val_loader, method=method, loss_fn=EVAL_LOSS,
+                                       progress=o.progress, desc="val ema", cast_inputs=False)
                     ema_scores = compute_metrics(ema_out.logits, ema_out.labels, num_classes=num_classes)
                     record.update({"val_ema/loss": ema_out.loss, **{f"val_ema/{k}": v for k, v in ema_scores.items()}})
                     ema_value = ema_out.loss if metric == "loss" else ema_scores[metric]
@@ -550,6 +558,8 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                     if patience and state.bad_epochs >= patience:
                         state.stopped_early = True
             else:  # no validation: the last epoch's weights (the average's, when there is one)
+                if o.ema is not None:
+                    o.ema.sync(accelerator)
                 state.best_epoch = state.epoch
                 state.best_weights = "raw" if o.ema is None else "ema"
                 checkpointer.save_best(model if o.ema is None else o.ema.module, state)

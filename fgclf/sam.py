@@ -88,19 +88,18 @@ def set_rng_state(state: tuple) -> None:
 
 @contextmanager
 def frozen_running_stats(model: nn.Module):
-    """BatchNorm layers normalise with the batch but leave their running statistics as they are."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            saved.append((m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None))
-            m.momentum = 0.0
+    """BatchNorm layers normalise with the batch, and their running statistics are put back as they
+    were afterwards (a copy restored, not a zero momentum: an overflowing fp16 pass would otherwise
+    leave 0 * inf = nan in them)."""
+    saved = [(b, b.detach().clone()) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
     try:
         yield
     finally:
-        for m, momentum, count in saved:
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 __all__ = ["SAM", "frozen_running_stats", "rng_state", "set_rng_state"]

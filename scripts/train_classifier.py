@@ -534,12 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         if t.ema_decay:  # after prepare: the average lives beside the weights it follows (device, dtype)
             from fgclf.ema import ModelEma
 
-            ema = ModelEma(accelerator.unwrap_model(model), t.ema_decay, warmup=t.ema_warmup)
+            ema = ModelEma(accelerator.unwrap_model(model, keep_torch_compile=False), t.ema_decay, warmup=t.ema_warmup)
             checkpointer.track_states(ema=ema)  # last/ carries the average: resume continues it exactly
         if cfg.model.unfreeze:
             from fgclf.unfreeze import GradualUnfreeze
 
-            unfreeze = GradualUnfreeze(accelerator.unwrap_model(model), cfg.model.unfreeze)
+            unfreeze = GradualUnfreeze(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.model.unfreeze)
             train_mode = unfreeze.train_mode(train_mode)
     else:  # stages are not wrapped by accelerate; the runner replaces the engine's step and eval
         train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]

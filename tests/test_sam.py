@@ -146,3 +146,48 @@ def test_the_perturbation_does_not_depend_on_the_loss_scale(adaptive):
         sam.restore()
         torch.testing.assert_close(p.detach(), torch.arange(1.0, 6.0))
     torch.testing.assert_close(moved[0], moved[1])
+
+
+def test_running_statistics_are_restored_even_after_an_overflowing_pass():
+    from fgclf.sam import frozen_running_stats
+
+    bn = nn.BatchNorm1d(2)
+    before = bn.running_var.clone()
+    bn.train()
+    with frozen_running_stats(bn):
+        bn(torch.tensor([[float("inf"), 1.0], [0.0, 2.0]]))
+        assert not torch.isfinite(bn.running_var).all()  # what a zero momentum would have left behind
+    torch.testing.assert_close(bn.running_var, before)
+
+
+def test_with_gradual_unfreezing_frozen_stages_are_neither_perturbed_nor_moved():
+    import timm
+
+    from fgclf.unfreeze import GradualUnfreeze
+
+    torch.manual_seed(0)
+    acc = create_accelerator(log_with=None)
+    model = timm.create_model("test_resnet", num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = create_scheduler(opt, name="constant", epochs=1, updates_per_epoch=2)
+    model, opt, loader = acc.prepare(model, opt, DataLoader(data, batch_size=4))
+    unfreeze = GradualUnfreeze(acc.unwrap_model(model), "0:head")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sam = SAM(model.parameters(), rho=0.5)
+    perturbed = []
+    real_perturb = sam.perturb
+
+    def spy():
+        moved = real_perturb()
+        perturbed.append({p for p, _ in sam._offsets})
+        return moved
+    sam.perturb = spy
+    train_one_epoch(acc, model, loader, opt, sched, create_method("plain", parts=StepParts(loss_fn=nn.CrossEntropyLoss())),
+                    state=TrainState(), options=FitOptions(progress=False, sam=sam, unfreeze=unfreeze,
+                                                           train_mode=unfreeze.train_mode(lambda m: m.train())))
+    head = {id(p) for n, p in model.named_parameters() if n.startswith("fc.")}
+    assert perturbed and all({id(p) for p in moved} == head for moved in perturbed)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]) != name.startswith("fc."), name

@@ -58,6 +58,8 @@ class StepContext:
         epoch: Completed epochs (0-based index of the running epoch).
         batch_index: Index of this micro-batch in the epoch.
         global_step: Optimizer updates done before this batch.
+        replay: True while SAM takes its second gradient on the same batch: state a step keeps
+            (WS-DAN's feature centres) must not be updated again.
     """
 
     accelerator: Any = None
@@ -68,6 +70,7 @@ class StepContext:
     global_step: int = 0
     substep: int = 0  # which of the method's optimizer steps on this batch (Method.substeps)
     draws: int = 0  # random draws in this batch so far
+    replay: bool = False
 
     def start_batch(self, batch_index: int, global_step: int) -> None:
         self.batch_index, self.global_step, self.substep, self.draws = batch_index, global_step, 0, 0

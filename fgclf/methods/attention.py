@@ -206,6 +206,8 @@ class _AttentionMethod(Method):
         net = _unwrap(model)
         centres = F.normalize(net.feature_center[labels].float(), dim=-1)
         loss = (features.float() - centres).square().sum(1).mean()
+        if ctx.replay:  # SAM's second pass over the same batch: the centres moved once already
+            return loss
         with torch.no_grad():
             feats, labs = features.detach().float(), labels
             if ctx.num_processes > 1:

@@ -83,6 +83,10 @@ def test_feature_centres_move_by_the_official_rule_summing_duplicates():
     torch.testing.assert_close(model.feature_center, expected)
     # the loss uses the centres from before the update: mean over samples of ||f - normalize(c_y)||^2
     torch.testing.assert_close(loss, ((features - normed[labels]) ** 2).sum(1).mean())
+    # SAM's second pass over the same batch (ctx.replay) gives the same loss and leaves the centres alone
+    again = method._update_centres(model, features, labels, StepContext(replay=True))
+    torch.testing.assert_close(model.feature_center, expected)
+    torch.testing.assert_close(again, ((features - F.normalize(expected, dim=1)[labels]) ** 2).sum(1).mean())
 
 
 def test_cal_effect_is_zero_when_random_attention_equals_the_learned_one():

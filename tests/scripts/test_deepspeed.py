@@ -126,16 +126,20 @@ def test_fsdp_without_gpu_is_refused_instead_of_running_alone_twice(toy_root, tm
 
 @pytest.mark.slow
 def test_zero2_bf16_casts_inputs_and_exports_a_loadable_model(toy_root, tmp_path):
-    """DeepSpeed bf16 casts the weights, not the inputs: the engine casts the batches too."""
+    """DeepSpeed bf16 casts the weights, not the inputs: the engine casts the batches too (and leaves
+    them float32 for the weight EMA, which it keeps in float32)."""
     from conftest import assert_metrics_match_sklearn
 
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(REPO))
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
            "--mixed_precision", "bf16", str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub",
-           "--data.root", str(toy_root), *TINY_ARGS, "--train.epochs", "1", "--train.output_dir", str(tmp_path / "bf16")]
+           "--data.root", str(toy_root), *TINY_ARGS, "--train.epochs", "1", "--train.output_dir", str(tmp_path / "bf16"),
+           "--train.ema_decay", "0.9"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    history = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(history[0]["val_ema/loss"])
     assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["run"]["mixed_precision"] == "bf16"
     assert_metrics_match_sklearn(tmp_path / "bf16", num_classes=4, num_samples=20)
     from fgclf.models import create_model
