@@ -44,8 +44,7 @@ class Teacher(nn.Module):
         for name, data in (("t", teacher_data), ("s", student_data)):
             self.register_buffer(f"{name}_mean", torch.tensor(data.get("mean", (0.5,) * 3)).view(1, 3, 1, 1))
             self.register_buffer(f"{name}_std", torch.tensor(data.get("std", (0.5,) * 3)).view(1, 3, 1, 1))
-        self.same = (tuple(self.size) == tuple((student_data.get("input_size") or (3, 0, 0))[1:])
-                     and torch.equal(self.t_mean, self.s_mean) and torch.equal(self.t_std, self.s_std))
+        self.same_norm = torch.equal(self.t_mean, self.s_mean) and torch.equal(self.t_std, self.s_std)
 
     def train(self, mode: bool = True):  # always in eval mode (BatchNorm statistics, dropout)
         return super().train(False)
@@ -53,9 +52,10 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
-        if not self.same:
+        resize = tuple(x.shape[-2:]) != tuple(self.size)  # another input size (or a progressive-resizing epoch)
+        if resize or not self.same_norm:
             x = x * self.s_std + self.s_mean
-            if tuple(x.shape[-2:]) != tuple(self.size):
+            if resize:
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
             x = (x - self.t_mean) / self.t_std
         return self.model(x).float()

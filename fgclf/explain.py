@@ -94,12 +94,21 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int], *
 
 
 def _vit_backbone(model: nn.Module) -> nn.Module:
+    """The model's ViT whose attention the rollout can recompute: timm's plain ``Attention`` (softmax
+    of q k^T; BEiT's relative position bias, EVA's rotary embedding or CaiT's talking heads would need
+    their own recomputation), else a UserError."""
+    from timm.layers import Attention
+
     backbone = getattr(model, "backbone", model)
     blocks = getattr(backbone, "blocks", None)
-    if blocks is None or not hasattr(backbone, "patch_embed") or not all(
-            hasattr(getattr(b, "attn", None), "qkv") and hasattr(b.attn, "num_heads") for b in blocks):
+    if blocks is None or not hasattr(backbone, "patch_embed"):
         raise UserError(f"attention rollout needs a ViT (timm blocks with attn.qkv); {type(backbone).__name__} "
                         "has none: use a CAM (--cam gradcam)")
+    kinds = {type(getattr(b, "attn", None)) for b in blocks}
+    if not all(k is not None and issubclass(k, Attention) for k in kinds):
+        names = ", ".join(sorted(k.__module__ + "." + k.__name__ for k in kinds))
+        raise UserError(f"attention rollout recomputes timm's plain ViT attention; {type(backbone).__name__} uses "
+                        f"{names} (position biases or mixed heads it would leave out): use a CAM (--cam gradcam)")
     return backbone
 
 
@@ -133,8 +142,9 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     finally:
         for handle in handles:
             handle.remove()
+    probs = probs[:len(backbone.blocks)]  # the first pass over the image (WS-DAN/CAL run the blocks again on crops)
     n = probs[0].shape[-1]
-    eye = torch.eye(n)
+    eye = torch.eye(n, device=probs[0].device)
     rollout = eye.expand(images.shape[0], n, n)
     for p in probs:
         if p.shape[-1] != n:  # a layer over a subset of the tokens ends the product
@@ -151,7 +161,7 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, head_fusion: st
                                            align_corners=False)[:, 0]
     lo = maps.flatten(1).amin(1).view(-1, 1, 1)
     hi = maps.flatten(1).amax(1).view(-1, 1, 1)
-    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
 
 
 def most_confused(run: Path, pairs: int) -> list[tuple[int, int, int]]:

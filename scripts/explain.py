@@ -44,14 +44,16 @@ def parse_args(argv: Optional[list[str]]):
     p.add_argument("--confused", type=int, default=0, help="explain the run's N most confused class pairs")
     p.add_argument("--cam", choices=MAPS, default="gradcam",
                    help="class activation map, ViT attention rollout or the method's own picture (default: %(default)s)")
-    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
-                   help="--cam rollout: how the heads of a layer are combined (default: %(default)s)")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default=None,
+                   help="--cam rollout: how the heads of a layer are combined (default: mean)")
     p.add_argument("--output", type=Path, default=Path("maps.png"), help="PNG grid to write (default: %(default)s)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if bool(args.images) == bool(args.confused):
         raise UserError("give images to explain or --confused N (not both)")
     if args.confused < 0:
         raise UserError("--confused must be >= 1")
+    if args.head_fusion is not None and args.cam != "rollout":
+        raise UserError("--head-fusion is an option of --cam rollout")
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output must name a .png file, got {args.output}")
     return args
@@ -123,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     first = [p for _, _, p in picks] if run is not None else [int(c) for c in top2[:, 0]]
     second = [t for _, t, _ in picks] if run is not None else [int(c) for c in top2[:, -1]]
     if args.cam == "rollout":  # one class-agnostic map per image
-        maps = [attention_rollout(model, x, head_fusion=args.head_fusion)]
+        maps = [attention_rollout(model, x, head_fusion=args.head_fusion or "mean")]
     else:
         maps = [class_maps(model, x, first, method=args.cam), class_maps(model, x, second, method=args.cam)]
     mean = torch.tensor((meta.get("data_config") or {}).get("mean", (0.5,) * 3)).view(3, 1, 1)

@@ -65,6 +65,8 @@ def parse_args(argv: Optional[list[str]]):
         args.data = parse_config(_Data, data_args, prog="predict.py", description="dataset").data
     if bool(args.inputs) == (args.data is not None):
         raise UserError("give images, folders or lists to predict, or a dataset with --data.* (not both)")
+    if args.tta != "auto" and args.tta_flip != "auto":
+        raise UserError("give --tta or --tta-flip, not both (--tta flip is the same as --tta-flip true)")
     if args.topk < 1 or args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--topk and --batch-size must be >= 1, --num-workers >= 0")
     if args.output.suffix.lower() != ".csv":

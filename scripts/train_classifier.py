@@ -139,6 +139,11 @@ def validate(cfg: TrainClassifierConfig) -> None:
                             f"a multiple of method.samples_per_class {k} (>= 2) with P = batch_size / K >= 2")
         if not t.drop_last:
             raise UserError(f"method {method.name}: P x K batches drop an incomplete last batch; keep train.drop_last true")
+    if method.substeps > 1 and cfg.distill.teacher:
+        raise UserError(f"method {method.name} takes {method.substeps} optimizer steps per batch on different views; "
+                        "distillation compares the whole image's prediction with the teacher's: use --method.steps sum")
+    if "image_size" in method.requires and cfg.data.progressive:
+        raise UserError(f"method {method.name} is built for one image size (its stage sizes); no data.progressive")
     if method.substeps > 1 and t.grad_accum_steps > 1:
         raise UserError(f"method {method.name} takes {method.substeps} optimizer steps per batch; keep "
                         "train.grad_accum_steps 1 (or --method.steps sum)")
@@ -449,9 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
     splits, loaders, data_cfg = build_loaders(cfg, records, model, method)
+    if cfg.data.progressive:  # evaluation is at the run's size: the schedule grows up to it
+        from fgclf.data.progressive import parse_progressive
+
+        final = int(data_cfg["input_size"][-1])
+        larger = [size for _, size in parse_progressive(cfg.data.progressive) if size > final]
+        if larger:
+            raise UserError(f"data.progressive: size {larger[0]} is above the evaluation size {final} "
+                            "(data.image_size); the schedule grows up to it")
     body = getattr(model, "backbone", model)
     if cfg.data.progressive and hasattr(body, "patch_embed"):  # a ViT: sizes it can take
-        from fgclf.data.progressive import parse_progressive
 
         if not getattr(body, "dynamic_img_size", False):
             raise UserError(f"data.progressive trains at several sizes; {cfg.model.name} takes one input size: pass "

@@ -89,3 +89,23 @@ def test_the_step_mixes_once_and_weights_the_two_losses():
     want = 0.7 * -(soft * s.log_softmax(1)).sum(1).mean() + 0.3 * kd_loss(s, t, 2.0)
     assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert float(out.terms["kd"]) == pytest.approx(float(kd_loss(s, t, 2.0)), rel=1e-5)
+
+
+def test_a_batch_of_another_size_is_resized_even_with_the_same_normalisation():
+    """Progressive resizing hands the teacher smaller batches than the run's size: resized to its own."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return x.mean((2, 3))
+    data = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    teacher = Teacher(Probe(), data, data)
+    teacher(torch.rand(2, 3, 24, 24))
+    teacher(torch.rand(2, 3, 32, 32))
+    assert seen == [(32, 32), (32, 32)]
+
+
+def test_distillation_with_pmgs_step_per_granularity_is_refused(toy_root, tmp_path):
+    proc = train_toy(toy_root, tmp_path / "x", "--method.name", "pmg", "--distill.teacher", str(toy_root), check=False)
+    assert proc.returncode == 2 and "use --method.steps sum" in last_error_line(proc)

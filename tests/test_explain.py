@@ -197,3 +197,15 @@ def test_script_rollout_of_a_vit_run_and_a_methods_own_maps(toy_root, tmp_path):
                                           str(tmp_path / "r.png")])
     assert proc.returncode == 2 and "attention rollout needs a ViT" in last_error_line(proc)
     assert not (tmp_path / "r.png").exists()
+
+
+def test_attention_rollout_refuses_attention_it_cannot_recompute():
+    """BEiT's attention adds a relative position bias the recomputation would leave out: refused."""
+    from timm.models.beit import Beit
+
+    from fgclf.errors import UserError
+    from fgclf.explain import attention_rollout
+
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(UserError, match="timm.models.beit.Attention"):
+        attention_rollout(beit, torch.rand(1, 3, 32, 32))

@@ -53,3 +53,12 @@ def test_resume_across_a_boundary_equals_the_uninterrupted_run(toy_root, tmp_pat
     proc = train_toy(toy_root, tmp_path / "vit", "--data.progressive", "0:24,1:32", "--model.name", "test_vit",
                      "--model.kwargs", '{"img_size": 32}', check=False)
     assert proc.returncode == 2 and "size 24 is not a multiple" in last_error_line(proc)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--data.progressive", "0:24,1:48"), "size 48 is above the evaluation size 32"),
+    (("--data.progressive", "0:24,1:32", "--method.name", "pim"), "method pim is built for one image size")])
+def test_schedules_the_run_cannot_take_are_refused(toy_root, tmp_path, extra, message):
+    proc = train_toy(toy_root, tmp_path / "x", *extra, check=False)
+    assert proc.returncode == 2 and message in last_error_line(proc)
+    assert not (tmp_path / "x").exists()
