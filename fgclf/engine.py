@@ -75,6 +75,10 @@ class EvalOutput:
     loss: float
 
 
+# SIGUSR2: what SLURM sends before a job's time limit when asked (submitit's --signal=USR2@90)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+
+
 class StopTraining(Exception):
     """A stop signal ended training after ``last`` was written; exit with :attr:`exit_code`."""
 
@@ -182,8 +186,9 @@ class RunGuard:
         return self.agreed_signum if self.multi else self.signum
 
     @contextlib.contextmanager
-    def catch_signals(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        """While open, SIGTERM/SIGINT only set :attr:`signum` (``fit`` then finishes the update,
+    def catch_signals(self, signals: tuple[int, ...] = STOP_SIGNALS):
+        """While open, SIGTERM/SIGINT (and SIGUSR2: SLURM's warning before a time limit, as submitit
+        asks for it) only set :attr:`signum` (``fit`` then finishes the update,
         writes ``last`` and raises :class:`StopTraining`); a second SIGINT (Ctrl-C twice) aborts
         at once with KeyboardInterrupt. Outside the main thread nothing is installed."""
         if threading.current_thread() is not threading.main_thread():

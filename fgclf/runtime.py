@@ -237,6 +237,8 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR2"):  # SLURM's time-limit warning (fgclf.engine.STOP_SIGNALS)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -293,7 +295,7 @@ def script_main(fn: Callable[[Optional[list[str]]], int]) -> Callable[[Optional[
 # these environment variables. They are read here and nowhere else; never set them for real runs.
 #
 #   FGCLF_DEBUG_KILL_AT_STEP=N     SIGKILL right after update N (after its step checkpoint, if any)
-#   FGCLF_DEBUG_SIGNAL_AT_STEP=N   send this process SIGTERM right after update N (``N:INT``: SIGINT;
+#   FGCLF_DEBUG_SIGNAL_AT_STEP=N   send this process SIGTERM right after update N (``N:INT``: SIGINT; ``N:USR2``: SLURM's time-limit warning;
 #                                  ``N:TERM:group``: to its whole process group, like Ctrl-C or a scheduler)
 #   FGCLF_DEBUG_RAISE_AT_STEP=N    raise RuntimeError right after update N
 #   FGCLF_DEBUG_NAN_AT_STEP=N      the training loss is nan from the N-th training batch on
@@ -328,7 +330,8 @@ def debug_callbacks() -> tuple:
 
     def send(option: str, step: int) -> None:
         name, _, to = option.upper().partition(":")
-        signum = signal.SIGINT if name in ("INT", "SIGINT") else signal.SIGTERM
+        signum = {"INT": signal.SIGINT, "SIGINT": signal.SIGINT, "USR2": signal.SIGUSR2,
+                  "SIGUSR2": signal.SIGUSR2}.get(name, signal.SIGTERM)
         if to != "GROUP":
             os.kill(os.getpid(), signum)
             return

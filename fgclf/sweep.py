@@ -45,7 +45,9 @@ from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json
 
 _PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare", "executor"}
-_EXECUTOR_KEYS = {"local": {"name"}, "parallel": {"name", "parallel", "gpus_per_run"}}
+_EXECUTOR_KEYS = {"local": {"name"}, "parallel": {"name", "parallel", "gpus_per_run"},
+                  "slurm": {"name", "cluster", "partition", "account", "time_min", "nodes", "gpus_per_node",
+                            "cpus_per_task", "mem_gb", "max_retries", "setup"}}
 # keys of a variant that choose how it runs rather than a flag of the script
 _RUN_KEYS = ("script", "base", "launch")
 _PREPARE_KEYS = {"script", "launch", "args"}
@@ -235,7 +237,7 @@ def prepare(plan: dict, out_dir: str | Path, *, repo: Path, dry_run: bool = Fals
         atomic_write_json(marker, {"command": recorded})
 
 
-EXECUTORS = ("local", "parallel")
+EXECUTORS = ("local", "parallel", "slurm")
 
 
 def run_slots(parallel: int, gpus_per_run: int, gpu_count: int) -> list[dict]:
@@ -275,12 +277,39 @@ def resolve_executor(plan: dict, *, name: Optional[str] = None, parallel: Option
     if extra:
         raise UserError(f"executor {merged['name']} has no option {', '.join(sorted(extra))} "
                         f"(it takes: {', '.join(sorted(_EXECUTOR_KEYS[merged['name']] - {'name'})) or 'none'})")
+    if merged["name"] == "slurm":
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise UserError("executor slurm needs submitit: pip install submitit") from None
+        for key in ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "max_retries"):
+            if key in merged and (not isinstance(merged[key], int) or merged[key] < 0):
+                raise UserError(f"executor slurm: {key} must be a whole number >= 0, got {merged[key]!r}")
+        if merged.get("cluster") not in (None, "slurm", "local", "debug"):
+            raise UserError(f"executor slurm: cluster must be slurm, local or debug, got {merged['cluster']!r}")
     if merged["name"] == "parallel":
         merged.setdefault("parallel", 2)
         merged.setdefault("gpus_per_run", 1)
         if not isinstance(merged["parallel"], int) or not isinstance(merged["gpus_per_run"], int):
             raise UserError("executor parallel: parallel and gpus_per_run must be whole numbers")
     return merged
+
+
+def jobs_file(out_dir: str | Path) -> Path:
+    """Where the slurm executor keeps each run's last job id."""
+    return Path(out_dir) / ".submitit" / "jobs.json"
+
+
+def print_status(runs: list[PlannedRun], out_dir: str | Path) -> None:
+    """Each run's state from its folder (``done``; ``partial``: a checkpoint to resume; ``todo``) and,
+    for the slurm executor, its last job and attempt."""
+    path = jobs_file(out_dir)
+    jobs = json.loads(path.read_text()) if path.is_file() else {}
+    print("| run | state | job | attempt |\n|---|---|---|---:|")
+    for run in runs:
+        job = jobs.get(str(run.run_dir), {})
+        name = run.run_dir.relative_to(Path(out_dir)) if run.run_dir.is_relative_to(Path(out_dir)) else run.run_dir
+        print(f"| {name} | {status(run)} | {job.get('job_id', '')} | {job.get('attempt', '')} |")
 
 
 def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = False, parallel: int = 1,

@@ -10,7 +10,15 @@ Executors (``--executor``, or ``executor:`` in the plan; the command line wins):
 run after another (the default); ``parallel`` runs ``--parallel N`` at once on this node, each with
 its own ``CUDA_VISIBLE_DEVICES`` of ``--gpus-per-run`` GPUs (on a machine without GPUs: an equal
 share of the cores as ``OMP_NUM_THREADS``) and its output in ``<run>/sweep.log``; a failed run is
-reported and the others go on; the summary is the same as with ``local``.
+reported and the others go on; the summary is the same as with ``local``. ``slurm`` submits one
+submitit job per run (``executor: {name: slurm, partition: gpu, time_min: 240, nodes: 1,
+gpus_per_node: 4, cpus_per_task: 16, mem_gb: 64, account: lab, max_retries: 2}`` in the plan; the
+plan's ``launch`` gives each job's ``accelerate launch`` settings): timed-out or preempted jobs are
+requeued and a failed job is submitted again, each resuming from its last checkpoint; ``cluster:
+local`` runs the jobs as local processes. The comparison is written when the last run finishes.
+
+    python scripts/sweep.py PLAN --status    # each run: done / partial / todo, and its last job
+    python scripts/sweep.py PLAN --report    # the comparison of the finished runs, nothing run
 
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
@@ -31,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fgclf.runtime import script_main  # noqa: E402
-from fgclf.sweep import (check_unchanged, execute, expand, load_plan, prepare, resolve_executor,  # noqa: E402
-                         run_slots, status)
+from fgclf.sweep import (check_unchanged, execute, expand, load_plan, prepare, print_status,  # noqa: E402
+                         resolve_executor, run_slots, status)
 
 
 @script_main
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", help="local (one run at a time, the default) or parallel")
     parser.add_argument("--parallel", type=int, help="executor parallel: runs at once (default 2)")
     parser.add_argument("--gpus-per-run", type=int, help="executor parallel: GPUs given to each run (default 1)")
+    parser.add_argument("--status", action="store_true", help="print each run's state and exit")
+    parser.add_argument("--report", action="store_true", help="write the comparison of the finished runs and exit")
     args = parser.parse_args(argv)
 
     plan = load_plan(args.plan)
@@ -56,12 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         slots = run_slots(executor["parallel"], executor["gpus_per_run"], torch.cuda.device_count())
     out = args.output_dir or Path("runs") / plan["name"]
     runs = expand(plan, out)
+    if args.status:
+        print_status(runs, out)
+        return 0
     print(f"sweep {plan['name']}: {len(runs)} runs in {out}", flush=True)
     check_unchanged(plan, runs)  # before any prepare step spends time
-    prepare(plan, out, repo=REPO, dry_run=args.dry_run)
-    # seed-major order: a sweep stopped half-way has every variant on its first seeds
-    order = sorted(runs, key=lambda r: (plan["seeds"].index(r.seed), -1 if r.fold is None else r.fold))
-    failed = execute(plan, order, repo=REPO, dry_run=args.dry_run, parallel=len(slots) if slots else 1, slots=slots)
+    failed = []
+    if not args.report:
+        prepare(plan, out, repo=REPO, dry_run=args.dry_run)
+        # seed-major order: a sweep stopped half-way has every variant on its first seeds
+        order = sorted(runs, key=lambda r: (plan["seeds"].index(r.seed), -1 if r.fold is None else r.fold))
+        if executor["name"] == "slurm":
+            from fgclf.sweep_slurm import execute_slurm
+
+            failed = execute_slurm(plan, order, out_dir=out.resolve(), repo=REPO, options=executor,
+                                   dry_run=args.dry_run)
+        else:
+            failed = execute(plan, order, repo=REPO, dry_run=args.dry_run, parallel=len(slots) if slots else 1,
+                             slots=slots)
     if args.dry_run:
         return 0
     from fgclf.compare import compare_groups, format_markdown, write_comparison

@@ -169,3 +169,65 @@ def test_executor_options_and_slots():
         run_slots(3, 2, 4)
     cpu = run_slots(2, 1, 0)
     assert len(cpu) == 2 and all(int(s["OMP_NUM_THREADS"]) >= 1 for s in cpu)
+
+
+def test_slurm_executor_through_submitit_resubmits_and_resumes_to_the_local_summary(toy_root, tmp_path):
+    """The slurm executor on submitit's local cluster: every job gets SLURM's time-limit warning (SIGUSR2)
+    after update 2, writes last/ and stops; the sweep submits it again, it resumes, and the summary equals
+    the local executor's. --status names each run's state and job."""
+    plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
+    plan["seeds"] = [1]
+    path = tmp_path / "plan1.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    local = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "local")])
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    plan["executor"] = {"name": "slurm", "cluster": "local", "time_min": 10, "max_retries": 1}
+    path.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "slurm"
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)], env={"FGCLF_DEBUG_SIGNAL_AT_STEP": "2:USR2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("submitting again, resuming from its last checkpoint") == 2
+    for variant in ("ce", "smooth"):
+        logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*_log.err"))
+        assert "stopped by SIGUSR2" in logs
+        np.testing.assert_allclose(np.load(out / variant / "seed1" / "predictions.npz")["logits"],
+                                   np.load(tmp_path / "local" / variant / "seed1" / "predictions.npz")["logits"],
+                                   atol=1e-5)
+    rows = {}
+    for name in ("local", "slurm"):
+        summary = json.loads((tmp_path / name / "comparison" / "summary.json").read_text())
+        rows[name] = {(r["group"], r["metric"]): r["mean"] for r in summary["summaries"]}
+    assert rows["slurm"] == pytest.approx(rows["local"], abs=1e-5)
+    status = run_script("sweep.py", [str(path), "--output-dir", str(out), "--status"])
+    jobs = json.loads((out / ".submitit" / "jobs.json").read_text())
+    assert status.returncode == 0 and status.stdout.count("| done |") == 2
+    assert all(f"| {job['job_id']} | 2 |" in status.stdout for job in jobs.values())
+
+
+def test_sbatch_script_carries_the_plans_resources(tmp_path, monkeypatch):
+    """The generated sbatch script (submitit's, with a stand-in srun so it can be made off a cluster), and
+    the multi-node launch settings each task adds from its SLURM environment."""
+    pytest.importorskip("submitit")
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{srun.parent}:{__import__('os').environ['PATH']}")
+    from fgclf.sweep import PlannedRun
+    from fgclf.sweep_slurm import SweepJob, make_executor
+
+    options = {"name": "slurm", "cluster": "slurm", "partition": "gpu", "time_min": 240, "nodes": 2,
+               "gpus_per_node": 4, "cpus_per_task": 16, "mem_gb": 64, "account": "lab"}
+    text = make_executor(tmp_path, options, "fgsweep")._executor._make_submission_file_text("python -c pass", "uid")
+    for line in ("--partition=gpu", "--time=240", "--nodes=2", "--gpus-per-node=4", "--cpus-per-task=16",
+                 "--mem=64GB", "--account=lab", "--ntasks-per-node=1", "--job-name=fgsweep", "--signal=USR2@90"):
+        assert f"#SBATCH {line}\n" in text, line
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                       "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NODEID": "1",
+                       "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    plan = {"name": "p", "launch": ["--config_file", "cfg.yaml"]}
+    cmd = SweepJob(plan, PlannedRun("ce", 1, None, tmp_path / "ce" / "seed1", {}, {}), tmp_path, nodes=2).command()
+    launch = cmd[cmd.index("accelerate.commands.launch") + 1:]
+    assert launch[:8] == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "gpu3",
+                          "--main_process_port", "29500"] and launch[8:10] == ["--config_file", "cfg.yaml"]

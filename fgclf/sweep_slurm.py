@@ -1,0 +1,135 @@
+"""The ``slurm`` executor of ``scripts/sweep.py``: one submitit job per run.
+
+Each job runs the run's ``accelerate launch`` command (:func:`fgclf.sweep.run_command`, which adds
+``--resume last`` whenever the run has a checkpoint). On several nodes (``nodes`` > 1, one task a
+node) every task launches with accelerate's multi-node settings taken from the job environment:
+``--num_machines``, ``--machine_rank`` (the task's rank), ``--main_process_ip`` (the first node)
+and ``--main_process_port``. A job is a ``submitit.helpers.Checkpointable``: when SLURM times it
+out or preempts it, submitit requeues it, and the requeued job resumes from ``last``. A job that
+fails otherwise (a node lost, the process killed) is submitted again by the sweep, up to
+``max_retries`` times, and resumes the same way. ``cluster: local`` runs the jobs as local
+processes through submitit's local executor (for trying a plan, and for the tests).
+
+Job ids are kept in ``<out>/.submitit/jobs.json``; ``sweep.py --status`` reads them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+from fgclf.sweep import PlannedRun, jobs_file, run_command, status
+from fgclf.utils import atomic_write_json
+
+MAIN_PORT = 29500
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """One run as a submitit job (picklable: the plan, the run and the repository path)."""
+
+    def __init__(self, plan: dict, run: PlannedRun, repo: Path, nodes: int = 1) -> None:
+        self.plan, self.run, self.repo, self.nodes = plan, run, Path(repo), nodes
+
+    def command(self) -> list[str]:
+        cmd = run_command(self.plan, self.run, self.repo)
+        if self.nodes > 1:
+            env = submitit.JobEnvironment()
+            at = cmd.index("accelerate.commands.launch") + 1
+            cmd[at:at] = ["--num_machines", str(self.nodes), "--machine_rank", str(env.global_rank),
+                          "--main_process_ip", env.hostnames[0], "--main_process_port", str(MAIN_PORT)]
+        return cmd
+
+    def __call__(self) -> int:
+        code = subprocess.run(self.command(), cwd=self.repo).returncode
+        if code != 0:
+            raise RuntimeError(f"{self.run.run_dir}: exit status {code}")
+        return code
+
+
+def executor_parameters(options: dict) -> dict:
+    """submitit's ``update_parameters`` from the plan's executor section."""
+    params = {"timeout_min": int(options.get("time_min", 60)), "nodes": int(options.get("nodes", 1)),
+              "tasks_per_node": 1}
+    for ours, theirs in (("gpus_per_node", "gpus_per_node"), ("cpus_per_task", "cpus_per_task"),
+                         ("mem_gb", "mem_gb"), ("partition", "slurm_partition"), ("account", "slurm_account"),
+                         ("setup", "slurm_setup")):
+        if options.get(ours) is not None:
+            params[theirs] = options[ours]
+    return params
+
+
+def make_executor(out_dir: Path, options: dict, name: str):
+    executor = submitit.AutoExecutor(folder=str(out_dir / ".submitit" / "%j"), cluster=options.get("cluster"))
+    executor.update_parameters(name=name, **executor_parameters(options))
+    return executor
+
+
+def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Path, options: dict,
+                  dry_run: bool = False, poll_s: Optional[float] = None) -> list[PlannedRun]:
+    """Submit every unfinished run, wait for them, resubmit failed ones (``max_retries``); returns
+    the runs that still failed."""
+    from fgclf.sweep import _record, check_unchanged
+
+    check_unchanged(plan, runs)
+    if poll_s is None:  # the scheduler is asked less often than local processes
+        poll_s = 1.0 if options.get("cluster") in ("local", "debug") else 15.0
+    retries = int(options.get("max_retries", 2))
+    nodes = int(options.get("nodes", 1))
+    executor = None if dry_run else make_executor(out_dir, options, plan["name"])
+    record_path = jobs_file(out_dir)
+    jobs_record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    active: dict = {}  # run dir -> (job, run, attempt)
+
+    def submit(run: PlannedRun, attempt: int) -> None:
+        job = executor.submit(SweepJob(plan, run, repo, nodes))
+        active[str(run.run_dir)] = (job, run, attempt)
+        jobs_record[str(run.run_dir)] = {"job_id": str(job.job_id), "attempt": attempt}
+        atomic_write_json(record_path, jobs_record)
+        print(f"{run.variant} seed={run.seed}: submitted job {job.job_id} (attempt {attempt})", flush=True)
+
+    for run in runs:
+        state = status(run)
+        label = f"{run.variant} seed={run.seed}" + (f" fold={run.fold}" if run.fold is not None else "")
+        if state == "done":
+            print(f"{label}: done, skipped", flush=True)
+            continue
+        print(f"{label}: {'resuming' if state == 'partial' else 'running'}: "
+              f"{' '.join(run_command(plan, run, repo))}", flush=True)
+        if dry_run:
+            continue
+        if state == "todo" and run.run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run.run_dir)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.run_dir / "sweep_run.json", _record(plan, run))
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        submit(run, 1)
+    failed = []
+    while active:
+        time.sleep(poll_s)
+        for key, (job, run, attempt) in list(active.items()):
+            if not job.done():
+                continue
+            del active[key]
+            error = job.exception()
+            if error is None and status(run) == "done":
+                print(f"{run.variant} seed={run.seed}: finished (job {job.job_id})", flush=True)
+            elif attempt <= retries:
+                why = str(error).strip().splitlines()[-1] if error else "no metrics.json"
+                print(f"{run.variant} seed={run.seed}: job {job.job_id} failed ({why[:200]}); submitting again, "
+                      f"resuming from its last checkpoint", file=sys.stderr, flush=True)
+                submit(run, attempt + 1)
+            else:
+                print(f"{run.variant} seed={run.seed}: FAILED after {attempt} attempts (job {job.job_id}; its log: "
+                      f"{out_dir / '.submitit' / str(job.job_id)})", file=sys.stderr, flush=True)
+                failed.append(run)
+    return failed
+
+
+__all__ = ["SweepJob", "execute_slurm", "executor_parameters", "make_executor"]
