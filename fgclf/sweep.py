@@ -44,7 +44,8 @@ from fgclf.checkpoint_paths import find_last
 from fgclf.errors import UserError
 from fgclf.utils import atomic_write_json
 
-_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare", "executor"}
+_PLAN_KEYS = {"name", "base", "launch", "seeds", "folds", "set", "variants", "grid", "script", "prepare", "executor",
+              "search"}
 _EXECUTOR_KEYS = {"local": {"name"}, "parallel": {"name", "parallel", "gpus_per_run"},
                   "slurm": {"name", "cluster", "partition", "account", "time_min", "nodes", "gpus_per_node",
                             "cpus_per_task", "mem_gb", "max_retries", "setup"}}
@@ -107,6 +108,10 @@ def load_plan(path: str | Path) -> dict:
     plan.setdefault("seeds", [0])
     if not plan["seeds"]:
         raise UserError(f"sweep plan {path}: seeds must list at least one seed")
+    if "search" in plan:
+        from fgclf.search import check_search
+
+        check_search(plan, str(path))
     return plan
 
 

@@ -20,6 +20,11 @@ local`` runs the jobs as local processes. The comparison is written when the las
     python scripts/sweep.py PLAN --status    # each run: done / partial / todo, and its last job
     python scripts/sweep.py PLAN --report    # the comparison of the finished runs, nothing run
 
+Search (``search:`` in the plan, fgclf/search.py): Optuna trials over a space of config keys,
+pruned on the validation metric each epoch, the study in ``<out>/search/study.db`` (a stopped
+search continues; several workers share it); then ``baseline`` and ``best_trial<N>`` run over the
+plan's seeds and are compared.
+
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
 arguments; the summary (mean, std, t and bootstrap intervals per variant, paired tests
@@ -38,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import script_main  # noqa: E402
 from fgclf.sweep import (check_unchanged, execute, expand, load_plan, prepare, print_status,  # noqa: E402
                          resolve_executor, run_slots, status)
@@ -65,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
         slots = run_slots(executor["parallel"], executor["gpus_per_run"], torch.cuda.device_count())
     out = args.output_dir or Path("runs") / plan["name"]
+    if "search" in plan:  # Optuna's trials first, then baseline and the best trial over the seeds
+        from fgclf.search import run_search, seeded_plan
+
+        if not (args.status or args.report or args.dry_run):
+            prepare(plan, out, repo=REPO)
+            if run_search(plan, out.resolve(), repo=REPO) is None:
+                raise UserError(f"search {plan['name']}: no trial finished (all pruned or failed); see "
+                                f"{out / 'search'}/trial*/sweep.log")
+        plan = seeded_plan(plan, out.resolve())
     runs = expand(plan, out)
     if args.status:
         print_status(runs, out)

@@ -231,3 +231,86 @@ def test_sbatch_script_carries_the_plans_resources(tmp_path, monkeypatch):
     launch = cmd[cmd.index("accelerate.commands.launch") + 1:]
     assert launch[:8] == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "gpu3",
                           "--main_process_port", "29500"] and launch[8:10] == ["--config_file", "cfg.yaml"]
+
+
+def _search_plan(tmp_path: Path, toy_root: Path, **search) -> Path:
+    plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
+    del plan["variants"]
+    plan["seeds"] = [1]
+    plan["search"] = {"space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+                      "trials": 2, "sampler": "random", "pruner": "none", **search}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_root, tmp_path):
+    """Two random-sampler trials, then baseline and the best trial re-run over the seeds: the best
+    config's run gives its trial's validation value; a stopped search (a trial left running) goes on
+    to the trials it lacks and nothing finished runs again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from fgclf.search import trial_value
+
+    path, out = _search_plan(tmp_path, toy_root), tmp_path / "out"
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}")
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2
+    best = study.best_trial
+    assert best.value == max(t.value for t in trials)
+    assert best.value == pytest.approx(trial_value(out / "search" / f"trial{best.number}", "val/top1"))
+    config = yaml.safe_load((out / "search" / "best.yaml").read_text())
+    assert config["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+    rerun = out / f"best_trial{best.number}" / "seed1"
+    assert trial_value(rerun, "val/top1") == pytest.approx(best.value, abs=1e-9)  # the same run again
+    assert (out / "comparison" / "summary.json").is_file() and (out / "baseline" / "seed1" / "metrics.json").is_file()
+    study.ask()  # a trial left running, as a killed search leaves it
+    plan = yaml.safe_load(path.read_text())
+    plan["search"]["trials"] = 3
+    path.write_text(yaml.safe_dump(plan))
+    again = run_script("sweep.py", [str(path), "--output-dir", str(out)])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was left running by a stopped search; marked failed" in again.stdout
+    states = [t.state for t in optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}"
+                                                 ).get_trials()]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+    assert "search: trial 3 {" in again.stdout and "search: trial 4" not in again.stdout  # the one it lacked
+    assert "baseline seed=1: done, skipped" in again.stdout
+    lrs = [t.params["optim.lr"] for t in optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}").get_trials(states=(TrialState.COMPLETE,))]
+    assert len(set(lrs)) == 3  # the restarted sampler does not draw its first points again
+
+
+def test_pruned_trials_stop_early_and_are_recorded_as_pruned(toy_root, tmp_path):
+    """A pruner that prunes at the first report: the run is stopped after its first epoch (of 3) and the
+    trial is PRUNED; with no trial finished the sweep says so in one line."""
+    import optuna
+    from optuna.trial import TrialState
+
+    plan = yaml.safe_load(_search_plan(tmp_path, toy_root, trials=1,
+                                       pruner={"name": "threshold", "lower": 2.0}).read_text())
+    plan["set"]["train.epochs"] = 3
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)])
+    assert proc.returncode == 2 and "no trial finished (all pruned or failed)" in proc.stderr.strip().splitlines()[-1]
+    trial = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}").get_trials()[0]
+    assert trial.state == TrialState.PRUNED
+    lines = (out / "search" / "trial0" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) < 3 and not (out / "search" / "trial0" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"optim.learning_rate": {"type": "float", "low": 0.1, "high": 1}}, "'optim.learning_rate' is not a setting"),
+    ({"optim.lr": {"type": "float", "low": 1, "high": 0.1}}, "with low < high")])
+def test_search_plan_errors_are_one_line_before_anything_starts(toy_root, tmp_path, space, message):
+    plan = yaml.safe_load(_search_plan(tmp_path, toy_root).read_text())
+    plan["search"]["space"] = space
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "out")])
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
