@@ -158,9 +158,18 @@ def open_study(plan: dict, out_dir: Path):
     return study
 
 
-def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0) -> Optional[dict]:
-    """Run the trials the study still lacks; returns the best trial's settings (None if none finished)."""
+def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
+               slots: Optional[list[dict]] = None) -> Optional[dict]:
+    """Run the trials the study still lacks; returns the best trial's settings (None if none finished).
+
+    ``slots`` (the parallel executor's, :func:`fgclf.sweep.run_slots`): that many trials at once,
+    each with its slot's environment (its GPUs). The study stops at ``trials`` finished or pruned
+    trials counted over every worker sharing it.
+    """
+    import queue
+
     import optuna
+    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     from fgclf.sweep import PlannedRun, _fill, run_command
@@ -171,7 +180,18 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0) ->
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     seed = int(plan["seeds"][0])
 
+    free: queue.Queue = queue.Queue()
+    for slot in slots or [{}]:
+        free.put(slot)
+
     def objective(trial) -> float:
+        slot = free.get()
+        try:
+            return run_trial(trial, slot)
+        finally:
+            free.put(slot)
+
+    def run_trial(trial, slot: dict) -> float:
         params = suggest(trial, search["space"])
         overrides = {**{k: _fill(v, out_dir) for k, v in (plan.get("set") or {}).items()}, **params,
                      "train.seed": seed}
@@ -181,7 +201,8 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0) ->
         run.run_dir.mkdir(parents=True, exist_ok=True)
         with open(run.run_dir / "sweep.log", "a") as log:
             # its own process group: the stop reaches the training process behind accelerate's launcher
-            proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **slot})
             reported, pruned = 0, False
             while True:
                 finished = proc.poll() is not None
@@ -205,9 +226,10 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0) ->
                                f"(log: {run.run_dir / 'sweep.log'})")
         return trial_value(run.run_dir, key)
 
-    remaining = int(search.get("trials", 20)) - done
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(RuntimeError,))
+    total = int(search.get("trials", 20))
+    if total - done > 0:
+        study.optimize(objective, n_trials=total - done, catch=(RuntimeError,), n_jobs=len(slots or [{}]),
+                       callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.PRUNED))])
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None

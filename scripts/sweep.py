@@ -22,7 +22,8 @@ local`` runs the jobs as local processes. The comparison is written when the las
 
 Search (``search:`` in the plan, fgclf/search.py): Optuna trials over a space of config keys,
 pruned on the validation metric each epoch, the study in ``<out>/search/study.db`` (a stopped
-search continues; several workers share it); then ``baseline`` and ``best_trial<N>`` run over the
+search continues; several workers share it; ``--executor parallel`` runs that many trials at once);
+then ``baseline`` and ``best_trial<N>`` run over the
 plan's seeds and are compared.
 
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (args.status or args.report or args.dry_run):
             prepare(plan, out, repo=REPO)
-            if run_search(plan, out.resolve(), repo=REPO) is None:
+            if run_search(plan, out.resolve(), repo=REPO, slots=slots) is None:
                 raise UserError(f"search {plan['name']}: no trial finished (all pruned or failed); see "
                                 f"{out / 'search'}/trial*/sweep.log")
         plan = seeded_plan(plan, out.resolve())

@@ -245,7 +245,8 @@ def _search_plan(tmp_path: Path, toy_root: Path, **search) -> Path:
 
 
 def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_root, tmp_path):
-    """Two random-sampler trials, then baseline and the best trial re-run over the seeds: the best
+    """Two random-sampler trials at once (the parallel executor), then baseline and the best trial re-run
+    over the seeds: the best
     config's run gives its trial's validation value; a stopped search (a trial left running) goes on
     to the trials it lacks and nothing finished runs again."""
     import optuna
@@ -254,7 +255,7 @@ def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_r
     from fgclf.search import trial_value
 
     path, out = _search_plan(tmp_path, toy_root), tmp_path / "out"
-    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)])
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out), "--executor", "parallel", "--parallel", "2"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
