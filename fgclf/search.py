@@ -16,9 +16,11 @@ Each trial is a run of the plan (its ``base``, ``set`` and ``launch``, the plan'
 ``<out>/search/trial<N>``. While it trains, the sweep reads its ``metrics.jsonl`` and reports each
 epoch's validation value to the trial; when the pruner says so the run is stopped (SIGTERM: it
 writes ``last/`` and exits) and the trial is recorded as pruned. A trial's value is the validation
-metric of its best epoch. The study lives in ``<out>/search/study.db`` (SQLite): a stopped search
-continues where it was (trials left running by a killed search are marked failed), and several
-``sweep.py`` processes on the same plan share it. Afterwards the best trial's settings are written
+value of the weights the run keeps as ``best`` (its early-stopping metric is set to the search's).
+The study lives in ``<out>/search/study.db`` (SQLite) with a fingerprint of the plan: a stopped
+search continues where it was (a trial left running by a killed search is marked failed: one
+search process per study; ``--executor parallel`` runs several trials at once inside it), and a
+plan whose space, settings, base or metric changed is refused. Afterwards the best trial's settings are written
 as ``<out>/search/best.yaml`` (the base config with them applied: ``--config`` takes it), and the
 sweep runs ``baseline`` (the plan as it is) and ``best`` over the plan's seeds and compares them:
 a search result without seeds is not a result.
@@ -80,6 +82,18 @@ def check_search(plan: dict, path: str = "plan") -> dict:
         if not ok:
             raise UserError(f"sweep plan {path}: search space {key}: give {{type: float|int, low, high[, log, step]}} "
                             "with low < high, or {type: categorical, choices: [...]}")
+        if kind == "float" and spec.get("log") and (float(spec["low"]) <= 0 or spec.get("step") is not None):
+            raise UserError(f"sweep plan {path}: search space {key}: log needs low > 0 and no step")
+    from fgclf.metrics import list_metrics
+
+    metric = str(search.get("metric", "top1"))
+    if metric != "loss" and metric not in list_metrics():
+        raise UserError(f"sweep plan {path}: search metric {metric!r} is not a validation metric; use loss or one of "
+                        f"{', '.join(list_metrics())}")
+    if search.get("direction") not in (None, "maximize", "minimize"):
+        raise UserError(f"sweep plan {path}: search direction must be maximize or minimize")
+    if not isinstance(search.get("seed", 0), int):
+        raise UserError(f"sweep plan {path}: search seed must be a whole number")
     if not isinstance(search.get("trials", 20), int) or search.get("trials", 20) < 1:
         raise UserError(f"sweep plan {path}: search trials must be a whole number >= 1")
     if str(search.get("sampler", "tpe")) not in _SAMPLERS:
@@ -88,6 +102,10 @@ def check_search(plan: dict, path: str = "plan") -> dict:
     name = pruner.get("name") if isinstance(pruner, dict) else pruner
     if name not in ("median", "hyperband", "none", "threshold"):
         raise UserError(f"sweep plan {path}: unknown pruner {name!r}; known: median, hyperband, threshold, none")
+    try:
+        _pruner(search)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"sweep plan {path}: pruner {pruner}: {err}") from None
     if "variants" in plan or "grid" in plan:
         raise UserError(f"sweep plan {path}: a search plan has no variants or grid (it compares baseline and best)")
     return search
@@ -150,6 +168,15 @@ def open_study(plan: dict, out_dir: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{folder / 'study.db'}"
     study = optuna.create_study(study_name=plan["name"], storage=storage, load_if_exists=True, direction=direction)
+    fingerprint = json.dumps({"space": search["space"], "set": plan.get("set"), "base": plan.get("base"),
+                              "metric": search.get("metric", "top1"), "direction": direction,
+                              "seed": plan["seeds"][0]}, sort_keys=True, default=str)
+    stored = study.user_attrs.get("plan")
+    if stored is None:
+        study.set_user_attr("plan", fingerprint)
+    elif stored != fingerprint:
+        raise UserError(f"{folder / 'study.db'} belongs to a search with another space, settings, base, metric or seed; "
+                        "choose another --output-dir or delete it")
     study = optuna.load_study(study_name=plan["name"], storage=storage,
                               sampler=_sampler(search, offset=len(study.trials)), pruner=_pruner(search))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -194,8 +221,12 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
     def run_trial(trial, slot: dict) -> float:
         params = suggest(trial, search["space"])
         overrides = {**{k: _fill(v, out_dir) for k, v in (plan.get("set") or {}).items()}, **params,
-                     "train.seed": seed}
+                     "train.seed": seed, "train.early_stopping_metric": str(search.get("metric", "top1"))}
         run = PlannedRun("search", seed, None, out_dir / "search" / f"trial{trial.number}", overrides, {})
+        if run.run_dir.exists():  # a trial number reused (a study started again): nothing of the old run counts
+            import shutil
+
+            shutil.rmtree(run.run_dir)
         cmd = run_command(plan, run, repo)
         print(f"search: trial {trial.number} {json.dumps(params)}", flush=True)
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,20 +235,24 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
             proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, **slot})
             reported, pruned = 0, False
-            while True:
-                finished = proc.poll() is not None
-                rows = _rows(run.run_dir)
-                for row in rows[reported:]:
-                    if key in row:
-                        trial.report(float(row[key]), int(row["epoch"]))
-                        if trial.should_prune() and not finished:
-                            os.killpg(proc.pid, signal.SIGTERM)  # the run writes last/ and stops
-                            pruned = True
-                reported = len(rows)
-                if finished or pruned:
-                    break
-                time.sleep(poll_s)
-            proc.wait()
+            try:
+                while True:
+                    finished = proc.poll() is not None
+                    rows = _rows(run.run_dir)
+                    for row in rows[reported:]:
+                        if key in row:
+                            trial.report(float(row[key]), int(row["epoch"]))
+                            if trial.should_prune() and not finished:
+                                os.killpg(proc.pid, signal.SIGTERM)  # the run writes last/ and stops
+                                pruned = True
+                    reported = len(rows)
+                    if finished or pruned:
+                        break
+                    time.sleep(poll_s)
+            finally:  # Ctrl-C or an error here: the run (in its own process group) stops too
+                if proc.poll() is None and not pruned:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
         if pruned:
             print(f"search: trial {trial.number} pruned after epoch {reported}", flush=True)
             raise optuna.TrialPruned()
@@ -252,9 +287,17 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def trial_value(run_dir: Path, key: str) -> float:
-    """The validation value of a finished run's best epoch (the one ``best`` holds)."""
-    best_epoch = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
-    return float(next(r[key] for r in _rows(run_dir) if r["epoch"] == best_epoch))
+    """The validation value of the weights a finished run keeps as ``best`` (raw or averaged: the
+    best checkpoint's ``best_metric``, its early-stopping metric being the search's)."""
+    try:
+        state = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())
+        value = state["best_metric"]
+        if value is None:
+            raise KeyError(key)
+        return float(value)
+    except (OSError, ValueError, KeyError) as err:
+        raise RuntimeError(f"{run_dir}: no validation value {key} for its best weights ({err}); does the "
+                           "dataset have a validation split?") from None
 
 
 def best_trial(plan: dict, out_dir: Path):

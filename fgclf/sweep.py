@@ -257,7 +257,9 @@ def run_slots(parallel: int, gpus_per_run: int, gpu_count: int) -> list[dict]:
         if parallel * gpus_per_run > gpu_count:
             raise UserError(f"--parallel {parallel} x --gpus-per-run {gpus_per_run} needs {parallel * gpus_per_run} "
                             f"GPUs; this node has {gpu_count}")
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(k * gpus_per_run, (k + 1) * gpus_per_run))}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # this process's GPUs, as the parent numbers them
+        ids = visible.split(",")[:gpu_count] if visible else [str(g) for g in range(gpu_count)]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[k * gpus_per_run:(k + 1) * gpus_per_run])}
                 for k in range(parallel)]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(parallel)]
@@ -273,6 +275,8 @@ def resolve_executor(plan: dict, *, name: Optional[str] = None, parallel: Option
         section = {"name": section}
     if not isinstance(section, dict):
         raise UserError("sweep plan: executor must be a name or a mapping such as {name: parallel, parallel: 4}")
+    if name is not None and name != section.get("name", "local"):  # another executor: the plan's options are not its
+        section = {}
     merged = {**section, **{k: v for k, v in (("name", name), ("parallel", parallel), ("gpus_per_run", gpus_per_run))
                             if v is not None}}
     merged.setdefault("name", "local")

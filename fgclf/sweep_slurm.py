@@ -5,7 +5,11 @@ Each job runs the run's ``accelerate launch`` command (:func:`fgclf.sweep.run_co
 node) every task launches with accelerate's multi-node settings taken from the job environment:
 ``--num_machines``, ``--machine_rank`` (the task's rank), ``--main_process_ip`` (the first node)
 and ``--main_process_port``. A job is a ``submitit.helpers.Checkpointable``: when SLURM times it
-out or preempts it, submitit requeues it, and the requeued job resumes from ``last``. A job that
+out or preempts it (SIGUSR2 to the job), :meth:`SweepJob.checkpoint` passes the signal on to the
+training process (which finishes its update, writes ``last/`` and exits; accelerate's launcher is
+started with the signal ignored so that it waits for it) before submitit requeues the job, and
+the requeued job resumes from ``last``. Running the sweep again while its jobs are queued or
+running waits for those jobs (their ids are kept) instead of submitting them twice. A job that
 fails otherwise (a node lost, the process killed) is submitted again by the sweep, up to
 ``max_retries`` times, and resumes the same way. ``cluster: local`` runs the jobs as local
 processes through submitit's local executor (for trying a plan, and for the tests).
@@ -15,6 +19,8 @@ Job ids are kept in ``<out>/.submitit/jobs.json``; ``sweep.py --status`` reads t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +33,7 @@ from fgclf.sweep import PlannedRun, jobs_file, run_command, status
 from fgclf.utils import atomic_write_json
 
 MAIN_PORT = 29500
+WAIT_FOR_CHECKPOINT_S = 75  # within submitit's 90 s warning before the time limit
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -34,6 +41,14 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     def __init__(self, plan: dict, run: PlannedRun, repo: Path, nodes: int = 1) -> None:
         self.plan, self.run, self.repo, self.nodes = plan, run, Path(repo), nodes
+        self._proc = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._proc = None
 
     def command(self) -> list[str]:
         cmd = run_command(self.plan, self.run, self.repo)
@@ -45,10 +60,30 @@ class SweepJob(submitit.helpers.Checkpointable):
         return cmd
 
     def __call__(self) -> int:
-        code = subprocess.run(self.command(), cwd=self.repo).returncode
+        def usr2_ignored() -> None:  # the launcher ignores SLURM's warning; the training installs its own handler
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self._proc = subprocess.Popen(self.command(), cwd=self.repo, preexec_fn=usr2_ignored, start_new_session=True)
+        try:
+            code = self._proc.wait()
+        finally:
+            if self._proc.poll() is None:  # this job process is ending (an error): so does its run
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                self._proc.wait()
         if code != 0:
             raise RuntimeError(f"{self.run.run_dir}: exit status {code}")
         return code
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on SLURM's time-limit or preemption signal: the training process is told
+        (SIGUSR2: it writes ``last/`` and stops), waited for, and the job requeued to resume."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGUSR2)
+            try:
+                proc.wait(timeout=WAIT_FOR_CHECKPOINT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        return submitit.helpers.DelayedSubmission(SweepJob(self.plan, self.run, self.repo, self.nodes))
 
 
 def executor_parameters(options: dict) -> dict:
@@ -98,6 +133,13 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
         if state == "done":
             print(f"{label}: done, skipped", flush=True)
             continue
+        earlier = jobs_record.get(str(run.run_dir))
+        if earlier and not dry_run:
+            job = executor.job_class(folder=out_dir / ".submitit" / str(earlier["job_id"]), job_id=str(earlier["job_id"]))
+            if not job.done():  # submitted by an earlier sweep.py and still queued or running: wait for it
+                active[str(run.run_dir)] = (job, run, int(earlier["attempt"]))
+                print(f"{label}: job {earlier['job_id']} is still queued or running; waiting for it", flush=True)
+                continue
         print(f"{label}: {'resuming' if state == 'partial' else 'running'}: "
               f"{' '.join(run_command(plan, run, repo))}", flush=True)
         if dry_run:

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if "search" in plan:  # Optuna's trials first, then baseline and the best trial over the seeds
         from fgclf.search import run_search, seeded_plan
 
+        if executor["name"] == "slurm":
+            raise UserError("a search runs its trials from this process (--executor parallel: several at once); submit "
+                            "sweep.py itself as a SLURM job to search on a cluster")
         if not (args.status or args.report or args.dry_run):
             prepare(plan, out, repo=REPO)
             if run_search(plan, out.resolve(), repo=REPO, slots=slots) is None:

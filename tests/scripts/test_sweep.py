@@ -167,6 +167,14 @@ def test_executor_options_and_slots():
     assert run_slots(2, 2, 4) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     with pytest.raises(UserError, match="needs 6 GPUs; this node has 4"):
         run_slots(3, 2, 4)
+    assert resolve_executor({"executor": {"name": "slurm", "partition": "gpu"}}, name="local") == {"name": "local"}
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = "2,3,5,7"  # the GPUs this process was given: the slots take them
+    try:
+        assert run_slots(2, 2, 4) == [{"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "5,7"}]
+    finally:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
     cpu = run_slots(2, 1, 0)
     assert len(cpu) == 2 and all(int(s["OMP_NUM_THREADS"]) >= 1 for s in cpu)
 
@@ -262,7 +270,10 @@ def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_r
     assert len(trials) == 2
     best = study.best_trial
     assert best.value == max(t.value for t in trials)
-    assert best.value == pytest.approx(trial_value(out / "search" / f"trial{best.number}", "val/top1"))
+    trial_dir = out / "search" / f"trial{best.number}"
+    best_epoch = json.loads((trial_dir / "metrics.json").read_text())["best_epoch"]
+    row = [json.loads(x) for x in (trial_dir / "metrics.jsonl").read_text().splitlines()][best_epoch - 1]
+    assert best.value == pytest.approx(row["val/top1"]) == pytest.approx(trial_value(trial_dir, "val/top1"))
     config = yaml.safe_load((out / "search" / "best.yaml").read_text())
     assert config["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
     rerun = out / f"best_trial{best.number}" / "seed1"
@@ -306,7 +317,8 @@ def test_pruned_trials_stop_early_and_are_recorded_as_pruned(toy_root, tmp_path)
 
 @pytest.mark.parametrize("space,message", [
     ({"optim.learning_rate": {"type": "float", "low": 0.1, "high": 1}}, "'optim.learning_rate' is not a setting"),
-    ({"optim.lr": {"type": "float", "low": 1, "high": 0.1}}, "with low < high")])
+    ({"optim.lr": {"type": "float", "low": 1, "high": 0.1}}, "with low < high"),
+    ({"optim.lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "log needs low > 0")])
 def test_search_plan_errors_are_one_line_before_anything_starts(toy_root, tmp_path, space, message):
     plan = yaml.safe_load(_search_plan(tmp_path, toy_root).read_text())
     plan["search"]["space"] = space
@@ -315,3 +327,44 @@ def test_search_plan_errors_are_one_line_before_anything_starts(toy_root, tmp_pa
     proc = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_slurm_time_limit_signal_reaches_the_training_before_the_requeue(tmp_path):
+    """submitit calls SweepJob.checkpoint on SLURM's warning: the run's process group gets SIGUSR2 (the
+    training writes last/ and exits), the job waits for it, and requeues a fresh, picklable job."""
+    import pickle
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("submitit")
+    from fgclf.sweep import PlannedRun
+    from fgclf.sweep_slurm import SweepJob
+
+    job = SweepJob({"name": "p"}, PlannedRun("ce", 1, None, tmp_path / "ce" / "seed1", {}, {}), tmp_path)
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGUSR2, lambda *a: sys.exit(7))\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    job._proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert job._proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    again = job.checkpoint()
+    assert job._proc.returncode == 7 and time.monotonic() - start < 30
+    fresh = pickle.loads(pickle.dumps(again.function))
+    assert isinstance(fresh, SweepJob) and fresh._proc is None and fresh.run.run_dir == job.run.run_dir
+
+
+def test_search_plans_a_study_does_not_fit_are_refused(toy_root, tmp_path):
+    from fgclf.search import open_study
+    from fgclf.sweep import load_plan
+
+    plan = load_plan(_search_plan(tmp_path, toy_root))
+    open_study(plan, tmp_path / "out")
+    plan["search"]["space"]["optim.lr"]["high"] = 0.5
+    with pytest.raises(UserError, match="belongs to a search with another space"):
+        open_study(plan, tmp_path / "out")
+    path = _search_plan(tmp_path, toy_root)
+    spec = yaml.safe_load(path.read_text())
+    spec["executor"] = {"name": "slurm", "cluster": "local"}
+    path.write_text(yaml.safe_dump(spec))
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "s")])
+    assert proc.returncode == 2 and "submit sweep.py itself as a SLURM job" in proc.stderr.strip().splitlines()[-1]
