@@ -36,6 +36,7 @@ def runs(toy_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 2 runs; the resume test below keeps 2 processes in the default suite
 def test_two_processes_equal_one_and_best_is_the_better_weights(runs):
     one, two = runs["one"], runs["two"]
     ha, hb = _history(one), _history(two)

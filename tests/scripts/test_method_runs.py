@@ -116,7 +116,7 @@ def test_bcnn_with_lora_trains_adapters_and_its_own_layers_and_exports_merged(to
     (["--method.name", "wsdan", "--mixup.alpha", "0.2"], "method wsdan needs hard labels"),
     (["--method.name", "bcnn", "--parallel", "pipeline"], "method bcnn needs --parallel data"),
     (["--loss.confusion", "pairwise", "--parallel", "pipeline"], "does not support mixup, loss.regularizer, "
-                                                                  "loss.confusion or train.tta_flip"),
+                                                                  "loss.confusion or train.tta(_flip)"),
     (["--loss.confusion", "pairs"], "loss.confusion"),
     (["--loss.confusion", "pairwise"], "loss.confusion and loss.confusion_weight go together"),
     (["--method.name", "api_net", "--train.batch_size", "32"], "8 classes per batch, but the train split has 4"),

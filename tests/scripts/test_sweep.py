@@ -130,6 +130,7 @@ def test_prepare_step_runs_once_and_refuses_a_changed_command(tmp_path):
         load_plan(path)
 
 
+@pytest.mark.slow  # 5 sweep runs; `make test-slow`
 def test_parallel_executor_gives_the_local_summary_and_survives_a_failed_run(toy_root, tmp_path):
     """2 runs at once (each with half the cores) summarise as one after another; a run that fails is
     reported, the others finish, and the sweep exits 1."""
@@ -179,6 +180,7 @@ def test_executor_options_and_slots():
     assert len(cpu) == 2 and all(int(s["OMP_NUM_THREADS"]) >= 1 for s in cpu)
 
 
+@pytest.mark.slow  # 6 sweep runs, 2 resumed; `make test-slow`
 def test_slurm_executor_through_submitit_resubmits_and_resumes_to_the_local_summary(toy_root, tmp_path):
     """The slurm executor on submitit's local cluster: every job gets SLURM's time-limit warning (SIGUSR2)
     after update 2, writes last/ and stops; the sweep submits it again, it resumes, and the summary equals
@@ -252,6 +254,7 @@ def _search_plan(tmp_path: Path, toy_root: Path, **search) -> Path:
     return path
 
 
+@pytest.mark.slow  # 3 trials and 2 seeded runs; `make test-slow`
 def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_root, tmp_path):
     """Two random-sampler trials at once (the parallel executor), then baseline and the best trial re-run
     over the seeds: the best
@@ -296,14 +299,14 @@ def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_r
 
 
 def test_pruned_trials_stop_early_and_are_recorded_as_pruned(toy_root, tmp_path):
-    """A pruner that prunes at the first report: the run is stopped after its first epoch (of 3) and the
+    """A pruner that prunes at the first report: the run is stopped long before its 20 epochs end and the
     trial is PRUNED; with no trial finished the sweep says so in one line."""
     import optuna
     from optuna.trial import TrialState
 
     plan = yaml.safe_load(_search_plan(tmp_path, toy_root, trials=1,
                                        pruner={"name": "threshold", "lower": 2.0}).read_text())
-    plan["set"]["train.epochs"] = 3
+    plan["set"]["train.epochs"] = 20  # tiny epochs: long enough for the pruner to stop it well before the end
     path = tmp_path / "prune.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tmp_path / "out"
@@ -312,7 +315,7 @@ def test_pruned_trials_stop_early_and_are_recorded_as_pruned(toy_root, tmp_path)
     trial = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}").get_trials()[0]
     assert trial.state == TrialState.PRUNED
     lines = (out / "search" / "trial0" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) < 3 and not (out / "search" / "trial0" / "metrics.json").exists()
+    assert len(lines) < 20 and not (out / "search" / "trial0" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("space,message", [

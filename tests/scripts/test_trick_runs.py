@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import train_toy
 
 ARGS = ("--model.name", "test_efficientnet", "--data.num_workers", "2", "--data.aug.preset", "basic",
@@ -18,6 +19,7 @@ def _logits(run: Path) -> np.ndarray:
     return np.load(run / "predictions.npz")["logits"]
 
 
+@pytest.mark.slow  # 4 runs; EMA and SAM keep their own 2-process tests in the default suite
 def test_tricks_together_two_processes_equal_one(toy_root, tmp_path):
     teacher = tmp_path / "teacher"
     train_toy(toy_root, teacher, "--train.epochs", "2", "--data.image_size", "40")
