@@ -130,16 +130,22 @@ def test_prepare_step_runs_once_and_refuses_a_changed_command(tmp_path):
         load_plan(path)
 
 
-@pytest.mark.slow  # 5 sweep runs; `make test-slow`
-def test_parallel_executor_gives_the_local_summary_and_survives_a_failed_run(toy_root, tmp_path):
-    """2 runs at once (each with half the cores) summarise as one after another; a run that fails is
-    reported, the others finish, and the sweep exits 1."""
+def _one_seed_plan_run_locally(tmp_path: Path, toy_root: Path) -> tuple[dict, Path]:
+    """The tiny plan on seed 1 only, run by the local executor into ``tmp_path/local`` (the reference)."""
     plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
     plan["seeds"] = [1]
     path = tmp_path / "plan1.yaml"
     path.write_text(yaml.safe_dump(plan))
     local = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "local")])
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    return plan, path
+
+
+@pytest.mark.slow  # 5 sweep runs; `make test-slow`
+def test_parallel_executor_gives_the_local_summary_and_survives_a_failed_run(toy_root, tmp_path):
+    """2 runs at once (each with half the cores) summarise as one after another; a run that fails is
+    reported, the others finish, and the sweep exits 1."""
+    plan, path = _one_seed_plan_run_locally(tmp_path, toy_root)
     plan["variants"]["bad"] = {"optim.lr": -1}
     path.write_text(yaml.safe_dump(plan))
     par = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "par"), "--executor", "parallel",
@@ -185,12 +191,7 @@ def test_slurm_executor_through_submitit_resubmits_and_resumes_to_the_local_summ
     """The slurm executor on submitit's local cluster: every job gets SLURM's time-limit warning (SIGUSR2)
     after update 2, writes last/ and stops; the sweep submits it again, it resumes, and the summary equals
     the local executor's. --status names each run's state and job."""
-    plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
-    plan["seeds"] = [1]
-    path = tmp_path / "plan1.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    local = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "local")])
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    plan, path = _one_seed_plan_run_locally(tmp_path, toy_root)
     plan["executor"] = {"name": "slurm", "cluster": "local", "time_min": 10, "max_retries": 1}
     path.write_text(yaml.safe_dump(plan))
     out = tmp_path / "slurm"
