@@ -50,6 +50,7 @@ class Member:
     val_top1: Optional[float] = None
     val_loss: Optional[float] = None  # validation cross-entropy (mean NLL per image) at the best epoch
     tta_flip: Optional[bool] = None  # whether the logits average the image and its mirror image
+    tta: Optional[str] = None  # a multi-view test-time augmentation (fgclf.tta: five_crop, ten_crop, multiscale)
 
     @property
     def probs(self) -> np.ndarray:
@@ -129,7 +130,7 @@ def load_run_member(run_dir: str | Path, name: Optional[str] = None) -> Member:
         names = [str(c) for c in npz["class_names"]] if "class_names" in npz.files else \
             [str(i) for i in range(logits.shape[1])]
     return Member(name or run_dir.name, logits, labels, ids, names, best_val_top1(run_dir),
-                  best_val_metric(run_dir, "val/loss"), run_tta_flip(run_dir))
+                  best_val_metric(run_dir, "val/loss"), run_tta_flip(run_dir), run_tta(run_dir))
 
 
 def val_weights(members: Sequence[Member], temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
@@ -238,6 +239,7 @@ def evaluate_ensemble(members: Sequence[Member], methods: Sequence[str] = METHOD
     skipped = [m for m in methods if m not in ensembles]
     return {"members": member_metrics, "val_top1": {m.name: m.val_top1 for m in members},
             "val_loss": {m.name: m.val_loss for m in members}, "tta_flip": {m.name: m.tta_flip for m in members},
+            "tta": {m.name: m.tta for m in members},
             "val_weights": weights, "temperature": temperature, "member_summary": spread,
             "ensembles": ensembles, "skipped": skipped,
             "diversity": diversity(members), "num_samples": int(len(labels)), "num_classes": num_classes,
@@ -252,11 +254,12 @@ def format_report(result: dict, metrics: Sequence[str] = ("top1", "top5", "f1_ma
 
     weights = result.get("val_weights") or {}
     tta = result.get("tta_flip") or {}
+    views = result.get("tta") or {}
     lines = [f"# Ensemble of {len(result['members'])} members on {result['num_samples']} test images", "",
-             "| | " + " | ".join(metrics) + " | val top1 | val loss | val weight | flip TTA |",
+             "| | " + " | ".join(metrics) + " | val top1 | val loss | val weight | TTA |",
              "|---|" + "---:|" * (len(metrics) + 3) + "---|"]
     for name, m in result["members"].items():
-        flip = {True: "yes", False: "no"}.get(tta.get(name), "?")
+        flip = views.get(name) or {True: "flip", False: "none"}.get(tta.get(name), "?")
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in metrics) +
                      f" | {cell(result['val_top1'].get(name))} | {cell((result.get('val_loss') or {}).get(name))} |"
                      f" {cell(weights.get(name), '.3f')} | {flip} |")

@@ -15,7 +15,7 @@ the val split for a checkpoint), T = --temperature (default 0.1 nats: a member 0
 worse gets 1/e of the best member's weight; T -> 0 keeps the best member, large T is mean_prob).
 
 Checkpoints are evaluated with the test-time augmentation their run used (train.tta_flip of
-the run's config.yaml when the checkpoint is <run>/checkpoints/<name>; else that of the
+the run's config.yaml, or its multi-view train.tta, when the checkpoint is <run>/checkpoints/<name>; else that of the
 run-directory members when they agree; else none), so a run scores the same whether it is
 given as its run directory or as its checkpoint; --tta-flip true/false overrides it.
 Writes <output-dir>/ensemble.md (members with their validation loss, weight and TTA, their mean
@@ -81,19 +81,22 @@ def checkpoint_member(ckpt: Path, data_cfg: DataConfig, batch_size: int, tta_fli
 
     Args:
         tta_flip: average the logits of each image and its mirror image; ``None``: as the
-            checkpoint's run did (``train.tta_flip`` of its config.yaml), else no TTA.
+            checkpoint's run did (``train.tta_flip`` of its config.yaml, or its multi-view
+            ``train.tta``, averaged probabilities), else no TTA.
     """
     import numpy as np
     import torch
 
     from fgclf import data as fd
     from fgclf.data.mixup import tta_flip_logits
-    from fgclf.ensemble import Member, run_tta_flip
+    from fgclf.ensemble import Member, run_tta, run_tta_flip
     from fgclf.models import create_model, read_checkpoint_config, resolve_data_config
 
+    views = None
     if tta_flip is None:
         run = _checkpoint_run(ckpt)
         tta_flip = bool(run is not None and run_tta_flip(run))
+        views = run_tta(run) if run is not None else None
 
     meta = read_checkpoint_config(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +113,12 @@ def checkpoint_member(ckpt: Path, data_cfg: DataConfig, batch_size: int, tta_fli
         with torch.no_grad():
             for x, _ in loader:  # the same logits as fgclf.engine.evaluate, TTA included
                 x = x.to(device)
-                out.append((tta_flip_logits(model, x) if tta_flip else model(x)).float().cpu())
+                if views is not None:
+                    from fgclf.tta import tta_logits
+
+                    out.append(tta_logits(model, x, views).float().cpu())
+                else:
+                    out.append((tta_flip_logits(model, x) if tta_flip else model(x)).float().cpu())
         return (torch.cat(out).numpy() if out else np.zeros((0, meta["num_classes"]))), ds.records
 
     logits, test = predict("test")
@@ -124,7 +132,7 @@ def checkpoint_member(ckpt: Path, data_cfg: DataConfig, batch_size: int, tta_fli
     name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
     return Member(name, logits.astype(np.float64), np.asarray(test.labels, np.int64),
                   np.asarray(test.image_ids).astype(np.str_), list(records.class_names), val_top1,
-                  val_loss, tta_flip)
+                  val_loss, tta_flip, views)
 
 
 @script_main
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgclf.ensemble import evaluate_ensemble, format_report, load_run_member
     from fgclf.utils import atomic_write_text
 
-    from fgclf.ensemble import run_tta_flip
+    from fgclf.ensemble import run_tta, run_tta_flip
 
     kinds: list[tuple[str, Path]] = []
     for raw in args.members:
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             run = _checkpoint_run(path)
             tta = run_tta_flip(run) if run is not None else None
             tta = fallback if tta is None else tta
+            if run is not None and run_tta(run):  # its run's multi-view TTA (checkpoint_member reads it)
+                tta = None
         members.append(checkpoint_member(path, data_cfg, args.batch_size, tta))
     names = [m.name for m in members]
     for raw, m in zip(args.members, members):  # unique names for the tables: parent/name, then a number

@@ -3,6 +3,7 @@ probability over them (a manual loop), and a run evaluates with it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +85,22 @@ def test_a_run_evaluates_with_ten_crops_and_records_the_cost(toy_root, tmp_path)
     assert proc.returncode == 0 and "ten_crop TTA" in proc.stdout, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(np.array([r["logits"] for r in rows]), npz["logits"][:5], atol=1e-5)
+    # ensemble_eval scores the run's checkpoint with the run's ten crops: its saved logits; the report says so
+    import importlib.util
+    import sys
+
+    from fgclf.config import DataConfig
+
+    spec = importlib.util.spec_from_file_location("ensemble_eval_script", Path(__file__).parents[1] / "scripts" /
+                                                  "ensemble_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    member = script.checkpoint_member(best, DataConfig(format="cub", root=str(toy_root), num_workers=0), 16)
+    assert member.tta == "ten_crop"
+    np.testing.assert_allclose(member.logits, npz["logits"], atol=1e-5)
+    from fgclf.ensemble import evaluate_ensemble, format_report, load_run_member
+
+    member.name = "as_checkpoint"
+    report = format_report(evaluate_ensemble([load_run_member(run, name="as_run"), member], methods=["mean_prob"]))
+    assert report.count("| ten_crop |") == 2
