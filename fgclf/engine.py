@@ -341,6 +341,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False,
                disable=not (o.progress and accelerator.is_local_main_process))
     micro: list = []  # SAM: this update's micro-batches and the RNG state before each
+    if o.sam is not None:
+        from fgclf.sam import rng_state
     for batch in bar:
         ctx.start_batch(state.step_in_epoch, state.global_step)
         stepped = False  # did any of this batch's optimizer steps apply (fp16 loss scaling may skip one)?
@@ -348,8 +350,6 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
             ctx.substep = substep
             with accelerator.accumulate(model):
                 if o.sam is not None:
-                    from fgclf.sam import rng_state
-
                     # a copy: timm's mixup mixes the images in place, and the replay must start from the originals
                     kept = tuple(b.clone() if torch.is_tensor(b) else b for b in batch)
                     micro.append((kept, rng_state(), _ctx_position(ctx)))

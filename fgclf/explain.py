@@ -164,6 +164,14 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, head_fusion: st
     return ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy()
 
 
+def displayable(images: torch.Tensor, data_config: dict) -> np.ndarray:
+    """A normalised ``(N, 3, H, W)`` batch as ``(N, H, W, 3)`` pixels in [0, 1], un-normalised with
+    the model's mean and std (what the model saw, for drawing maps over)."""
+    mean = torch.tensor(data_config.get("mean", (0.5,) * 3)).view(3, 1, 1)
+    std = torch.tensor(data_config.get("std", (0.5,) * 3)).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 def most_confused(run: Path, pairs: int) -> list[tuple[int, int, int]]:
     """``(test index, true class, predicted class)`` of the first misclassified test image of each of
     the run's ``pairs`` most confused (true, predicted) class pairs (most images first)."""
@@ -197,4 +205,4 @@ def save_grid(images: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[S
     plt.close(fig)
 
 
-__all__ = ["CAM_METHODS", "HEAD_FUSIONS", "attention_rollout", "class_maps", "most_confused", "save_grid", "target_layer"]
+__all__ = ["CAM_METHODS", "HEAD_FUSIONS", "attention_rollout", "class_maps", "displayable", "most_confused", "save_grid", "target_layer"]

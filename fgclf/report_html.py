@@ -59,7 +59,7 @@ def pair_maps(run_dir: Path, paths: Sequence[str], picks: Sequence[tuple[int, in
 
         from fgclf.data import create_transform
         from fgclf.data.datasets import load_image
-        from fgclf.explain import class_maps
+        from fgclf.explain import class_maps, displayable
         from fgclf.models import create_model, read_checkpoint_config
 
         meta = read_checkpoint_config(best)
@@ -68,9 +68,7 @@ def pair_maps(run_dir: Path, paths: Sequence[str], picks: Sequence[tuple[int, in
         tf = create_transform(data_config, is_training=False)
         x = torch.stack([tf(load_image(paths[i])) for i, _, _ in picks])
         maps = [class_maps(model, x, [p for _, _, p in picks]), class_maps(model, x, [t for _, t, _ in picks])]
-        mean = torch.tensor(data_config.get("mean", (0.5,) * 3)).view(3, 1, 1)
-        std = torch.tensor(data_config.get("std", (0.5,) * 3)).view(3, 1, 1)
-        shown = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        shown = displayable(x, data_config)
         cmap = matplotlib.colormaps["jet"]
         out = []
         for k in range(len(picks)):

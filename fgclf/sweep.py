@@ -204,6 +204,15 @@ def check_unchanged(plan: dict, runs: list[PlannedRun]) -> None:
                             f"{run.overrides}. Delete that folder or choose another --output-dir")
 
 
+def begin_run(plan: dict, run: PlannedRun, state: str) -> None:
+    """Ready a run's folder for its (re)start: a ``todo`` folder holds nothing to keep (a run that failed
+    before its first checkpoint) and is emptied; the settings it is made with are recorded."""
+    if state == "todo" and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.run_dir / PLAN_FILE, _record(plan, run))
+
+
 def _record(plan: dict, run: PlannedRun) -> dict:
     """What a run folder was made with (compared before it is reused)."""
     record = {"base": _setting(plan, run, "base"), "overrides": run.overrides}
@@ -370,10 +379,7 @@ def execute(plan: dict, runs: list[PlannedRun], *, repo: Path, dry_run: bool = F
         print(f"{label}: {'resuming' if state == 'partial' else 'running'}: {' '.join(cmd)}", flush=True)
         if dry_run:
             continue
-        if state == "todo" and run.run_dir.exists():
-            shutil.rmtree(run.run_dir)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.run_dir / PLAN_FILE, _record(plan, run))
+        begin_run(plan, run, state)
         if parallel == 1:
             proc = subprocess.run(cmd, cwd=repo, env={**os.environ, **slots[0]})
             if proc.returncode != 0:

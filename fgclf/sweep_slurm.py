@@ -108,7 +108,7 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
                   dry_run: bool = False, poll_s: Optional[float] = None) -> list[PlannedRun]:
     """Submit every unfinished run, wait for them, resubmit failed ones (``max_retries``); returns
     the runs that still failed."""
-    from fgclf.sweep import _record, check_unchanged
+    from fgclf.sweep import begin_run, check_unchanged
 
     check_unchanged(plan, runs)
     if poll_s is None:  # the scheduler is asked less often than local processes
@@ -144,12 +144,7 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
               f"{' '.join(run_command(plan, run, repo))}", flush=True)
         if dry_run:
             continue
-        if state == "todo" and run.run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run.run_dir)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.run_dir / "sweep_run.json", _record(plan, run))
+        begin_run(plan, run, state)
         record_path.parent.mkdir(parents=True, exist_ok=True)
         submit(run, 1)
     failed = []

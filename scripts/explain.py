@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from fgclf.data import create_transform
     from fgclf.data.datasets import load_image
-    from fgclf.explain import _vit_backbone, attention_rollout, class_maps, most_confused, save_grid
+    from fgclf.explain import _vit_backbone, attention_rollout, class_maps, displayable, most_confused, save_grid
 
     names = list(meta.get("class_names") or range(meta["num_classes"]))
     model = checkpoint.load_model()
@@ -128,9 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         maps = [attention_rollout(model, x, head_fusion=args.head_fusion or "mean")]
     else:
         maps = [class_maps(model, x, first, method=args.cam), class_maps(model, x, second, method=args.cam)]
-    mean = torch.tensor((meta.get("data_config") or {}).get("mean", (0.5,) * 3)).view(3, 1, 1)
-    std = torch.tensor((meta.get("data_config") or {}).get("std", (0.5,) * 3)).view(3, 1, 1)
-    shown = ((x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    shown = displayable(x, meta.get("data_config") or {})
     what = "true" if run is not None else "2nd"
     def short(text: str, n: int = 26) -> str:  # fine-grained names differ at the end: keep it
         return text if len(text) <= n else text[:4] + "..." + text[-(n - 7):]
