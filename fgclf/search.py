@@ -11,16 +11,23 @@
       sampler: tpe                             # tpe, random, cmaes, qmc, gp (optuna.samplers.<Name>Sampler)
       pruner: median                           # median, hyperband, none, or {name: threshold, lower: 0.2}
       seed: 0                                  # the sampler's seed
+      workers: 4                               # executor slurm: jobs searching at once (default 1)
+      storage: postgresql://user@db/fgclf      # optional: another study store (default: SQLite below)
 
 Each trial is a run of the plan (its ``base``, ``set`` and ``launch``, the plan's first seed) in
 ``<out>/search/trial<N>``. While it trains, the sweep reads its ``metrics.jsonl`` and reports each
 epoch's validation value to the trial; when the pruner says so the run is stopped (SIGTERM: it
 writes ``last/`` and exits) and the trial is recorded as pruned. A trial's value is the validation
 value of the weights the run keeps as ``best`` (its early-stopping metric is set to the search's).
-The study lives in ``<out>/search/study.db`` (SQLite) with a fingerprint of the plan: a stopped
-search continues where it was (a trial left running by a killed search is marked failed: one
-search process per study; ``--executor parallel`` runs several trials at once inside it), and a
-plan whose space, settings, base or metric changed is refused. Afterwards the best trial's settings are written
+The study lives in ``<out>/search/study.db`` (SQLite; ``storage:`` names another, e.g. a
+PostgreSQL URL when workers on several nodes share a file system that does not lock SQLite files)
+with a fingerprint of the plan: a stopped search continues where it was, and a plan whose space,
+settings, base or metric changed is refused. Several workers share one study: ``--executor
+parallel`` runs several trials at once inside one sweep, ``sweep.py --search-only`` adds a worker
+(another shell or node), and the slurm executor submits ``workers`` jobs that search together.
+Each trial records its worker (host and process id) and Optuna's heartbeat: a trial left running
+by a worker that died is marked failed when its process is gone from this host, or when its
+heartbeat is older than ``GRACE_S`` (any host), and its place is taken by a new trial. Afterwards the best trial's settings are written
 as ``<out>/search/best.yaml`` (the base config with them applied: ``--config`` takes it), and the
 sweep runs ``baseline`` (the plan as it is) and ``best`` over the plan's seeds and compares them:
 a search result without seeds is not a result.
@@ -31,6 +38,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -40,7 +48,9 @@ import yaml
 
 from fgclf.errors import UserError
 
-_SEARCH_KEYS = {"space", "trials", "metric", "sampler", "pruner", "seed", "direction"}
+_SEARCH_KEYS = {"space", "trials", "metric", "sampler", "pruner", "seed", "direction", "workers", "storage"}
+HEARTBEAT_S = 15  # a running trial's heartbeat (Optuna's RDBStorage heartbeat_interval)
+GRACE_S = 90  # a running trial whose heartbeat is older than this belongs to a dead worker
 _SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler",
              "gp": "GPSampler"}
 
@@ -96,6 +106,11 @@ def check_search(plan: dict, path: str = "plan") -> dict:
         raise UserError(f"sweep plan {path}: search seed must be a whole number")
     if not isinstance(search.get("trials", 20), int) or search.get("trials", 20) < 1:
         raise UserError(f"sweep plan {path}: search trials must be a whole number >= 1")
+    if not isinstance(search.get("workers", 1), int) or search.get("workers", 1) < 1:
+        raise UserError(f"sweep plan {path}: search workers must be a whole number >= 1")
+    if "storage" in search and not (isinstance(search["storage"], str) and "://" in search["storage"]):
+        raise UserError(f"sweep plan {path}: search storage must be a database URL such as "
+                        "postgresql://user:password@host/db or sqlite:////shared/study.db")
     if str(search.get("sampler", "tpe")) not in _SAMPLERS:
         raise UserError(f"sweep plan {path}: unknown sampler {search['sampler']!r}; known: {', '.join(_SAMPLERS)}")
     pruner = search.get("pruner", "median")
@@ -155,19 +170,105 @@ def _watched(search: dict) -> tuple[str, str]:
     return f"val/{metric}", direction
 
 
-def open_study(plan: dict, out_dir: Path):
-    """The plan's study in ``<out>/search/study.db`` (created or continued); trials a killed search
-    left running are marked failed."""
+def storage_url(plan: dict, out_dir: Path) -> str:
+    """Where the plan's study lives: its ``storage`` URL, else ``<out>/search/study.db``."""
+    return plan["search"].get("storage") or f"sqlite:///{Path(out_dir) / 'search' / 'study.db'}"
+
+
+def _storage(url: str):
+    import optuna
+
+    # SQLite: writers wait for each other's lock instead of failing at once
+    import warnings
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S)
+
+
+def worker_id() -> str:
+    """``host:pid`` of this search process (recorded on each trial it runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_stale_trials(study) -> list[int]:
+    """Mark failed the running trials whose worker is dead; returns their numbers.
+
+    A trial's worker is dead when it ran on this host and its process is gone, or when the trial's
+    heartbeat is older than ``GRACE_S`` (Optuna's stale-trial rule, for workers on other hosts). A
+    trial asked for but not started by its worker yet (no worker recorded) counts as dead once it
+    is ``GRACE_S`` old.
+    """
+    import datetime
+    import warnings
+
     import optuna
     from optuna.trial import TrialState
+
+    before = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        where, _, pid = (worker or "").rpartition(":")
+        dead = (where == host and not _alive(int(pid))) if worker else \
+            (trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > GRACE_S)
+        if dead:
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or failed by another worker
+                pass
+    still = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t._trial_id in before - still]
+    for trial in failed:
+        print(f"search: trial {trial.number} was left running by a stopped worker "
+              f"({trial.user_attrs.get('worker', 'not started')}); marked failed", flush=True)
+    return [t.number for t in failed]
+
+
+def _create(name: str, url: str, direction: str, tries: int = 5):
+    """The storage and the study, created if new; workers starting together race to create the
+    database's tables and the study: the loser finds them made and tries again."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(tries):
+        try:
+            storage = _storage(url)
+            return storage, optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                                direction=direction)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def open_study(plan: dict, out_dir: Path):
+    """The plan's study (created or continued); trials left running by workers that died are marked
+    failed (:func:`fail_stale_trials`)."""
+    import optuna
 
     search = plan["search"]
     folder = out_dir / "search"
     folder.mkdir(parents=True, exist_ok=True)
     _, direction = _watched(search)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{folder / 'study.db'}"
-    study = optuna.create_study(study_name=plan["name"], storage=storage, load_if_exists=True, direction=direction)
+    storage, study = _create(plan["name"], storage_url(plan, out_dir), direction)
     fingerprint = json.dumps({"space": search["space"], "set": plan.get("set"), "base": plan.get("base"),
                               "metric": search.get("metric", "top1"), "direction": direction,
                               "seed": plan["seeds"][0]}, sort_keys=True, default=str)
@@ -175,23 +276,57 @@ def open_study(plan: dict, out_dir: Path):
     if stored is None:
         study.set_user_attr("plan", fingerprint)
     elif stored != fingerprint:
-        raise UserError(f"{folder / 'study.db'} belongs to a search with another space, settings, base, metric or seed; "
-                        "choose another --output-dir or delete it")
+        raise UserError(f"{storage_url(plan, out_dir)} holds a search with another space, settings, base, metric or "
+                        "seed; choose another --output-dir (or storage) or delete it")
     study = optuna.load_study(study_name=plan["name"], storage=storage,
                               sampler=_sampler(search, offset=len(study.trials)), pruner=_pruner(search))
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(stale._trial_id, TrialState.FAIL)
-        print(f"search: trial {stale.number} was left running by a stopped search; marked failed", flush=True)
+    fail_stale_trials(study)
     return study
 
 
+def wait_for_workers(study, poll_s: float = 5.0) -> None:
+    """Wait until no trial of the study is running (other workers' trials finish or are found dead)."""
+    from optuna.trial import TrialState
+
+    said = None
+    while True:
+        fail_stale_trials(study)
+        running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if not running:
+            return
+        if running != said:
+            print(f"search: waiting for trial(s) {', '.join(map(str, running))} of other workers", flush=True)
+            said = running
+        time.sleep(poll_s)
+
+
+# the trials this process is running: {pid: Popen} (a SLURM worker's checkpoint stops them)
+LIVE: dict = {}
+
+
+def stop_live_trials(sig: int = signal.SIGTERM, timeout_s: float = 75.0) -> None:
+    """Send ``sig`` to every running trial's process group and wait (up to ``timeout_s`` in all) for
+    them to write ``last/`` and exit."""
+    deadline = time.monotonic() + timeout_s
+    for proc in list(LIVE.values()):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+    for proc in list(LIVE.values()):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
-               slots: Optional[list[dict]] = None) -> Optional[dict]:
+               slots: Optional[list[dict]] = None, wait: bool = True) -> Optional[dict]:
     """Run the trials the study still lacks; returns the best trial's settings (None if none finished).
 
     ``slots`` (the parallel executor's, :func:`fgclf.sweep.run_slots`): that many trials at once,
     each with its slot's environment (its GPUs). The study stops at ``trials`` finished or pruned
-    trials counted over every worker sharing it.
+    trials counted over every worker sharing it (a worker may finish the trial it is running
+    after that, so a study with several workers can end with a few more). ``wait``: before
+    choosing the best, wait for other workers' running trials (:func:`wait_for_workers`).
     """
     import queue
 
@@ -212,6 +347,7 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
         free.put(slot)
 
     def objective(trial) -> float:
+        trial.set_user_attr("worker", worker_id())
         slot = free.get()
         try:
             return run_trial(trial, slot)
@@ -232,8 +368,10 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
         run.run_dir.mkdir(parents=True, exist_ok=True)
         with open(run.run_dir / "sweep.log", "a") as log:
             # its own process group: the stop reaches the training process behind accelerate's launcher
+            # SLURM's time-limit warning is the worker's to pass on (stop_live_trials), not the launcher's
             proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **slot})
+                                    env={**os.environ, **slot}, preexec_fn=_usr2_ignored)
+            LIVE[proc.pid] = proc
             reported, pruned = 0, False
             try:
                 while True:
@@ -253,6 +391,7 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
                 if proc.poll() is None and not pruned:
                     os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
+                LIVE.pop(proc.pid, None)
         if pruned:
             print(f"search: trial {trial.number} pruned after epoch {reported}", flush=True)
             raise optuna.TrialPruned()
@@ -265,12 +404,18 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
     if total - done > 0:
         study.optimize(objective, n_trials=total - done, catch=(RuntimeError,), n_jobs=len(slots or [{}]),
                        callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+    if wait:
+        wait_for_workers(study, poll_s=max(poll_s, 1.0))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
     best = study.best_trial
     print(f"search: best trial {best.number}: {key} {best.value:.4f} with {json.dumps(best.params)}", flush=True)
     return dict(best.params)
+
+
+def _usr2_ignored() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the training installs its own handler
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -305,11 +450,14 @@ def best_trial(plan: dict, out_dir: Path):
     import optuna
     from optuna.trial import TrialState
 
-    path = out_dir / "search" / "study.db"
-    if not path.is_file():
+    url = storage_url(plan, out_dir)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=plan["name"], storage=f"sqlite:///{path}")
+    try:
+        study = optuna.load_study(study_name=plan["name"], storage=url)
+    except KeyError:  # no study of that name there yet
+        return None
     return study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
 
 
@@ -343,5 +491,25 @@ def write_best_config(plan: dict, params: dict, path: Path, out_dir: Optional[Pa
     return path
 
 
-__all__ = ["best_trial", "check_search", "open_study", "run_search", "seeded_plan", "suggest", "trial_value",
-           "write_best_config"]
+def study_status(plan: dict, out_dir: Path) -> str:
+    """One line: the study's trials by state, against the plan's total."""
+    import collections
+
+    import optuna
+
+    url = storage_url(plan, out_dir)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        return "search: no study yet"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        trials = optuna.load_study(study_name=plan["name"], storage=url).get_trials(deepcopy=False)
+    except KeyError:
+        return "search: no study yet"
+    counts = collections.Counter(t.state.name.lower() for t in trials)
+    return (f"search: {counts['complete'] + counts['pruned']} of {plan['search'].get('trials', 20)} trials done ("
+            + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")")
+
+
+__all__ = ["GRACE_S", "HEARTBEAT_S", "LIVE", "best_trial", "check_search", "fail_stale_trials", "open_study",
+           "run_search", "seeded_plan", "stop_live_trials", "storage_url", "study_status", "suggest", "trial_value",
+           "wait_for_workers", "worker_id", "write_best_config"]

@@ -14,6 +14,13 @@ fails otherwise (a node lost, the process killed) is submitted again by the swee
 ``max_retries`` times, and resumes the same way. ``cluster: local`` runs the jobs as local
 processes through submitit's local executor (for trying a plan, and for the tests).
 
+A search plan (``search:``) is run by ``workers`` :class:`SearchWorker` jobs sharing the study
+(fgclf/search.py): each runs trials one after another on its job's resources until the study has
+its trials, then the sweep submits ``baseline`` and the best trial over the seeds as above. On
+SLURM's warning a worker passes it on to its running trial, which writes ``last/`` and stops; the
+trial is then found dead (its worker's process is gone, or its heartbeat stale) and replaced by
+a new one, and the requeued worker goes on searching.
+
 Job ids are kept in ``<out>/.submitit/jobs.json``; ``sweep.py --status`` reads them.
 """
 from __future__ import annotations
@@ -84,6 +91,90 @@ class SweepJob(submitit.helpers.Checkpointable):
             except subprocess.TimeoutExpired:
                 pass
         return submitit.helpers.DelayedSubmission(SweepJob(self.plan, self.run, self.repo, self.nodes))
+
+
+class SearchWorker(submitit.helpers.Checkpointable):
+    """A job that runs trials of the plan's search until the study has its trials."""
+
+    def __init__(self, plan: dict, out_dir: Path, repo: Path) -> None:
+        self.plan, self.out_dir, self.repo = plan, Path(out_dir), Path(repo)
+
+    def __call__(self) -> str:
+        from fgclf.search import run_search
+
+        run_search(self.plan, self.out_dir, repo=self.repo, wait=False)
+        return "searched"
+
+    def checkpoint(self, *args, **kwargs):
+        """SLURM's warning: the running trial is told (SIGUSR2: it writes ``last/`` and stops) and
+        waited for; the requeued worker searches on."""
+        from fgclf.search import stop_live_trials
+
+        stop_live_trials(signal.SIGUSR2, WAIT_FOR_CHECKPOINT_S)
+        return submitit.helpers.DelayedSubmission(SearchWorker(self.plan, self.out_dir, self.repo))
+
+
+def execute_search_slurm(plan: dict, *, out_dir: Path, repo: Path, options: dict,
+                         poll_s: Optional[float] = None) -> None:
+    """Submit the search's ``workers`` jobs (or wait for those still queued or running from an
+    earlier call), resubmit a failed one while the study lacks trials (``max_retries``), and wait
+    until every trial has ended."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from fgclf.search import open_study, wait_for_workers
+
+    if poll_s is None:
+        poll_s = 1.0 if options.get("cluster") in ("local", "debug") else 15.0
+    search = plan["search"]
+    study = open_study(plan, out_dir)  # created here, before the workers race to create it
+    total = int(search.get("trials", 20))
+    retries = int(options.get("max_retries", 2))
+    executor = make_executor(out_dir, options, f"{plan['name']}-search")
+    record_path = jobs_file(out_dir)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    jobs_record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    active: dict = {}
+
+    def lacking() -> int:
+        return total - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def submit(key: str, attempt: int) -> None:
+        job = executor.submit(SearchWorker(plan, out_dir, repo))
+        active[key] = (job, attempt)
+        jobs_record[key] = {"job_id": str(job.job_id), "attempt": attempt}
+        atomic_write_json(record_path, jobs_record)
+        print(f"{key}: submitted job {job.job_id} (attempt {attempt})", flush=True)
+
+    for k in range(int(search.get("workers", 1))):
+        key = f"search/worker{k}"
+        earlier = jobs_record.get(key)
+        if earlier:
+            job = executor.job_class(folder=out_dir / ".submitit" / str(earlier["job_id"]), job_id=str(earlier["job_id"]))
+            if not job.done():
+                active[key] = (job, int(earlier["attempt"]))
+                print(f"{key}: job {earlier['job_id']} is still queued or running; waiting for it", flush=True)
+                continue
+        if lacking() > 0:
+            submit(key, 1)
+    while active:
+        time.sleep(poll_s)
+        for key, (job, attempt) in list(active.items()):
+            if not job.done():
+                continue
+            del active[key]
+            error = job.exception()
+            if error is None or lacking() <= 0:
+                print(f"{key}: finished (job {job.job_id})", flush=True)
+            elif attempt <= retries:
+                why = str(error).strip().splitlines()[-1]
+                print(f"{key}: job {job.job_id} failed ({why[:200]}); submitting again", file=sys.stderr, flush=True)
+                submit(key, attempt + 1)
+            else:
+                print(f"{key}: FAILED after {attempt} attempts (job {job.job_id}; its log: "
+                      f"{out_dir / '.submitit' / str(job.job_id)})", file=sys.stderr, flush=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    wait_for_workers(study, poll_s=poll_s)  # a worker that died mid-trial: its trial is found dead
 
 
 def executor_parameters(options: dict) -> dict:
@@ -169,4 +260,5 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
     return failed
 
 
-__all__ = ["SweepJob", "execute_slurm", "executor_parameters", "make_executor"]
+__all__ = ["SearchWorker", "SweepJob", "execute_search_slurm", "execute_slurm", "executor_parameters",
+           "make_executor"]

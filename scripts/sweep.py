@@ -22,9 +22,11 @@ local`` runs the jobs as local processes. The comparison is written when the las
 
 Search (``search:`` in the plan, fgclf/search.py): Optuna trials over a space of config keys,
 pruned on the validation metric each epoch, the study in ``<out>/search/study.db`` (a stopped
-search continues; several workers share it; ``--executor parallel`` runs that many trials at once);
-then ``baseline`` and ``best_trial<N>`` run over the
-plan's seeds and are compared.
+search continues); then ``baseline`` and ``best_trial<N>`` run over the plan's seeds and are
+compared. Several workers share the study: ``--executor parallel`` runs that many trials at once,
+the slurm executor submits ``search: {workers: N}`` jobs, and ``--search-only`` adds a worker
+from another shell or node (it runs trials, then exits; the sweep that is not ``--search-only``
+waits for every trial before it picks the best).
 
 Repeated seeds of one config are a plan with one variant; k-fold CV is ``folds: k``. Each
 run is an ``accelerate launch`` of scripts/train_classifier.py with the plan's launch
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-run", type=int, help="executor parallel: GPUs given to each run (default 1)")
     parser.add_argument("--status", action="store_true", help="print each run's state and exit")
     parser.add_argument("--report", action="store_true", help="write the comparison of the finished runs and exit")
+    parser.add_argument("--search-only", action="store_true",
+                        help="a search plan: run trials of its study (beside other workers) and exit")
     args = parser.parse_args(argv)
 
     plan = load_plan(args.plan)
@@ -72,17 +76,36 @@ def main(argv: list[str] | None = None) -> int:
 
         slots = run_slots(executor["parallel"], executor["gpus_per_run"], torch.cuda.device_count())
     out = args.output_dir or Path("runs") / plan["name"]
+    if args.search_only and "search" not in plan:
+        raise UserError(f"--search-only: {args.plan} has no search section")
     if "search" in plan:  # Optuna's trials first, then baseline and the best trial over the seeds
-        from fgclf.search import run_search, seeded_plan
+        from fgclf.search import best_trial, run_search, seeded_plan, study_status
 
-        if executor["name"] == "slurm":
-            raise UserError("a search runs its trials from this process (--executor parallel: several at once); submit "
-                            "sweep.py itself as a SLURM job to search on a cluster")
+        if "workers" in plan["search"] and executor["name"] != "slurm":
+            raise UserError("search workers is the slurm executor's number of search jobs; on one node use --executor "
+                            "parallel --parallel N, or start sweep.py --search-only beside this one")
+        if executor["name"] == "slurm" and int(executor.get("nodes", 1)) > 1:
+            raise UserError("a search worker runs its trials on one node: executor nodes must be 1 for a search")
+        if args.search_only and executor["name"] == "slurm":
+            raise UserError("--search-only runs trials here; with the slurm executor the workers are jobs "
+                            "(search: {workers: N})")
         if not (args.status or args.report or args.dry_run):
             prepare(plan, out, repo=REPO)
-            if run_search(plan, out.resolve(), repo=REPO, slots=slots) is None:
+            if executor["name"] == "slurm":
+                from fgclf.sweep_slurm import execute_search_slurm
+
+                execute_search_slurm(plan, out_dir=out.resolve(), repo=REPO, options=executor)
+                found = best_trial(plan, out.resolve()) is not None
+            else:
+                found = run_search(plan, out.resolve(), repo=REPO, slots=slots, wait=not args.search_only) is not None
+            if args.search_only:
+                print(study_status(plan, out.resolve()), flush=True)
+                return 0
+            if not found:
                 raise UserError(f"search {plan['name']}: no trial finished (all pruned or failed); see "
                                 f"{out / 'search'}/trial*/sweep.log")
+        elif args.status:
+            print(study_status(plan, out.resolve()), flush=True)
         plan = seeded_plan(plan, out.resolve())
     runs = expand(plan, out)
     if args.status:

@@ -244,6 +244,14 @@ def test_sbatch_script_carries_the_plans_resources(tmp_path, monkeypatch):
                           "--main_process_port", "29500"] and launch[8:10] == ["--config_file", "cfg.yaml"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
 def _search_plan(tmp_path: Path, toy_root: Path, **search) -> Path:
     plan = yaml.safe_load(_plan(tmp_path, toy_root).read_text())
     del plan["variants"]
@@ -283,13 +291,14 @@ def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_r
     rerun = out / f"best_trial{best.number}" / "seed1"
     assert trial_value(rerun, "val/top1") == pytest.approx(best.value, abs=1e-9)  # the same run again
     assert (out / "comparison" / "summary.json").is_file() and (out / "baseline" / "seed1" / "metrics.json").is_file()
-    study.ask()  # a trial left running, as a killed search leaves it
+    left = study.ask()  # a trial left running, as a search killed on this host leaves it
+    left.set_user_attr("worker", f"{__import__('socket').gethostname()}:{_dead_pid()}")
     plan = yaml.safe_load(path.read_text())
     plan["search"]["trials"] = 3
     path.write_text(yaml.safe_dump(plan))
     again = run_script("sweep.py", [str(path), "--output-dir", str(out)])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "was left running by a stopped search; marked failed" in again.stdout
+    assert f"trial {left.number} was left running by a stopped worker" in again.stdout
     states = [t.state for t in optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}"
                                                  ).get_trials()]
     assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
@@ -364,11 +373,139 @@ def test_search_plans_a_study_does_not_fit_are_refused(toy_root, tmp_path):
     plan = load_plan(_search_plan(tmp_path, toy_root))
     open_study(plan, tmp_path / "out")
     plan["search"]["space"]["optim.lr"]["high"] = 0.5
-    with pytest.raises(UserError, match="belongs to a search with another space"):
+    with pytest.raises(UserError, match="holds a search with another space"):
         open_study(plan, tmp_path / "out")
-    path = _search_plan(tmp_path, toy_root)
+    path = _search_plan(tmp_path, toy_root, workers=2)
     spec = yaml.safe_load(path.read_text())
-    spec["executor"] = {"name": "slurm", "cluster": "local"}
+    for executor, message in (({"name": "slurm", "cluster": "local", "nodes": 2}, "executor nodes must be 1"),
+                              ("parallel", "search workers is the slurm executor's number of search jobs")):
+        spec["executor"] = executor
+        path.write_text(yaml.safe_dump(spec))
+        proc = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "s")])
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists()
+
+
+def _workers_of(out: Path) -> dict[int, str]:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}")
+    return {t.number: t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+
+@pytest.mark.slow  # 3-4 trials and 2 seeded runs; `make test-slow`
+def test_a_second_worker_shares_the_study_and_the_sweep_waits_for_it(toy_root, tmp_path):
+    """`sweep.py --search-only` beside the sweep: both run trials of one study (no trial run twice, none
+    marked failed), the study ends with its 3 trials (plus at most the one a worker was finishing), and
+    the sweep picks the best only after every trial ended."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from conftest import REPO
+
+    path, out = _search_plan(tmp_path, toy_root, trials=3), tmp_path / "out"
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    helper = subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), str(path), "--output-dir", str(out),
+                               "--search-only"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)], env={"PYTHONUNBUFFERED": "1"})  # a process of its own
+    helper_out = helper.communicate(timeout=600)[0]
+    assert proc.returncode == 0 and helper.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + helper_out
+    workers = _workers_of(out)
+    assert 3 <= len(workers) <= 4 and len(set(workers.values())) == 2
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}")
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert f"best_trial{study.best_trial.number}" in (out / "comparison" / "summary.md").read_text()
+    assert "trials done (" in helper_out
+
+
+@pytest.mark.slow  # 3-4 trials in 2 jobs and 2 seeded runs; `make test-slow`
+def test_slurm_search_workers_share_the_study(toy_root, tmp_path):
+    """search: {workers: 2} on the slurm executor (submitit's local cluster): two jobs run trials of one
+    study, then baseline and the best trial run as jobs and are compared; --status counts the trials."""
+    path = _search_plan(tmp_path, toy_root, trials=3, workers=2)
+    spec = yaml.safe_load(path.read_text())
+    spec["executor"] = {"name": "slurm", "cluster": "local", "time_min": 10}
     path.write_text(yaml.safe_dump(spec))
-    proc = run_script("sweep.py", [str(path), "--output-dir", str(tmp_path / "s")])
-    assert proc.returncode == 2 and "submit sweep.py itself as a SLURM job" in proc.stderr.strip().splitlines()[-1]
+    out = tmp_path / "out"
+    proc = run_script("sweep.py", [str(path), "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workers = _workers_of(out)
+    assert 3 <= len(workers) <= 4 and len(set(workers.values())) == 2
+    jobs = json.loads((out / ".submitit" / "jobs.json").read_text())
+    assert {"search/worker0", "search/worker1"} <= set(jobs) and len(jobs) == 4  # 2 workers, baseline, best
+    assert (out / "comparison" / "summary.json").is_file()
+    status = run_script("sweep.py", [str(path), "--output-dir", str(out), "--status"])
+    assert f"search: {len(workers)} of 3 trials done ({len(workers)} complete)" in status.stdout
+
+
+def test_trials_of_dead_workers_are_failed_and_live_workers_trials_kept(toy_root, tmp_path):
+    """Several workers share a study: opening it fails a running trial whose worker process is gone from
+    this host, or whose heartbeat is older than the grace period (a worker on another host), or that was
+    asked for long ago and never started; a live local worker's trial, another host's trial with a fresh
+    heartbeat and one just asked for are left running."""
+    import datetime
+    import os
+    import socket
+    import sqlite3
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from fgclf.search import GRACE_S, open_study
+    from fgclf.sweep import load_plan
+
+    plan = load_plan(_search_plan(tmp_path, toy_root))
+    out = tmp_path / "out"
+    study = open_study(plan, out)
+    host = socket.gethostname()
+    workers = {"dead_here": f"{host}:{_dead_pid()}", "live_here": f"{host}:{os.getpid()}",
+               "stale_there": "node-elsewhere:11", "fresh_there": "node-elsewhere:12", "never_started": None,
+               "just_asked": None}
+    number = {}
+    for name, worker in workers.items():
+        trial = study.ask()
+        number[name] = trial.number
+        if worker:
+            trial.set_user_attr("worker", worker)
+        study._storage.record_heartbeat(trial._trial_id)
+    long_ago = datetime.timedelta(seconds=GRACE_S + 60)
+    with sqlite3.connect(out / "search" / "study.db") as db:  # the database keeps UTC heartbeats, local starts
+        db.execute("UPDATE trial_heartbeats SET heartbeat = ? WHERE trial_id = ?",
+                   (str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - long_ago),
+                    study.trials[number["stale_there"]]._trial_id))
+        db.execute("UPDATE trials SET datetime_start = ? WHERE number = ?",
+                   (str(datetime.datetime.now() - long_ago), number["never_started"]))
+    open_study(plan, out)  # as another worker (or a restarted sweep) opens it
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}").trials
+    assert {name: trials[n].state for name, n in number.items()} == {
+        "dead_here": TrialState.FAIL, "live_here": TrialState.RUNNING, "stale_there": TrialState.FAIL,
+        "fresh_there": TrialState.RUNNING, "never_started": TrialState.FAIL, "just_asked": TrialState.RUNNING}
+
+
+def test_search_worker_passes_slurms_warning_to_its_trial_and_requeues(tmp_path):
+    """A search worker job on SLURM's time-limit warning: its running trial's process group gets SIGUSR2 and
+    is waited for; the requeued worker is a fresh, picklable SearchWorker of the same plan."""
+    import pickle
+    import subprocess
+    import sys
+
+    pytest.importorskip("submitit")
+    from fgclf import search
+    from fgclf.sweep_slurm import SearchWorker
+
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGUSR2, lambda *a: sys.exit(7))\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    search.LIVE[proc.pid] = proc
+    try:
+        again = SearchWorker({"name": "p"}, tmp_path / "out", tmp_path).checkpoint()
+    finally:
+        search.LIVE.pop(proc.pid, None)
+    assert proc.returncode == 7  # its handler ran: it was told, and waited for
+    fresh = pickle.loads(pickle.dumps(again.function))
+    assert isinstance(fresh, SearchWorker) and fresh.out_dir == tmp_path / "out" and fresh.plan == {"name": "p"}
