@@ -509,3 +509,20 @@ def test_search_worker_passes_slurms_warning_to_its_trial_and_requeues(tmp_path)
     assert proc.returncode == 7  # its handler ran: it was told, and waited for
     fresh = pickle.loads(pickle.dumps(again.function))
     assert isinstance(fresh, SearchWorker) and fresh.out_dir == tmp_path / "out" and fresh.plan == {"name": "p"}
+
+
+def test_search_storage_puts_the_study_in_another_database(toy_root, tmp_path):
+    """search.storage: the study lives in the named database, not in <out>/search/study.db, and the
+    best-trial lookup and --status read it there."""
+    from fgclf.search import best_trial, open_study, study_status
+    from fgclf.sweep import load_plan
+
+    shared = tmp_path / "shared" / "studies.db"
+    shared.parent.mkdir()
+    plan = load_plan(_search_plan(tmp_path, toy_root, storage=f"sqlite:///{shared}"))
+    study = open_study(plan, tmp_path / "out")
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    assert shared.is_file() and not (tmp_path / "out" / "search" / "study.db").exists()
+    assert best_trial(plan, tmp_path / "out").value == 0.5
+    assert study_status(plan, tmp_path / "out") == "search: 1 of 2 trials done (1 complete)"
