@@ -45,4 +45,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fgclf.runtime import exit_process
+
+    exit_process(main())  # without the ~1.5 s module teardown (fgclf.runtime.exit_process)

@@ -47,7 +47,7 @@ def toy_root(tmp_path_factory) -> Path:
 
 # A single-process run without extra environment goes through the script's ``main(argv)`` in this
 # process: a subprocess would pay ~10 s of imports per run and prove nothing more (the scripts'
-# entry points are ``sys.exit(main())``). FGCLF_TEST_SUBPROCESS=1 runs every script as a subprocess.
+# entry points are ``exit_process(main())``). FGCLF_TEST_SUBPROCESS=1 runs every script as a subprocess.
 IN_PROCESS = os.environ.get("FGCLF_TEST_SUBPROCESS", "") != "1"
 
 

@@ -102,7 +102,10 @@ def load_records_from_config(d) -> tuple[Records, list[tuple[str, str]]]:
     rec = load_records(**load_kwargs_from_config(d), keep_missing=bool(d.skip_bad_images))
     for note in rec.notes:  # auto's choice, a copy that is not the official protocol
         print(note, file=sys.stderr, flush=True)
-    bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images)
+    from fgclf.data.verified import VerifiedFiles
+
+    # files that passed before and have not changed since are not decoded again (fgclf/data/verified.py)
+    bad = find_bad_images([p for p in rec.items if isinstance(p, str)], mode=d.verify_images, record=VerifiedFiles())
     if bad and not d.skip_bad_images:
         path, why = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
