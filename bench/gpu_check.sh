@@ -7,7 +7,8 @@
 # fp16 and bf16 accelerate configs, the same under DeepSpeed ZeRO-2 (bf16, one GPU), a bf16 run with
 # channels_last + torch.compile, the NCHW/NHWC benchmark at 224 px, WS-DAN and iSQRT-COV toy runs in bf16
 # (the tests marked gpu also train every fine-grained method in bf16), SAM + EMA under fp16 loss scaling and
-# EMA under ZeRO-2 (bf16 weights averaged in float32), each asserted finite and above chance; with 2 or more
+# EMA under ZeRO-2 (bf16 weights averaged in float32), each asserted finite and above chance; the GPU input
+# path (--data.decoder nvjpeg: CUDA equals CPU decode, a run; bench/throughput.py's goals); with 2 or more
 # GPUs also a bf16 pipeline-parallel run and the pipeline bubble benchmark over NCCL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +64,19 @@ for method in wsdan isqrt_cov; do
 done
 $PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
   --models tf_efficientnet_lite0 resnet50
+# throughput at the operating point (issue 20's goals): with the GPU input path fgclf reaches >= 0.9 of the
+# model-bound rate for ResNet-50 at 448, and every decoder is at least as fast as timm's loader
+$PY bench/throughput.py --models resnet50 --sizes 448 --precision bf16 --channels-last --decoders pil nvjpeg \
+  --images 512 --batch-size 64 --steps 6 --workers "$(( $(nproc) > 16 ? 16 : $(nproc) ))" --json runs/gpu_check/throughput.json
+$PY - <<'PYEOF'
+import json
+rows = json.load(open("runs/gpu_check/throughput.json"))
+for r in rows:
+    print(r["decoder"], "(b)/(a)", round(r["fgclf"] / r["limit"], 3), "(b)/(c)", round(r["fgclf"] / r["timm"], 3))
+    assert r["fgclf"] >= r["timm"], r
+nv = [r for r in rows if r["decoder"] == "nvjpeg"]
+assert nv and nv[0]["fgclf"] >= 0.9 * nv[0]["limit"], nv
+PYEOF
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then
   out=runs/gpu_check/pipeline-bf16-$(date +%s)

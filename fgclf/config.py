@@ -105,8 +105,9 @@ class DataConfig:
             ``"0:224,10:336,20:448"``; fgclf/data/progressive.py): the training crop size by epoch;
             evaluation stays at ``image_size``; the batch size does not change (null: off).
         num_workers: DataLoader worker processes per training process.
-        persistent_workers: Keep the train/eval workers alive between epochs (saves their start-up
-            each epoch; exact resume still holds: augmentation is seeded per sample).
+        persistent_workers: Keep the train/eval workers alive between epochs (as timm does: saves
+            their start-up every epoch, ``bench/fixed_cost.py``; exact resume still holds:
+            augmentation is seeded per sample).
         prefetch_factor: Batches each worker loads ahead (null: torch's default, 2).
         cache: Read images through a cache of copies resized once to the evaluation resize size
             (``floor(crop / crop_pct)``; e.g. 512 for 448) and reused by later runs and seeds.
@@ -114,10 +115,15 @@ class DataConfig:
             evaluation pixels within JPEG-95 error (~42 dB); train crops come from the copy.
         cache_dir: Folder of that cache (null: ``<fgclf cache>/resized``).
         decoder: Image decoder for training and evaluation: ``pil``, or ``torchvision``
-            (``torchvision.io.decode_jpeg`` for plain JPEGs, PIL for the rest; the same pixels).
+            (``torchvision.io.decode_jpeg`` for plain JPEGs, PIL for the rest; the same pixels), or
+            ``nvjpeg`` (a GPU: workers read file bytes, the GPU decodes, crops, flips, jitters and
+            normalises each batch; other files are decoded by PIL in the workers; the basic
+            augmentation parts only; fgclf/data/device_input.py).
         verify_images: ``full`` decodes every image before training so a corrupt file stops
             the run at once; ``header`` only opens them; ``none`` skips the check (files
-            missing from disk are still reported).
+            missing from disk are still reported). Files that passed before and are unchanged
+            (size, mtime, ctime) are not decoded again (``<fgclf cache>/verified.db``; delete
+            it to check everything).
         skip_bad_images: Drop unreadable images (listed in the run directory) instead of
             stopping.
         toy_num_classes: Classes of the generated toy dataset.
@@ -143,7 +149,7 @@ class DataConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     progressive: Optional[str] = None
     num_workers: int = 2
-    persistent_workers: bool = False
+    persistent_workers: bool = True
     prefetch_factor: Optional[int] = None
     cache: bool = False
     cache_dir: Optional[str] = None

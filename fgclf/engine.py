@@ -248,6 +248,9 @@ class FitOptions:
             the gradient again at the perturbed weights (see :func:`_sam_second_pass`).
         unfreeze: A :class:`fgclf.unfreeze.GradualUnfreeze`: told the epoch before ``train_mode``
             runs, and the frozen parameters' gradients dropped before clipping and each step.
+        train_input, eval_input: Make each batch's images on the device from what the loader
+            gave (:class:`fgclf.data.device_input.DeviceTransform`: the GPU decode path); None:
+            the loader's images are the input.
     """
 
     epochs: int = 1
@@ -266,6 +269,8 @@ class FitOptions:
     ema: Optional[Any] = None
     sam: Optional[Any] = None
     unfreeze: Optional[Any] = None
+    train_input: Optional[Callable] = None
+    eval_input: Optional[Callable] = None
 
 
 def _plain(method):
@@ -344,6 +349,8 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
     if o.sam is not None:
         from fgclf.sam import rng_state
     for batch in bar:
+        if o.train_input is not None:  # the GPU input path: decoded and augmented here, on the device
+            batch = (o.train_input(batch[0]), *batch[1:])
         ctx.start_batch(state.step_in_epoch, state.global_step)
         stepped = False  # did any of this batch's optimizer steps apply (fp16 loss scaling may skip one)?
         for substep in range(method.substeps):  # PMG: one optimizer step per granularity; others: one
@@ -403,14 +410,16 @@ def train_one_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler,
 
 @torch.no_grad()
 def evaluate(accelerator, model: nn.Module, loader, *, method=None, loss_fn: Optional[nn.Module] = None,
-             progress: bool = False, desc: str = "eval", cast_inputs: bool = True) -> EvalOutput:
+             progress: bool = False, desc: str = "eval", cast_inputs: bool = True,
+             inputs: Optional[Callable] = None) -> EvalOutput:
     """Logits and labels of every sample in ``loader``, gathered from all processes.
 
     Logits come from ``method.predict`` (the method's inference, with its test-time flip), or
     from the model's forward without a method. ``gather_for_metrics`` drops the samples that
     distributed samplers duplicate to even out the last batch, so each sample counts exactly
     once; order is the dataset's order. ``cast_inputs=False`` keeps float32 inputs under DeepSpeed
-    (for a float32 model beside the engine's, such as the weight EMA).
+    (for a float32 model beside the engine's, such as the weight EMA). ``inputs`` makes the images
+    from what the loader gave (the GPU decode path, ``FitOptions.eval_input``).
     """
     model.eval()
     cast = input_dtype(accelerator) if cast_inputs else None
@@ -418,6 +427,8 @@ def evaluate(accelerator, model: nn.Module, loader, *, method=None, loss_fn: Opt
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False,
                                disable=not (progress and accelerator.is_local_main_process)):
+        if inputs is not None:
+            images = inputs(images)
         if cast is not None:
             images = images.to(cast)
         logits = predict(model, images).float()
@@ -535,7 +546,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
             record = {"epoch": state.epoch, "step": state.global_step, **record}
             if val_loader is not None:
                 out = eval_fn(accelerator, model, val_loader, method=method, loss_fn=EVAL_LOSS, progress=o.progress,
-                              desc="val")
+                              desc="val", **({"inputs": o.eval_input} if o.eval_input is not None else {}))
                 scores = compute_metrics(out.logits, out.labels, num_classes=num_classes)
                 record.update({"val/loss": out.loss, "val/num_samples": int(len(out.labels)),
                                **{f"val/{k}": v for k, v in scores.items()}})
@@ -547,7 +558,7 @@ def fit(accelerator, model: nn.Module, train_loader, val_loader, optimizer, sche
                 if o.ema is not None:  # the average is validated too; the better of the two competes for best
                     o.ema.sync(accelerator)
                     ema_out = evaluate(accelerator, o.ema.module, val_loader, method=method, loss_fn=EVAL_LOSS,
-                                       progress=o.progress, desc="val ema", cast_inputs=False)
+                                       progress=o.progress, desc="val ema", cast_inputs=False, inputs=o.eval_input)
                     ema_scores = compute_metrics(ema_out.logits, ema_out.labels, num_classes=num_classes)
                     record.update({"val_ema/loss": ema_out.loss, **{f"val_ema/{k}": v for k, v in ema_scores.items()}})
                     ema_value = ema_out.loss if metric == "loss" else ema_scores[metric]

@@ -35,6 +35,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from fgclf.timeline import Timeline  # noqa: E402  (first: the process start and the imports are timed)
+
+_FIRST_CALL = [True]  # a second main() in one process (the tests) times from its own call
 from fgclf.config import TrainClassifierConfig, parse_config, save_config, to_dict  # noqa: E402
 from fgclf.errors import UserError  # noqa: E402
 from fgclf.runtime import (broadcast_from_main, check_resume_config, command_line, create_accelerator,  # noqa: E402
@@ -89,6 +92,8 @@ def validate(cfg: TrainClassifierConfig) -> None:
         (cfg.distill.teacher is None or Path(cfg.distill.teacher).exists(),
          f"--distill.teacher: no such run directory or model folder: {cfg.distill.teacher}"),
         (cfg.distill.teacher is None or cfg.parallel == "data", "--distill.teacher needs --parallel data"),
+        (cfg.data.decoder != "nvjpeg" or (cfg.parallel == "data" and cfg.data.progressive is None),
+         "--data.decoder nvjpeg makes one crop size on the device; it needs --parallel data and no data.progressive"),
     ]
     if cfg.parallel == "pipeline":  # what the pipeline runner does not do (yet), refused before any work
         p = cfg.pp
@@ -179,7 +184,9 @@ def with_synthetic(cfg: TrainClassifierConfig, records):
                                       ratio=s.ratio, per_class=s.per_class, seed=s.seed)
     if len(chosen) == 0:
         raise UserError(f"no synthetic images chosen from {s.dir} (synthetic.ratio {s.ratio}, per_class {s.per_class})")
-    bad = find_bad_images(chosen.items, mode=cfg.data.verify_images)
+    from fgclf.data.verified import VerifiedFiles
+
+    bad = find_bad_images(chosen.items, mode=cfg.data.verify_images, record=VerifiedFiles())
     if bad:
         raise UserError(f"unreadable synthetic image {bad[0][0]}: {bad[0][1]}")
     info = {"dir": str(Path(s.dir).resolve()), "n_synthetic": len(chosen), "only": s.only,
@@ -210,8 +217,16 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
         cache = ResizedImageCache(d.cache_dir or default_cache_dir(), eval_resize_size(data_cfg),
                                   data_cfg.get("interpolation") or "bilinear")
         cache.check_space(records.items, records.bboxes)  # refuses a full disk; prints the size (main process)
-    splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf,
-                                   cache=cache, decoder=d.decoder) for s in ("train", "val", "test")}
+    plans = None
+    if d.decoder == "nvjpeg":  # workers read file bytes; the device decodes and augments (fgclf/data/device_input.py)
+        from fgclf.data.device_input import EncodedImageDataset, plan_for
+
+        plans = {"train": plan_for(data_cfg, is_training=True, aug=d.aug), "eval": plan_for(data_cfg, is_training=False)}
+        splits = {s: EncodedImageDataset(fd.create_dataset(records=records, split=s, cache=cache),
+                                         plans["train" if s == "train" else "eval"]) for s in ("train", "val", "test")}
+    else:
+        splits = {s: fd.create_dataset(records=records, split=s, transform=train_tf if s == "train" else eval_tf,
+                                       cache=cache, decoder=d.decoder) for s in ("train", "val", "test")}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise UserError("the dataset needs at least one train and one test image")
 
@@ -219,6 +234,10 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     # and after a resume, and different samples (so different draws) on different processes
     splits["train"] = fd.PerSampleSeeds(debug_aug_log(splits["train"]), seed=cfg.train.seed)
     workers = {"num_workers": d.num_workers}
+    if plans is not None:
+        from fgclf.data.device_input import collate_encoded
+
+        workers["collate_fn"] = collate_encoded
     if d.num_workers:
         workers.update(worker_init_fn=ignore_stop_signals, persistent_workers=d.persistent_workers,
                        prefetch_factor=d.prefetch_factor)
@@ -253,7 +272,7 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     loaders = {"train": train,
                "val": loader(splits["val"], eval_bs, False) if len(splits["val"]) else None,
                "test": loader(splits["test"], eval_bs, False)}
-    return splits, loaders, data_cfg
+    return splits, loaders, data_cfg, plans
 
 
 def run_method(cfg: TrainClassifierConfig, levels: Optional[dict] = None):
@@ -353,15 +372,21 @@ def build_parts(cfg: TrainClassifierConfig, train_labels: list[int], num_classes
                      logit_penalty=penalty, tta_flip=flip, tta="none" if flip else cfg.train.tta)
 
 
-def method_pictures(accelerator, method, model, test_set, run_dir: Path) -> tuple:
+def method_pictures(accelerator, method, model, test_set, run_dir: Path, inputs=None) -> tuple:
     """The per-epoch picture of a method that draws one (WS-DAN/CAL attention maps and crops, TransFG's
     selected patches, NTS-Net's proposals, PIM's/HERBS' kept locations) on the first 8 test images, written to
-    ``run_dir/<method>/epoch_NNN.png``; none for the others."""
+    ``run_dir/<method>/epoch_NNN.png``; none for the others. ``inputs``: the GPU input path's eval transform."""
     if not hasattr(method, "draw"):
         return ()
     import torch
 
-    images = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))])
+    samples = [test_set[i] for i in range(min(8, len(test_set)))]
+    if inputs is not None:
+        from fgclf.data.device_input import collate_encoded
+
+        images = inputs(collate_encoded(samples)[0])
+    else:
+        images = torch.stack([x for x, _ in samples])
     folder = run_dir / method.name
 
     def draw(state) -> None:
@@ -372,6 +397,10 @@ def method_pictures(accelerator, method, model, test_set, run_dir: Path) -> tupl
 @script_main
 def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- config
+    timeline = Timeline(from_process_start=_FIRST_CALL[0])
+    _FIRST_CALL[0] = False
+    timeline.mark("imports")
+    script_run = argv is None  # a process of its own (not a call from the tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check-data" in argv  # check the dataset (fgclf/data/check.py) and exit without training
     cfg = parse_config(TrainClassifierConfig, [a for a in argv if a != "--check-data"], prog="train_classifier.py",
@@ -384,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_check(cfg.data)
     output_dir, resume_dir = resolve_resume(cfg.resume, cfg.train.output_dir)
+    timeline.mark("config")
     # ---------------------------------------------------------------- accelerator
     from fgclf import checkpoint as ck
     from fgclf.engine import EVAL_LOSS, FitOptions, StopTraining, TrainState, evaluate, fit
@@ -398,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     accelerator = create_accelerator(grad_accum_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
                                      clip_grad_norm=t.clip_grad_norm, compile=t.compile)
+    if cfg.data.decoder == "nvjpeg":
+        from fgclf.data import device_input
+
+        device_input.check_device(accelerator.device)
     for key, value in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
         if value % accelerator.num_processes and cfg.parallel == "data":  # a pipeline's processes share batches
             raise UserError(f"train.{key} {value} must be divisible by the {accelerator.num_processes} processes")
@@ -425,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         t.seed = broadcast_from_main(accelerator, lambda: secrets.randbelow(2**31 - 1))
         accelerator.print(f"random seed: {t.seed}")
     seed_shared(accelerator, t.seed)  # the same on every process: model init, splits, the sampler's shuffle
+    timeline.mark("accelerator")
     # ---------------------------------------------------------------- data + model
     records, bad = broadcast_from_main(accelerator, lambda: fd.load_records_from_config(cfg.data))
     class_names = records.class_names
@@ -441,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             if needs_val:
                 raise UserError(f"{what} needs a validation split; set data.val_fraction > 0")
     method = run_method(cfg, records.levels)
+    timeline.mark("data")
     model, train_mode, model_kwargs, peft_meta, params = build_model(cfg, len(class_names), method)
+    timeline.mark("model")
     if t.channels_last:  # convolutions then hand NHWC activations along; inputs are converted by the first
         import torch
 
@@ -453,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"train.sync_bn: {cfg.model.name} has no BatchNorm layers")
         if accelerator.num_processes > 1:
             model = convert_sync_batchnorm(model, accelerator.device)
-    splits, loaders, data_cfg = build_loaders(cfg, records, model, method)
+    splits, loaders, data_cfg, plans = build_loaders(cfg, records, model, method)
     if cfg.data.progressive:  # evaluation is at the run's size: the schedule grows up to it
         from fgclf.data.progressive import parse_progressive
 
@@ -557,7 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]
         checkpointer.track(optimizer, scheduler)
         hooks = {"train_fn": runner.train_one_epoch, "eval_fn": runner.evaluate}
+    train_input = eval_input = None
+    if plans is not None:  # the GPU input path: each batch is decoded and augmented on the device
+        from fgclf.data.device_input import DeviceTransform
+
+        train_input = DeviceTransform(plans["train"], accelerator.device)
+        eval_input = DeviceTransform(plans["eval"], accelerator.device)
     accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(to_dict(cfg)).items()})
+    if script_run:  # the modules, the model and the data live until the end: the garbage collector skips them
+        import gc
+
+        gc.freeze()
+    timeline.mark("setup")
     # ---------------------------------------------------------------- loop
     if runner is None:  # dropout, drop-path and mixup: one stream per process (the pipeline seeds its stages)
         seed_per_process(accelerator, t.seed)
@@ -580,10 +628,13 @@ def main(argv: list[str] | None = None) -> int:
                              min_delta=t.early_stopping_min_delta, clip_grad_norm=t.clip_grad_norm,
                              log_every=t.log_every, checkpoint_every_steps=t.checkpoint_every_steps,
                              max_nonfinite_steps=t.max_nonfinite_steps, progress=t.progress, train_mode=train_mode,
-                             callbacks=debug_callbacks(), seed=t.seed, ema=ema if t.ema_decay else None,
+                             callbacks=(_first_update(timeline), *debug_callbacks()), seed=t.seed,
+                             ema=ema if t.ema_decay else None,
                              sam=SAM(model.parameters(), rho=t.sam_rho, adaptive=t.sam_adaptive) if t.sam_rho else None,
                              unfreeze=unfreeze if cfg.model.unfreeze else None,
-                             epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir))
+                             train_input=train_input, eval_input=eval_input,
+                             epoch_callbacks=method_pictures(accelerator, method, model, splits["test"], run_dir,
+                                                             inputs=eval_input))
         state = fit(accelerator, model, train_loader, val_loader, optimizer, scheduler, fit_method, state=state,
                     checkpointer=checkpointer, run_dir=run_dir, num_classes=len(class_names), options=options, **hooks)
     except StopTraining as stop:  # no test evaluation: say how to continue, shut down cleanly, exit 128 + signal
@@ -593,12 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         model = optimizer = scheduler = train_loader = test_loader = val_loader = None  # released, as at the end
         shutdown(accelerator)
         return stop.exit_code
+    timeline.mark("train")
     # ---------------------------------------------------------------- test + save
     checkpointer.load_best_weights(model)
     test_start = time.perf_counter()
     out = hooks.get("eval_fn", evaluate)(accelerator, model, test_loader, method=method, loss_fn=EVAL_LOSS,
-                                         progress=t.progress, desc="test")
+                                         progress=t.progress, desc="test",
+                                         **({"inputs": eval_input} if eval_input is not None else {}))
     test_seconds = time.perf_counter() - test_start
+    timeline.mark("test")
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
@@ -611,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
                  "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}
         if cfg.data.num_folds:
             extra.update(fold=cfg.data.fold, num_folds=cfg.data.num_folds)
+        if plans is not None:  # what the device decoded, and what came decoded from the CPU (and why)
+            extra["device_decode"] = {"train": train_input.summary(), "eval": eval_input.summary()}
+            fallbacks = sum(sum(x.fallbacks.values()) for x in (train_input, eval_input))
+            if fallbacks:
+                print(f"nvjpeg: {fallbacks} of {train_input.decoded + eval_input.decoded} images were decoded on the "
+                      f"CPU: {dict(train_input.fallbacks + eval_input.fallbacks)}")
         metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
                                    history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
                                    image_ids=splits["test"].records.image_ids, levels=records.levels)
@@ -621,9 +681,21 @@ def main(argv: list[str] | None = None) -> int:
 
         items = splits["test"].records.items  # image files (an HF dataset's rows have none)
         write_html_report(run_dir, items if all(isinstance(i, str) for i in items) else None)
+        timeline.mark("report")
     del model, optimizer, scheduler, train_loader, test_loader, val_loader
     shutdown(accelerator)
+    timeline.mark("shutdown")
+    if accelerator.is_main_process:
+        timeline.write(run_dir / "timings.json")
     return 0
+
+
+def _first_update(timeline: Timeline):
+    """An update callback that marks ``first_update`` once (the rest of the epochs are ``train``)."""
+    def mark(state) -> None:
+        if not any(name == "first_update" for name, _ in timeline.marks):
+            timeline.mark("first_update")
+    return mark
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -639,4 +711,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fgclf.runtime import exit_process
+
+    exit_process(main())  # without the ~1.5 s module teardown (fgclf.runtime.exit_process)

@@ -5,6 +5,7 @@ import importlib.util
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,65 @@ def test_method_cost_runs_every_step_and_reports_ratios_against_plain(capsys):
     assert set(table) == {"plain", "bcnn", "pmg", "herbs"}
     assert table["plain"][2] == "1.00x" and table["plain"][4] == "1.00x"
     assert int(table["bcnn"][0].replace(",", "")) > int(table["plain"][0].replace(",", ""))  # its bilinear head
+
+
+def test_fixed_cost_phases_fit_in_the_wall_time_and_the_record_skips_the_decode(capsys):
+    """bench/fixed_cost.py on a tiny run: every phase of timings.json is reported, the phases and the exit
+    fit inside the measured wall time (they are parts of it), and the decode check's filled record is
+    reported beside the no-record baseline."""
+    bench = _load("fixed_cost")
+    assert bench.main(["--tiny", "--epochs", "1", "--repeats", "1", "--warmup", "0", "--verify", "12"]) == 0
+    out = capsys.readouterr().out
+    table = _table(out)
+    phases = ["imports", "config", "accelerator", "data", "model", "setup", "first_update", "train", "test",
+              "report", "shutdown", "exit"]
+    assert [k for k in table if k in phases + ["total"]] == phases + ["total"]
+    seconds = {k: float(table[k][0]) for k in phases + ["total"]}
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(seconds[k] for k in phases) <= seconds["total"] + 0.05  # parts of one wall time (clock ticks)
+    assert table["total"][2] == "100.0%"
+    assert table["no record"][1] == "1.000x" and "filled record (next runs)" in table
+
+
+def test_fixed_cost_gives_timm_the_same_images_and_recipe(tmp_path):
+    """The timm side of the comparison: fgclf's own train and val images as an ImageFolder, and a
+    train.py command with the recipe's model, size, optimiser, schedule, batch and epochs."""
+    import os
+
+    from fgclf.config import TrainClassifierConfig, parse_config
+    from fgclf.data import load_records_from_config
+
+    bench = _load("fixed_cost")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    root, classes = bench.toy_imagefolder(tmp_path / "folder", env, tiny=True)
+    records, _ = load_records_from_config(parse_config(TrainClassifierConfig, ["--config", str(REPO / bench.RECIPE),
+                                                                                *bench.TINY], prog="x").data)
+    for split, folder in (("train", "train"), ("val", "validation")):
+        files = sorted(p.resolve() for p in (root / folder).rglob("*.jpg"))
+        assert files == sorted(Path(i).resolve() for i, s in zip(records.items, records.splits) if s == split)
+    assert classes == len(records.class_names)
+    args = bench.parse_args(["--timm-train", "train.py", "--epochs", "7"])
+    cmd = bench.timm_command(args, root, classes, Path("w.safetensors"), tmp_path / "out")
+    text = " ".join(cmd)
+    for part in ("--model tf_efficientnet_lite0 --pretrained --pretrained-path w.safetensors", "--input-size 3 96 96",
+                 "--opt adamw --lr 1e-3 --weight-decay 0.01 --sched cosine --epochs 7", "-b 32", "--workers 2",
+                 f"--num-classes {classes}", "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5"):
+        assert part in text, part
+
+
+def test_throughput_prints_each_path_and_its_ratios(capsys):
+    """bench/throughput.py in its tiny configuration: the limit, fgclf's loaders and engine, timm's loader,
+    and the ratios are the quotients of the printed rates (no speed is asserted)."""
+    bench = _load("throughput")
+    assert bench.main(["--models", "test_efficientnet", "--sizes", "32", "--images", "16", "--batch-size", "4",
+                       "--steps", "2", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| test_efficientnet")]
+    main, loaders = rows
+    assert main[:3] == ["test_efficientnet", "32", "pil"]
+    limit, fgclf, timm = (float(x) for x in main[3:6])
+    assert min(limit, fgclf, timm) > 0
+    assert float(main[6]) == pytest.approx(fgclf / limit, abs=0.01)
+    assert float(main[7]) == pytest.approx(fgclf / timm, abs=0.01)
+    assert loaders[3] == "1" and float(loaders[4]) > 0 and float(loaders[5]) > 0

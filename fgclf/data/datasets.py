@@ -16,12 +16,15 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from fgclf.errors import UserError
+
+if TYPE_CHECKING:
+    from fgclf.data.verified import VerifiedFiles
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -177,19 +180,29 @@ def _check_image(path: str, mode: str) -> Optional[str]:
     return inspect_image(path, mode=mode).error
 
 
-def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 4) -> list[tuple[str, str]]:
+def find_bad_images(paths: Sequence[str], *, mode: str = "full", workers: int = 4,
+                    record: Optional["VerifiedFiles"] = None) -> list[tuple[str, str]]:
     """Decode (``full``) or open (``header``) every image; return ``[(path, reason), ...]``.
 
     ``none`` decodes nothing but still reports files that are not there (:data:`MISSING_FILE`):
     a missing file can never be trained on, and the check costs one ``stat`` per file.
+    ``record`` (:class:`fgclf.data.verified.VerifiedFiles`): files it holds as unchanged since they
+    passed are not decoded again, and the files that pass now are added to it.
     """
     if not paths:
         return []
     if mode == "none":
         return [(p, MISSING_FILE) for p in paths if not os.path.isfile(p)]
+    todo = list(paths)
+    if record is not None:
+        known = record.passed(todo, mode)
+        todo = [p for p in todo if p not in known]
+        stamps = record.stamps(todo)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda p: _check_image(p, mode), paths))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+        reasons = list(pool.map(lambda p: _check_image(p, mode), todo))
+    if record is not None:
+        record.add({p: stamps[p] for p, r in zip(todo, reasons) if r is None}, mode)
+    return [(p, r) for p, r in zip(todo, reasons) if r is not None]
 
 
 # ----------------------------------------------------------------------------- CUB layout
@@ -541,6 +554,9 @@ class ImageDataset:
         self.transform = transform
         self.cache = cache
         self.decoder = check_decoder(decoder)
+        if self.decoder == "nvjpeg":  # train_classifier.py builds fgclf.data.device_input's datasets instead
+            raise UserError("--data.decoder nvjpeg is train_classifier.py's GPU input path; this script decodes on "
+                            "the CPU: use --data.decoder pil or torchvision")
         self.class_names = records.class_names
         self.targets = list(records.labels)
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from fgclf.errors import UserError
 
-DECODERS = ("pil", "torchvision")
+DECODERS = ("pil", "torchvision", "nvjpeg")  # nvjpeg: fgclf/data/device_input.py
 # SOF0 baseline, SOF1 extended, SOF2 progressive (Huffman); the others (lossless, arithmetic) go to PIL
 _SOF_OK = {0xC0, 0xC1, 0xC2}
 _SOF_ALL = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # C4 DHT, C8 reserved, CC DAC are not SOFs
