@@ -114,7 +114,14 @@ def timm_command(args, data: Path, num_classes: int, weights: Path, out: Path) -
             "--val-split", "validation", *model, "--num-classes", str(num_classes), "--input-size", "3", size, size,
             "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--opt", "adamw", "--lr", "1e-3",
             "--weight-decay", "0.01", "--sched", "cosine", "--epochs", str(args.epochs), "--warmup-epochs", "0",
-            "-b", "8" if args.tiny else "32", "--workers", "2", "--device", "cpu", "--output", str(out)]
+            "-b", "8" if args.tiny else "32", "--workers", "2", "--device", _device(), "--output", str(out)]
+
+
+def _device() -> str:
+    """The device fgclf's run takes (accelerate's default): timm's train.py gets the same one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> tuple[float, float]:

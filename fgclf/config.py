@@ -870,7 +870,12 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, *, prog: s
         raise UserError(f"bad configuration: {err}") from None
     ns_dict = ns.as_dict()
     ns_dict.pop("config", None)
-    return from_dict(config_cls, ns_dict)
+    config = from_dict(config_cls, ns_dict)
+    data = getattr(config, "data", None)
+    if getattr(data, "decoder", None) == "nvjpeg" and config_cls is not TrainClassifierConfig:
+        raise UserError(f"--data.decoder nvjpeg is train_classifier.py's GPU input path; {prog} decodes on the "
+                        "CPU: use --data.decoder pil or torchvision")
+    return config
 
 
 def from_dict(config_cls: type, values: dict) -> Any:

@@ -226,6 +226,36 @@ def shutdown(accelerator) -> None:
     accelerator.end_training()
 
 
+def kill_loader_workers_at_exit() -> None:
+    """At exit, SIGKILL this process's daemonic children (DataLoader workers) before multiprocessing joins them.
+
+    Loader workers ignore SIGTERM (:func:`ignore_stop_signals`), which is how multiprocessing's own exit
+    hook ends daemonic children: a run that ends by an uncaught error while persistent workers are
+    alive would wait for them forever. Registered after multiprocessing's hook, so it runs before it.
+    """
+    import atexit
+    import multiprocessing
+    import signal
+
+    def kill() -> None:
+        if hasattr(signal, "SIGCHLD"):  # torch's handler would raise "worker killed" in the middle of this
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        children = [c for c in multiprocessing.active_children() if c.daemon and c.pid is not None]
+        for child in children:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for child in children:
+            try:
+                child.join(timeout=5)
+            except Exception:  # noqa: BLE001 -- exiting: nothing else to do about a child
+                pass
+    if not getattr(kill_loader_workers_at_exit, "registered", False):
+        atexit.register(kill)
+        kill_loader_workers_at_exit.registered = True
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the training process.
 
@@ -287,9 +317,13 @@ def exit_process(code: Optional[int]) -> NoReturn:
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter runs first at exit: tells thread
+    if shutdown is not None:  # and process pools (concurrent.futures, torch.compile's) to stop, joins threads
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -188,9 +188,21 @@ def _storage(url: str):
                                           grace_period=GRACE_S)
 
 
+def _machine() -> str:
+    """This host as the process-id rule must see it: the host name, plus the boot and the process-id
+    namespace where Linux tells them (containers sharing a host name do not share process ids)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
+
+
 def worker_id() -> str:
-    """``host:pid`` of this search process (recorded on each trial it runs)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host[/boot/pid-namespace]:pid`` of this search process (recorded on each trial it runs)."""
+    return f"{_machine()}:{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -221,7 +233,7 @@ def fail_stale_trials(study) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
+    host = _machine()
     now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
@@ -252,10 +264,16 @@ def _create(name: str, url: str, direction: str, tries: int = 5):
             storage = _storage(url)
             return storage, optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                                 direction=direction)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, optuna.exceptions.DuplicatedStudyError):
-            if attempt == tries - 1:
-                raise
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                optuna.exceptions.DuplicatedStudyError) as err:
+            race = not isinstance(err, sqlalchemy.exc.OperationalError) or "locked" in str(err)
+            if not race or attempt == tries - 1:
+                raise UserError(f"search: cannot open the study at {url}: {str(err).splitlines()[0][:200]}") from None
             time.sleep(0.5 + attempt)
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
+            raise UserError(f"search: cannot open the study at {url} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]}); is the URL right and its database driver "
+                            "installed?") from None
 
 
 def open_study(plan: dict, out_dir: Path):
@@ -369,8 +387,9 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
         with open(run.run_dir / "sweep.log", "a") as log:
             # its own process group: the stop reaches the training process behind accelerate's launcher
             # SLURM's time-limit warning is the worker's to pass on (stop_live_trials), not the launcher's
-            proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **slot}, preexec_fn=_usr2_ignored)
+            # (a shell sets it: preexec_fn is unsafe while the heartbeat and trial threads run)
+            proc = subprocess.Popen(["sh", "-c", 'trap "" USR2; exec "$@"', "sh", *cmd], cwd=repo, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **slot})
             LIVE[proc.pid] = proc
             reported, pruned = 0, False
             try:
@@ -412,10 +431,6 @@ def run_search(plan: dict, out_dir: Path, *, repo: Path, poll_s: float = 1.0,
     best = study.best_trial
     print(f"search: best trial {best.number}: {key} {best.value:.4f} with {json.dumps(best.params)}", flush=True)
     return dict(best.params)
-
-
-def _usr2_ignored() -> None:
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the training installs its own handler
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -175,6 +175,10 @@ def execute_search_slurm(plan: dict, *, out_dir: Path, repo: Path, options: dict
                       f"{out_dir / '.submitit' / str(job.job_id)})", file=sys.stderr, flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     wait_for_workers(study, poll_s=poll_s)  # a worker that died mid-trial: its trial is found dead
+    if lacking() > 0:
+        print(f"search: the workers ended with {lacking()} of {total} trials missing (failed trials count against "
+              f"each worker's budget; see {out_dir / 'search'}/trial*/sweep.log); run the sweep again to add them",
+              file=sys.stderr, flush=True)
 
 
 def executor_parameters(options: dict) -> dict:

@@ -90,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--search-only runs trials here; with the slurm executor the workers are jobs "
                             "(search: {workers: N})")
         if not (args.status or args.report or args.dry_run):
-            prepare(plan, out, repo=REPO)
+            from fgclf.search import open_study
+
+            open_study(plan, out.resolve())  # a bad storage or a changed plan: one line, before anything runs
+            if args.search_only:  # a worker joins a started search: the sweep itself runs the prepare steps
+                missing = [n for n in (plan.get("prepare") or {}) if not (out / ".prepare" / f"{n}.json").is_file()]
+                if missing:
+                    raise UserError(f"--search-only joins a started search; prepare step(s) {', '.join(missing)} "
+                                    f"have not finished in {out}: start the sweep without --search-only first")
+            else:
+                prepare(plan, out, repo=REPO)
             if executor["name"] == "slurm":
                 from fgclf.sweep_slurm import execute_search_slurm
 

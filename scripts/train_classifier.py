@@ -130,6 +130,10 @@ def validate(cfg: TrainClassifierConfig) -> None:
         from fgclf.unfreeze import parse_schedule
 
         parse_schedule(cfg.model.unfreeze)
+    if cfg.data.decoder == "nvjpeg":  # augmentation the GPU path cannot run: refused before any work
+        from fgclf.data.device_input import check_augment
+
+        check_augment(cfg.data.aug)
     if cfg.data.progressive:
         from fgclf.data.progressive import parse_progressive
 
@@ -234,6 +238,10 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     # and after a resume, and different samples (so different draws) on different processes
     splits["train"] = fd.PerSampleSeeds(debug_aug_log(splits["train"]), seed=cfg.train.seed)
     workers = {"num_workers": d.num_workers}
+    if d.num_workers:  # they ignore SIGTERM: an uncaught error must not leave the exit waiting for them
+        from fgclf.runtime import kill_loader_workers_at_exit
+
+        kill_loader_workers_at_exit()
     if plans is not None:
         from fgclf.data.device_input import collate_encoded
 
@@ -321,6 +329,8 @@ def build_model(cfg: TrainClassifierConfig, num_classes: int, method):
         exported = (stored.get("method") or {}).get("name", "plain")
     model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, weights=m.weights,
                          trust_remote_code=m.trust_remote_code, **model_kwargs)
+    if hasattr(model, "export_kwargs"):  # an hf: model: its config, so that exports rebuild it without the hub
+        model_kwargs = {**model.export_kwargs(), **model_kwargs}
     if exported is not None:
         model_kwargs = {**stored["model_kwargs"], **model_kwargs}
     pretrained_body = m.pretrained or m.weights is not None or exported is not None
@@ -530,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_kwargs": model_kwargs, "peft": peft_meta, "method": method.metadata(),
             "base": {"model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
                      "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None},
-            "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
-                            if k in data_cfg}}
+            "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode",
+                                                     "interpolation") if k in data_cfg}}
     checkpointer = (ck.Checkpointer(accelerator, run_dir, meta=meta) if runner is None
                     else PipelineCheckpointer(accelerator, run_dir, meta=meta, runner=runner))
     if resume_dir is not None:

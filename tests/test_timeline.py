@@ -57,3 +57,18 @@ def test_exit_process_under_a_profiler_exits_normally(tmp_path):
     out = tmp_path / "prof.out"
     proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), str(script)], capture_output=True, text=True)
     assert out.is_file() and out.stat().st_size > 0, proc.stderr  # (cProfile itself swallows the exit code)
+
+
+def test_exit_process_does_not_wait_for_idle_pools(tmp_path):
+    """Thread and process pools left open (torch.compile leaves one) are told to stop, as at a normal exit."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from fgclf.runtime import exit_process
+threads, procs = ThreadPoolExecutor(2), ProcessPoolExecutor(2)
+threads.submit(sum, [1, 2]).result(), procs.submit(sum, [1, 2]).result()
+exit_process(5)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5, proc.stderr

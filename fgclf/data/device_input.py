@@ -28,8 +28,9 @@ and jitters 8-bit images, torch resamples with its own antialiasing kernel and j
 
 The train augmentations that run on tensors are supported: random resized crop, horizontal and
 vertical flips, colour jitter (the ``basic`` preset and its parts). Rotation, auto-augment
-policies, blur, noise and random erasing, progressive resizing and multi-view TTA are refused
-with one line: use the default decoder for them.
+policies, blur, noise and random erasing, and progressive resizing are refused with one line
+before anything starts: use the default decoder for them. Test-time augmentation works (its
+views are taken from the evaluated batch).
 """
 from __future__ import annotations
 
@@ -87,6 +88,21 @@ def plan_for(data_config: dict, *, is_training: bool, aug="basic") -> InputPlan:
                             "side and a centre crop; use the default decoder")
         return InputPlan(size=size, mean=mean, std=std, interpolation=resize.interpolation.value, train=False,
                          resize=int(resize.size if isinstance(resize.size, int) else resize.size[0]))
+    check_augment(cfg)
+    _train_transform(cfg, data_config)  # the same checks as the PIL path
+    return InputPlan(size=size, mean=mean, std=std, interpolation=interpolation, train=True,
+                     scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=float(cfg.hflip), vflip=float(cfg.vflip),
+                     color_jitter=float(cfg.color_jitter))
+
+
+def check_augment(aug) -> None:
+    """A UserError when the train augmentation ``aug`` (a preset or an AugmentConfig) has parts that do not
+    run on the device (checked before any work starts)."""
+    from fgclf.data.transforms import resolve_augment
+
+    cfg = resolve_augment(aug)
+    if cfg.scale is None:  # the `none` preset: the eval transform
+        return
     unsupported = {"rotation": cfg.rotation, "auto_augment": cfg.auto_augment != "none",
                    "gaussian_blur": cfg.gaussian_blur, "gaussian_noise": cfg.gaussian_noise,
                    "random_erasing": cfg.random_erasing}
@@ -94,10 +110,6 @@ def plan_for(data_config: dict, *, is_training: bool, aug="basic") -> InputPlan:
     if used:
         raise UserError(f"--data.decoder nvjpeg runs {', '.join(SUPPORTED_PARTS)} on the GPU; augmentation "
                         f"{', '.join(used)} needs the CPU path: use --data.decoder pil or drop them")
-    _train_transform(cfg, data_config)  # the same checks as the PIL path
-    return InputPlan(size=size, mean=mean, std=std, interpolation=interpolation, train=True,
-                     scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=float(cfg.hflip), vflip=float(cfg.vflip),
-                     color_jitter=float(cfg.color_jitter))
 
 
 def draw_params(plan: InputPlan, height: int, width: int) -> np.ndarray:
@@ -205,8 +217,8 @@ class EncodedImageDataset(torch.utils.data.Dataset):
 class DeviceTransform:
     """Decode an :class:`EncodedBatch` on ``device`` and apply the plan: a ``(N, 3, H, W)`` float batch.
 
-    ``fallbacks`` counts the samples that came decoded from the workers, by reason, and
-    ``device_failures`` the JPEGs the device decoder refused (decoded on the CPU instead).
+    ``fallbacks`` counts, by reason, the samples that came decoded from the workers and the JPEGs the
+    device decoder refused (decoded on the CPU here instead); ``decoded`` counts every image.
     """
 
     def __init__(self, plan: InputPlan, device) -> None:
@@ -286,5 +298,5 @@ def check_device(device) -> None:
                         f"device is {device}: use --data.decoder pil or torchvision")
 
 
-__all__ = ["DeviceTransform", "Encoded", "EncodedBatch", "EncodedImageDataset", "InputPlan", "collate_encoded",
-           "check_device", "draw_params", "jpeg_size", "plan_for"]
+__all__ = ["DeviceTransform", "Encoded", "EncodedBatch", "EncodedImageDataset", "InputPlan", "check_augment",
+           "check_device", "collate_encoded", "draw_params", "jpeg_size", "plan_for"]

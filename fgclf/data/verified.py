@@ -5,7 +5,8 @@ run before its first epoch rather than in its middle. On CUB (11,788 JPEGs) that
 of every run, every seed and every sweep trial, for files that have not changed. This record keeps,
 per file, the size, modification time and status-change time (``ctime``: any rewrite, copy or
 ``touch`` of the file changes it, and no tool can set it back) it had when it passed, and the depth
-of the check (``header`` < ``full``). A file whose three stat values still match and that passed at
+of the check (``header`` < ``full``); a file changed in the last 2 s before its check is not recorded
+(a same-size rewrite within one timestamp tick would otherwise look unchanged). A file whose three stat values still match and that passed at
 least the depth asked for is not decoded again; everything else is checked, and files that fail are
 never recorded (they are checked every time).
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 LEVEL = {"header": 1, "full": 2}
+SETTLE_S = 2.0  # a file changed this recently before its check is not recorded
 _CHUNK = 500  # SQLite's limit on bound parameters is 999 in old builds
 
 
@@ -35,12 +37,15 @@ def _stamp(path: str) -> Optional[tuple[int, int, int]]:
 class VerifiedFiles:
     """The files that passed a check at a given depth, keyed by absolute path (see the module docstring)."""
 
-    def __init__(self, path: Optional[str | Path] = None) -> None:
+    def __init__(self, path: Optional[str | Path] = None, settle_s: Optional[float] = None) -> None:
+        """``settle_s``: a file modified this recently when it is checked is not recorded (a rewrite of the
+        same size within one timestamp tick, 1-2 s on some file systems, would look unchanged; git's
+        rule for such files)."""
         if path is None:
             from fgclf.utils import cache_dir
 
             path = cache_dir() / "verified.db"
-        self.path = Path(path)
+        self.path, self.settle_ns = Path(path), int((SETTLE_S if settle_s is None else settle_s) * 1e9)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,11 +73,18 @@ class VerifiedFiles:
             return set()
         return found
 
-    @staticmethod
-    def stamps(paths: Iterable[str]) -> dict[str, Optional[tuple[int, int, int]]]:
+    def stamps(self, paths: Iterable[str]) -> dict[str, Optional[tuple[int, int, int]]]:
         """Each path's (size, mtime_ns, ctime_ns) now: taken before a check, recorded after it passed
-        (a file rewritten during the check then no longer matches)."""
-        return {p: _stamp(p) for p in paths}
+        (a file rewritten during the check then no longer matches); None for a file changed within
+        ``settle_s`` (never recorded)."""
+        import time
+
+        recent = time.time_ns() - self.settle_ns
+        out = {}
+        for p in paths:
+            stamp = _stamp(p)
+            out[p] = stamp if stamp is not None and max(stamp[1], stamp[2]) < recent else None
+        return out
 
     def add(self, stamped: dict[str, Optional[tuple[int, int, int]]], mode: str) -> None:
         """Record the files ``{path: stamp}`` (from :meth:`stamps`) as passed at ``mode`` (a deeper

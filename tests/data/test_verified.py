@@ -37,7 +37,7 @@ def test_second_check_decodes_only_changed_files_and_bad_ones_every_time(tmp_pat
     broken = tmp_path / "img" / "broken.jpg"
     broken.write_bytes(open(paths[0], "rb").read()[:200])  # truncated
     paths.append(str(broken))
-    record = VerifiedFiles(tmp_path / "verified.db")
+    record = VerifiedFiles(tmp_path / "verified.db", settle_s=0)
     checked = _counting(monkeypatch)
 
     first = find_bad_images(paths, mode="full", record=record)
@@ -59,7 +59,7 @@ def test_second_check_decodes_only_changed_files_and_bad_ones_every_time(tmp_pat
 
 def test_a_header_pass_does_not_stand_for_a_full_decode(tmp_path, monkeypatch):
     paths = _images(tmp_path / "img", n=3)
-    record = VerifiedFiles(tmp_path / "verified.db")
+    record = VerifiedFiles(tmp_path / "verified.db", settle_s=0)
     checked = _counting(monkeypatch)
     find_bad_images(paths, mode="header", record=record)
     checked.clear()
@@ -74,7 +74,7 @@ def test_an_unusable_record_checks_everything(tmp_path, monkeypatch):
     paths = _images(tmp_path / "img", n=2)
     (tmp_path / "verified.db").write_text("not a database")
     checked = _counting(monkeypatch)
-    assert find_bad_images(paths, mode="full", record=VerifiedFiles(tmp_path / "verified.db")) == []
+    assert find_bad_images(paths, mode="full", record=VerifiedFiles(tmp_path / "verified.db", settle_s=0)) == []
     assert len(checked) == 2
 
 
@@ -84,7 +84,10 @@ def test_a_training_run_records_its_dataset(tmp_path, monkeypatch, mode):
     from fgclf.config import DataConfig
     from fgclf.data import load_records_from_config
 
+    from fgclf.data import verified
+
     monkeypatch.setenv("FGCLF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "SETTLE_S", 0.0)  # the dataset was generated a moment ago
     cfg = DataConfig(format="toy", toy_num_classes=3, toy_train_per_class=4, toy_test_per_class=2,
                      toy_image_size=32, verify_images=mode)
     load_records_from_config(cfg)
@@ -92,3 +95,15 @@ def test_a_training_run_records_its_dataset(tmp_path, monkeypatch, mode):
     checked = _counting(monkeypatch)
     load_records_from_config(cfg)
     assert checked == []
+
+
+def test_a_file_changed_just_before_its_check_is_not_recorded(tmp_path, monkeypatch):
+    """A same-size rewrite within one timestamp tick would look unchanged: files this new are checked
+    again next time (the default 2 s settle)."""
+    paths = _images(tmp_path / "img", n=2)
+    record = VerifiedFiles(tmp_path / "verified.db")
+    checked = _counting(monkeypatch)
+    find_bad_images(paths, mode="full", record=record)
+    checked.clear()
+    find_bad_images(paths, mode="full", record=record)
+    assert len(checked) == 2

@@ -292,7 +292,7 @@ def test_search_resumes_its_study_and_the_best_config_reproduces_its_trial(toy_r
     assert trial_value(rerun, "val/top1") == pytest.approx(best.value, abs=1e-9)  # the same run again
     assert (out / "comparison" / "summary.json").is_file() and (out / "baseline" / "seed1" / "metrics.json").is_file()
     left = study.ask()  # a trial left running, as a search killed on this host leaves it
-    left.set_user_attr("worker", f"{__import__('socket').gethostname()}:{_dead_pid()}")
+    left.set_user_attr("worker", f"{__import__('fgclf.search', fromlist=['x'])._machine()}:{_dead_pid()}")
     plan = yaml.safe_load(path.read_text())
     plan["search"]["trials"] = 3
     path.write_text(yaml.safe_dump(plan))
@@ -455,16 +455,16 @@ def test_trials_of_dead_workers_are_failed_and_live_workers_trials_kept(toy_root
     import optuna
     from optuna.trial import TrialState
 
-    from fgclf.search import GRACE_S, open_study
+    from fgclf.search import GRACE_S, _machine, open_study
     from fgclf.sweep import load_plan
 
     plan = load_plan(_search_plan(tmp_path, toy_root))
     out = tmp_path / "out"
     study = open_study(plan, out)
-    host = socket.gethostname()
+    host = _machine()
     workers = {"dead_here": f"{host}:{_dead_pid()}", "live_here": f"{host}:{os.getpid()}",
                "stale_there": "node-elsewhere:11", "fresh_there": "node-elsewhere:12", "never_started": None,
-               "just_asked": None}
+               "just_asked": None, "same_name_other_container": f"{socket.gethostname()}/x/1:{_dead_pid()}"}
     number = {}
     for name, worker in workers.items():
         trial = study.ask()
@@ -483,7 +483,8 @@ def test_trials_of_dead_workers_are_failed_and_live_workers_trials_kept(toy_root
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'search' / 'study.db'}").trials
     assert {name: trials[n].state for name, n in number.items()} == {
         "dead_here": TrialState.FAIL, "live_here": TrialState.RUNNING, "stale_there": TrialState.FAIL,
-        "fresh_there": TrialState.RUNNING, "never_started": TrialState.FAIL, "just_asked": TrialState.RUNNING}
+        "fresh_there": TrialState.RUNNING, "never_started": TrialState.FAIL, "just_asked": TrialState.RUNNING,
+        "same_name_other_container": TrialState.RUNNING}  # its process ids are not ours to check
 
 
 def test_search_worker_passes_slurms_warning_to_its_trial_and_requeues(tmp_path):
@@ -526,3 +527,6 @@ def test_search_storage_puts_the_study_in_another_database(toy_root, tmp_path):
     assert shared.is_file() and not (tmp_path / "out" / "search" / "study.db").exists()
     assert best_trial(plan, tmp_path / "out").value == 0.5
     assert study_status(plan, tmp_path / "out") == "search: 1 of 2 trials done (1 complete)"
+    bad = load_plan(_search_plan(tmp_path, toy_root, storage="postgresql://nobody@127.0.0.1:1/none"))
+    with pytest.raises(UserError, match="cannot open the study at postgresql"):
+        open_study(bad, tmp_path / "out2")
