@@ -90,6 +90,8 @@ def head_is_new(model: nn.Module, *, name: str, pretrained: bool, weights: str |
 
     if name.startswith("file:"):
         return read_checkpoint_config(name[len("file:"):])["num_classes"] != num_classes
+    if name.startswith("hf:"):  # transformers says whether the repo's classifier fitted (fgclf/models/_hf.py)
+        return pretrained and not getattr(model, "head_loaded", False)
     if weights is not None:
         return head_size_in(read_weights(weights), model) != num_classes
     return pretrained and num_classes != 1000

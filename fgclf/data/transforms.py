@@ -141,7 +141,7 @@ def create_transform(data_config: dict, *, is_training: bool, aug: Union[str, Au
 def _eval_transform(data_config: dict) -> Callable:
     from timm.data import create_transform as timm_create_transform
 
-    keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
+    keys = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
     return timm_create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=False)
 
 

@@ -57,7 +57,8 @@ def create_model(name: str, *, num_classes: int | None, pretrained: bool = False
     """Build a classifier from a model name (grammar in the module docstring).
 
     Args:
-        name: timm name, offline name, ``file:DIR`` or ``hub:owner/repo:entry``.
+        name: timm name, offline name, ``file:DIR``, ``hub:owner/repo:entry`` or ``hf:<repo or folder>``
+            (a transformers ViT, DINOv2, Swin or CLIP vision model, fgclf/models/_hf.py).
         num_classes: classifier outputs (0: no classifier, features only; None: keep the size of
             the source, i.e. 1000 for ImageNet weights or the export's class count for ``file:``).
         pretrained: load the pretrained weights the name refers to.
@@ -94,6 +95,12 @@ def _create(name: str, num_classes: int | None, pretrained: bool, weights: str |
         return _create_from_dir(name[len("file:"):], num_classes, kwargs)
     if name.startswith("hub:"):
         return _create_from_hub(name[len("hub:"):], num_classes, pretrained, trust_remote_code, kwargs)
+    if name.startswith("hf:"):  # a transformers vision model (fgclf/models/_hf.py)
+        from fgclf.models._hf import create_hf_model
+
+        if weights is not None:
+            raise UserError(f"'{name}' loads its weights from its repo or folder; do not also pass weights={weights}")
+        return create_hf_model(name[len("hf:"):], num_classes, pretrained, trust_remote_code, kwargs)
     if name.startswith(TV_PREFIX):
         return _create_torchvision(name, num_classes, pretrained, weights, kwargs)
     if num_classes is not None:

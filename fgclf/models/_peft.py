@@ -93,6 +93,12 @@ def _vit_targets(names: list[str]) -> list[str]:
     return _present(names, ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")) if _present(names, ("attn.qkv",)) else []
 
 
+def _hf_attention_targets(names: list[str]) -> list[str]:
+    # transformers' ViT/DINOv2/Swin/CLIP attention (q_proj, v_proj since transformers 5; PEFT's image
+    # classification guide adapts the query and value projections); add fc1/fc2 through target_modules
+    return _present(names, ("q_proj", "v_proj")) if len(_present(names, ("q_proj", "v_proj"))) == 2 else []
+
+
 def _pointwise_targets(names: list[str]) -> list[str]:
     return _present(names, ("conv_pw", "conv_pwl"))  # EfficientNet / MobileNet 1x1 convs
 
@@ -122,13 +128,14 @@ def _pointwise_fallback(model: nn.Module, names: list[str]) -> list[str]:
 
 # Tried in order; the first family that yields targets wins.
 _FAMILIES: tuple[Callable[[list[str]], list[str]], ...] = (
-    _vit_targets, _pointwise_targets, _mlp_targets, _resnet_targets)
+    _vit_targets, _hf_attention_targets, _pointwise_targets, _mlp_targets, _resnet_targets)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """Adapter targets for ``model``'s family.
 
-    ViT-like (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), EfficientNet/MobileNet
+    ViT-like (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), transformers' ViT/DINOv2/Swin/CLIP
+    (``q_proj``, ``v_proj``: PEFT's image-classification guide), EfficientNet/MobileNet
     (``conv_pw``, ``conv_pwl``), ConvNeXt (``mlp.fc1``, ``mlp.fc2``), ResNet (the convs inside
     ``layerN`` blocks, by full name), otherwise the longer list of: every ``nn.Linear`` except the
     classifier (and ``nn.MultiheadAttention.out_proj``, which that module bypasses), or every 1x1

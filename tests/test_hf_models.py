@@ -1,0 +1,220 @@
+"""hf: models (fgclf/models/_hf.py): tiny random transformers configs saved to folders, loaded as hf:<folder>."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fgclf.errors import UserError  # noqa: E402
+from fgclf.models import create_model  # noqa: E402
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8)
+
+
+def _folder(tmp_path, family: str, num_labels: int = 5):
+    """A tiny random model of ``family`` with a classifier of ``num_labels`` (CLIP: the vision tower) and
+    an image processor, written by save_pretrained."""
+    torch.manual_seed(0)
+    folder = tmp_path / family
+    if family == "vit":
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY, num_labels=num_labels))
+        proc = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                                              image_std=[0.5] * 3)
+    elif family == "dinov2":
+        model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**TINY, num_labels=num_labels))
+        proc = transformers.BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    elif family == "swin":
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
+            num_labels=num_labels))
+        proc = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
+        proc = transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    model.eval().save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "swin"])
+def test_logits_equal_the_transformers_classifier(tmp_path, family):
+    """Same weights, same pixels: the wrapper's logits are transformers' own (its pooling: ViT's CLS,
+    DINOv2's CLS + mean of patches, Swin's mean), and forward_head(forward_features(x)) is forward(x)."""
+    folder, reference = _folder(tmp_path, family)
+    model = create_model(f"hf:{folder}", num_classes=5, pretrained=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixel_values=x).logits
+        logits = model(x)
+        again = model.forward_head(model.forward_features(x))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, logits)
+    assert model.head_loaded and model.pretrained_cfg["classifier"] == "classifier"
+
+
+def test_clip_vision_tower_pools_its_pooler_output_and_gets_a_new_head(tmp_path):
+    folder, reference = _folder(tmp_path, "clip")
+    model = create_model(f"hf:{folder}", num_classes=7, pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(pooled, reference(pixel_values=x).pooler_output, rtol=1e-5, atol=1e-5)
+        assert model(x).shape == (2, 7) and not model.head_loaded
+
+
+def test_a_new_class_count_gets_a_new_head_and_the_body_stays(tmp_path):
+    folder, reference = _folder(tmp_path, "dinov2", num_labels=5)
+    model = create_model(f"hf:{folder}", num_classes=3, pretrained=True).eval()
+    assert model.classifier.out_features == 3 and not model.head_loaded
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), reference.dinov2(pixel_values=x).last_hidden_state)
+
+
+def test_data_config_comes_from_the_image_processor(tmp_path):
+    """DINOv2's BitImageProcessor (shorter side 40, crop 32, ImageNet mean/std, bicubic) and ViT's (resize to
+    exactly 32x32: timm's squash) become the data config fgclf's transforms follow."""
+    from fgclf.models import resolve_data_config
+
+    dino = create_model(f"hf:{_folder(tmp_path, 'dinov2')[0]}", num_classes=5, pretrained=True)
+    cfg = resolve_data_config(dino)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["crop_pct"] == pytest.approx(32 / 40)
+    assert cfg["mean"] == pytest.approx((0.485, 0.456, 0.406)) and cfg["interpolation"] == "bicubic"
+    vit = create_model(f"hf:{_folder(tmp_path, 'vit')[0]}", num_classes=5, pretrained=True)
+    cfg = resolve_data_config(vit)
+    assert cfg["crop_mode"] == "squash" and cfg["mean"] == pytest.approx((0.5,) * 3)
+    assert cfg["interpolation"] == "bilinear"
+
+
+def test_partial_freezes_the_embeddings_and_the_first_layers_exactly(tmp_path):
+    from fgclf.transfer import apply_strategy
+
+    model = create_model(f"hf:{_folder(tmp_path, 'vit')[0]}", num_classes=5, pretrained=True)
+    apply_strategy(model, "partial:2")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in model.named_parameters()
+                if n.startswith(("body.embeddings.", "body.layers.0.", "body.layers.1."))}
+    assert frozen == expected and any(n.startswith("body.layers.2.") for n, _ in model.named_parameters())
+
+
+def test_layer_decay_scales_each_layer(tmp_path):
+    from fgclf.optim import create_optimizer
+
+    model = create_model(f"hf:{_folder(tmp_path, 'dinov2')[0]}", num_classes=5, pretrained=True)
+    opt = create_optimizer(model, name="adamw", lr=1.0, weight_decay=0.0, layer_decay=0.5)
+    scale = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            scale[id(p)] = group["lr"]
+    named = dict(model.named_parameters())
+    lr = [scale[id(named[n])] for n in ("body.embeddings.cls_token", "body.encoder.layer.0.mlp.fc1.weight",
+                                        "body.encoder.layer.1.mlp.fc1.weight", "body.encoder.layer.2.mlp.fc1.weight",
+                                        "classifier.weight")]
+    assert lr[-1] == pytest.approx(1.0)
+    assert [b / a for a, b in zip(lr[:-2], lr[1:-1])] == pytest.approx([2.0, 2.0, 2.0])  # one decay step a layer
+
+
+def test_lora_trains_the_adapters_and_the_head_only(tmp_path):
+    from fgclf.models import apply_peft, default_target_modules
+
+    model = create_model(f"hf:{_folder(tmp_path, 'vit')[0]}", num_classes=5, pretrained=True)
+    assert default_target_modules(model) == ["q_proj", "v_proj"]
+    peft_model = apply_peft(model, method="lora", r=4)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".classifier." in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)
+
+
+def test_an_export_rebuilds_without_the_folder(tmp_path):
+    """save_pretrained (fgclf's export) of an hf: model keeps its transformers config: file:<export> loads
+    after the source folder is gone and gives the same logits."""
+    import shutil
+
+    from fgclf.models import save_pretrained
+
+    folder, _ = _folder(tmp_path, "dinov2")
+    model = create_model(f"hf:{folder}", num_classes=4, pretrained=True).eval()
+    save_pretrained(model, tmp_path / "export", model_name=f"hf:{folder}", num_classes=4, class_names=list("abcd"),
+                    model_kwargs=model.export_kwargs())
+    shutil.rmtree(folder)
+    again = create_model(f"file:{tmp_path / 'export'}", num_classes=None).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+def test_hub_names_offline_and_unsupported_types_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"could not load 'hf:facebook/dinov2-small' \(offline"):
+        create_model("hf:facebook/dinov2-small", num_classes=3, pretrained=True)
+    bert = tmp_path / "bert"
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64).save_pretrained(bert)
+    with pytest.raises(UserError, match="type 'bert' are not supported"):
+        create_model(f"hf:{bert}", num_classes=3, pretrained=False)
+    with pytest.raises(UserError, match="no CLS token"):
+        create_model(f"hf:{_folder(tmp_path, 'swin')[0]}", num_classes=3, pretrained=True, pooling="cls")
+
+
+def _toy_run(toy_root, out, model_name, *extra):
+    from conftest import run_script
+
+    return run_script("train_classifier.py", [
+        "--model.name", model_name, "--data.format", "cub", "--data.root", str(toy_root), "--data.image_size", "32",
+        "--data.num_workers", "0", "--train.progress", "false", "--train.batch_size", "8", "--train.epochs", "1",
+        "--train.output_dir", str(out), *extra])
+
+
+def test_lora_run_on_hf_vit_exports_merged_weights_that_give_its_logits(toy_root, tmp_path):
+    """train_classifier.py with --peft lora on hf:<ViT folder>: only the adapters and the head train, and the
+    merged best export (a plain hf: model) reproduces the adapter model's test logits to 1e-5."""
+    import json
+
+    import numpy as np
+
+    from fgclf import data as fd
+    from fgclf.models import read_checkpoint_config
+
+    folder, _ = _folder(tmp_path, "vit")
+    out = tmp_path / "run"
+    proc = _toy_run(toy_root, out, f"hf:{folder}", "--peft", "lora", "--lora.r", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params = json.loads((out / "metrics.json").read_text())["parameters"]
+    body = sum(p.numel() for p in create_model(f"hf:{folder}", num_classes=4, pretrained=True).body.parameters())
+    assert params["trainable"] < 0.2 * body  # adapters and the head
+    best = out / "checkpoints" / "best"
+    meta = read_checkpoint_config(best)
+    merged = create_model(f"file:{best}", num_classes=None).eval()
+    tf = fd.create_transform(meta["data_config"], is_training=False)
+    test = fd.create_dataset(records=fd.load_records(format="cub", root=str(toy_root)), split="test", transform=tf)
+    with torch.no_grad():
+        logits = merged(torch.stack([test[i][0] for i in range(len(test))])).numpy()
+    np.testing.assert_allclose(logits, np.load(out / "predictions.npz")["logits"], atol=1e-5)
+
+
+def test_extract_features_of_a_frozen_hf_dinov2_are_its_pooled_output(toy_root, tmp_path):
+    """extract_features.py on hf:<DINOv2 folder>: the cached features are the backbone's pooled output
+    (CLS and mean patch token) of the eval-transformed images."""
+    from conftest import run_script
+    from safetensors.torch import load_file
+
+    from fgclf import data as fd
+    from fgclf.models import resolve_data_config
+
+    folder, _ = _folder(tmp_path, "dinov2")
+    out = tmp_path / "features"
+    proc = run_script("extract_features.py", ["--model.name", f"hf:{folder}", "--data.format", "cub", "--data.root",
+                                              str(toy_root), "--data.num_workers", "0", "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cached = load_file(str(out / "features_test.safetensors"))["features"]
+    model = create_model(f"hf:{folder}", num_classes=0, pretrained=True).eval()
+    tf = fd.create_transform(resolve_data_config(model), is_training=False)
+    test = fd.create_dataset(records=fd.load_records(format="cub", root=str(toy_root)), split="test", transform=tf)
+    with torch.no_grad():
+        x = torch.stack([test[i][0] for i in range(len(test))])
+        live = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert cached.shape == (len(test), 64)  # CLS and mean of the patches, 32 each
+    torch.testing.assert_close(cached, live, rtol=1e-4, atol=1e-5)
