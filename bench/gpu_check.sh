@@ -66,7 +66,7 @@ $PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --bat
   --models tf_efficientnet_lite0 resnet50
 # throughput at the operating point (issue 20's goals): with the GPU input path fgclf reaches >= 0.9 of the
 # model-bound rate for ResNet-50 at 448, and every decoder is at least as fast as timm's loader
-$PY bench/throughput.py --precision bf16 --channels-last --decoders pil nvjpeg --images 512 --batch-size 64 \
+$PY bench/throughput.py --precision bf16 --channels-last --decoders pil nvjpeg --batch-size 64 \
   --steps 6 --workers "$(( $(nproc) > 16 ? 16 : $(nproc) ))" --json runs/gpu_check/throughput.json
 $PY - <<'PYEOF'
 import json

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/throughput.py                                   # lite0 + resnet50 + vit_small, 224 and 448
     .venv/bin/python bench/throughput.py --models resnet50 --sizes 448 --precision bf16 --decoders pil nvjpeg
-    .venv/bin/python bench/throughput.py --models test_efficientnet --sizes 32 --images 16 --steps 2   # tiny
+    .venv/bin/python bench/throughput.py --models test_efficientnet --sizes 32 --batch-size 4 --steps 2   # tiny
 
 For each model and crop size, the training step is AdamW on cross-entropy with the run's precision
 (``--precision``, through accelerate) and memory format (``--channels-last``), one process:
@@ -20,10 +20,12 @@ For each model and crop size, the training step is AdamW on cross-entropy with t
 - **eval**: the forward pass on synthetic batches (a) and through fgclf's eval loader and
   ``fgclf.engine.evaluate`` (b).
 
-Rates are images/s over ``--steps`` batches after one warm-up pass (workers started, kernels chosen),
-median of ``--repeats``; (b)/(a) says how close fgclf gets to the limit and (b)/(c) how it does
-against timm's loader, both measured in the same run. The JPEGs are generated: ``--images`` files of
-500x375 px at quality 75 (CUB's typical size; smooth colour fields plus detail), in 4 classes.
+Rates are images/s over one epoch of ``--steps`` batches (the generated train split is exactly that:
+a whole epoch, so no prefetched batches of a cut-short epoch are counted or wasted) after one warm-up
+epoch (workers started, kernels chosen), median of ``--repeats``; evaluation runs over the test split
+(a quarter as many images). (b)/(a) says how close fgclf gets to the limit and (b)/(c) how it does
+against timm's loader, both measured in the same run. The JPEGs are generated at 500x375 px, quality
+75 (CUB's typical size; smooth colour fields plus detail), in 4 classes.
 On a CPU the model is the bottleneck and the ratios say little about GPUs; ``bench/gpu_check.sh``
 runs the full table on a GPU.
 """
@@ -54,7 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--images", type=int, default=256, help="JPEG files generated")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: fgclf's, 2)")
@@ -75,7 +76,7 @@ def make_jpegs(root: Path, n: int, classes: int = 4) -> None:
         for split in ("train", "test"):
             folder = root / split / f"class{i % classes}"
             folder.mkdir(parents=True, exist_ok=True)
-            if split == "train" or i < n // 4:
+            if split == "train" or i < max(classes, n // 4):  # every class in the test split
                 Image.blend(base, detail, 0.2).save(folder / f"{i:05d}.jpg", quality=75)
 
 
@@ -196,22 +197,22 @@ class Bench:
 
         def epoch() -> None:  # the first --steps batches of an epoch of the files
             state.step_in_epoch = 0
-            train_one_epoch(self.accelerator, self.model, _first(train, self.steps), self.optimizer, _NoSchedule(),
+            train_one_epoch(self.accelerator, self.model, train, self.optimizer, _NoSchedule(),
                             method, state=state, options=options)
             self.sync()
 
         def evaluation() -> None:
-            evaluate(self.accelerator, self.model, _first(test, self.steps), method=method, loss_fn=EVAL_LOSS,
+            evaluate(self.accelerator, self.model, test, method=method, loss_fn=EVAL_LOSS,
                      **({"inputs": eval_in} if eval_in is not None else {}))
             self.sync()
 
         def loader_only() -> None:
-            for batch in _first(train, self.steps):
+            for batch in train:
                 if train_in is not None:
                     train_in(batch[0])
             self.sync()
         return {"train": _rate(epoch, self.n, self.args.repeats),
-                "eval": _rate(evaluation, min(self.n, len(test.dataset)), self.args.repeats),
+                "eval": _rate(evaluation, len(test.dataset), self.args.repeats),
                 "loader": _rate(loader_only, self.n, self.args.repeats) / max(1, workers), "workers": workers}
 
     # (c) timm's loader
@@ -229,7 +230,7 @@ class Bench:
 
         def run(with_model: bool) -> None:
             self.model.train()
-            for x, y in _first(loader, self.steps):
+            for x, y in loader:
                 x, y = x.to(self.accelerator.device), y.to(self.accelerator.device)
                 if self.args.channels_last:
                     x = x.to(memory_format=torch.channels_last)
@@ -245,14 +246,6 @@ class _NoSchedule:
         pass
 
 
-def _first(loader, n: int):
-    """The first ``n`` batches of ``loader`` (an epoch cut short; the workers stay, being persistent)."""
-    for k, batch in enumerate(loader):
-        if k >= n:
-            return
-        yield batch
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -262,17 +255,18 @@ def main(argv=None) -> int:
     if "nvjpeg" in decoders and device != "cuda":
         print("error: --decoders nvjpeg needs CUDA", file=sys.stderr)
         return 2
-    if args.images < args.batch_size * args.steps:
-        print(f"error: --images {args.images} < --batch-size x --steps = {args.batch_size * args.steps}", file=sys.stderr)
+    if args.steps < 1 or args.batch_size < 1:
+        print("error: --steps and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    images = args.steps * args.batch_size
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f", {os.cpu_count()} CPUs")
           + f"; precision {args.precision}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{args.images} JPEGs 500x375 q75", flush=True)
+          f"{images} train JPEGs 500x375 q75", flush=True)
     rows, per_core, records = [], [], []
     with tempfile.TemporaryDirectory(prefix="fgclf_throughput_") as name:
         root = Path(name)
-        make_jpegs(root / "data", args.images)
+        make_jpegs(root / "data", images)
         for model in args.models:
             for size in args.sizes:
                 bench = Bench(args, model, size, device, root)

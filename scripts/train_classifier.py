@@ -238,15 +238,14 @@ def build_loaders(cfg: TrainClassifierConfig, records, model, method):
     # and after a resume, and different samples (so different draws) on different processes
     splits["train"] = fd.PerSampleSeeds(debug_aug_log(splits["train"]), seed=cfg.train.seed)
     workers = {"num_workers": d.num_workers}
-    if d.num_workers:  # they ignore SIGTERM: an uncaught error must not leave the exit waiting for them
-        from fgclf.runtime import kill_loader_workers_at_exit
-
-        kill_loader_workers_at_exit()
     if plans is not None:
         from fgclf.data.device_input import collate_encoded
 
         workers["collate_fn"] = collate_encoded
-    if d.num_workers:
+    if d.num_workers:  # they ignore SIGTERM: an uncaught error must not leave the exit waiting for them
+        from fgclf.runtime import kill_loader_workers_at_exit
+
+        kill_loader_workers_at_exit()
         workers.update(worker_init_fn=ignore_stop_signals, persistent_workers=d.persistent_workers,
                        prefetch_factor=d.prefetch_factor)
 
@@ -663,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
                                          **({"inputs": eval_input} if eval_input is not None else {}))
     test_seconds = time.perf_counter() - test_start
     timeline.mark("test")
+    decoded = None
+    if plans is not None:  # what the devices decoded, and what came decoded from the CPU (and why), over processes
+        from fgclf.data.device_input import summarize
+
+        decoded = summarize(accelerator, {"train": train_input, "eval": eval_input})
     if accelerator.is_main_process:
         extra = {"loss": out.loss, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                  "stopped_early": state.stopped_early, "seed": t.seed, "train_seconds": state.train_seconds,
@@ -675,12 +679,12 @@ def main(argv: list[str] | None = None) -> int:
                  "n_synthetic": synthetic["n_synthetic"] if synthetic else 0}
         if cfg.data.num_folds:
             extra.update(fold=cfg.data.fold, num_folds=cfg.data.num_folds)
-        if plans is not None:  # what the device decoded, and what came decoded from the CPU (and why)
-            extra["device_decode"] = {"train": train_input.summary(), "eval": eval_input.summary()}
-            fallbacks = sum(sum(x.fallbacks.values()) for x in (train_input, eval_input))
+        if decoded is not None:
+            extra["device_decode"] = decoded
+            fallbacks = sum(sum(x["fallbacks"].values()) for x in decoded.values())
             if fallbacks:
-                print(f"nvjpeg: {fallbacks} of {train_input.decoded + eval_input.decoded} images were decoded on the "
-                      f"CPU: {dict(train_input.fallbacks + eval_input.fallbacks)}")
+                print(f"nvjpeg: {fallbacks} of {sum(x['decoded'] for x in decoded.values())} images were decoded on "
+                      f"the CPU: {decoded}")
         metrics = write_evaluation(run_dir, logits=out.logits, labels=out.labels, class_names=class_names,
                                    history=read_jsonl(run_dir / "metrics.jsonl"), split="test", extra=extra,
                                    image_ids=splits["test"].records.image_ids, levels=records.levels)

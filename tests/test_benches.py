@@ -148,7 +148,7 @@ def test_throughput_prints_each_path_and_its_ratios(capsys):
     """bench/throughput.py in its tiny configuration: the limit, fgclf's loaders and engine, timm's loader,
     and the ratios are the quotients of the printed rates (no speed is asserted)."""
     bench = _load("throughput")
-    assert bench.main(["--models", "test_efficientnet", "--sizes", "32", "--images", "16", "--batch-size", "4",
+    assert bench.main(["--models", "test_efficientnet", "--sizes", "32", "--batch-size", "4",
                        "--steps", "2", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()

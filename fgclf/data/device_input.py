@@ -291,6 +291,21 @@ class DeviceTransform:
         return {"decoded": self.decoded, "fallbacks": dict(self.fallbacks)}
 
 
+def summarize(accelerator, transforms: dict) -> dict:
+    """``{name: DeviceTransform.summary()}`` added up over every process (collective: call on all)."""
+    from accelerate.utils import gather_object
+
+    mine = {name: t.summary() for name, t in transforms.items()}
+    everyone = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    out = {}
+    for name in mine:
+        fallbacks: collections.Counter = collections.Counter()
+        for part in everyone:
+            fallbacks.update(part[name]["fallbacks"])
+        out[name] = {"decoded": sum(part[name]["decoded"] for part in everyone), "fallbacks": dict(fallbacks)}
+    return out
+
+
 def check_device(device) -> None:
     """One line when the GPU path cannot run here."""
     if torch.device(device).type != "cuda":
@@ -299,4 +314,4 @@ def check_device(device) -> None:
 
 
 __all__ = ["DeviceTransform", "Encoded", "EncodedBatch", "EncodedImageDataset", "InputPlan", "check_augment",
-           "check_device", "collate_encoded", "draw_params", "jpeg_size", "plan_for"]
+           "check_device", "collate_encoded", "draw_params", "jpeg_size", "plan_for", "summarize"]
