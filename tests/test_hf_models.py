@@ -218,3 +218,25 @@ def test_extract_features_of_a_frozen_hf_dinov2_are_its_pooled_output(toy_root, 
         live = model.forward_head(model.forward_features(x), pre_logits=True)
     assert cached.shape == (len(test), 64)  # CLS and mean of the patches, 32 each
     torch.testing.assert_close(cached, live, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_on_hf_vit_with_two_processes_equals_one(toy_root, tmp_path):
+    """The same LoRA run on 2 gloo processes (the global batch split between them) and on 1: the same test
+    logits (augmentation on, its draws seeded per sample)."""
+    import numpy as np
+
+    from conftest import run_script
+
+    folder, _ = _folder(tmp_path, "vit")
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        args = ["--model.name", f"hf:{folder}", "--data.format", "cub", "--data.root", str(toy_root),
+                "--data.image_size", "32", "--data.num_workers", "0", "--train.progress", "false",
+                "--train.batch_size", "8", "--train.epochs", "2", "--peft", "lora", "--lora.r", "4",
+                "--optim.lr", "0.01", "--train.output_dir", str(out)]
+        proc = run_script("train_classifier.py", args, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = np.load(out / "predictions.npz")["logits"]
+    assert np.abs(runs[1]).max() > 0.01  # it learned something to compare
+    np.testing.assert_allclose(runs[2], runs[1], atol=2e-4)
