@@ -240,3 +240,28 @@ def test_lora_on_hf_vit_with_two_processes_equals_one(toy_root, tmp_path):
         runs[nproc] = np.load(out / "predictions.npz")["logits"]
     assert np.abs(runs[1]).max() > 0.01  # it learned something to compare
     np.testing.assert_allclose(runs[2], runs[1], atol=2e-4)
+
+
+@pytest.mark.parametrize("family,method", [(f, m) for f in ("vit", "dinov2", "swin") for m in ("bcnn", "wsdan")]
+                         + [("vit", m) for m in ("cbp", "isqrt_cov", "cal", "api_net")])
+def test_feature_map_methods_read_hf_patch_tokens_as_a_grid(tmp_path, family, method):
+    """A method that pools a feature map (B-CNN, WS-DAN) builds around an hf: backbone: its patch tokens
+    laid out on the patch grid are the map (the token at row r, column c is map[:, :, r, c]), and the model
+    trains (a backward pass reaches the backbone)."""
+    from fgclf.methods import create_method
+    from fgclf.methods._model import to_feature_map
+
+    backbone = create_model(f"hf:{_folder(tmp_path, family)[0]}", num_classes=5, pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = backbone.forward_features(x)
+    grid = to_feature_map(backbone, tokens, (32, 32))
+    skip = backbone.num_prefix_tokens
+    h, w = grid.shape[-2:]
+    assert h * w == tokens.shape[1] - skip
+    torch.testing.assert_close(grid[:, :, 1, 2], tokens[:, skip + 1 * w + 2])
+    model = create_method(method).build(backbone, 5)
+    out = model(x)
+    logits = out if torch.is_tensor(out) else out[0]
+    assert logits.shape == (2, 5)
+    logits.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "body." in n)

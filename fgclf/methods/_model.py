@@ -32,9 +32,16 @@ def input_size_of(model: nn.Module) -> tuple[int, int, int]:
 
 def to_feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """``forward_features`` output as an NCHW map: CNN maps as they are, NHWC maps (Swin) permuted,
-    a ViT's tokens without its prefix (class/register) tokens laid out on the patch grid."""
+    a ViT's tokens without its prefix (class/register) tokens laid out on the patch grid (timm's
+    ``patch_embed``, or an hf: model's ``feature_grid``)."""
     if feats.ndim == 4:
         return feats.permute(0, 3, 1, 2) if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else feats
+    if feats.ndim == 3 and hasattr(backbone, "feature_grid"):  # an hf: model (fgclf/models/_hf.py)
+        tokens = feats[:, backbone.num_prefix_tokens:]
+        h, w = backbone.feature_grid(image_hw)
+        if h * w != tokens.shape[1]:
+            raise UserError(f"{type(backbone).__name__}: {tokens.shape[1]} patch tokens do not form a {h}x{w} grid")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
     if feats.ndim == 3 and hasattr(backbone, "patch_embed"):
         tokens = feats[:, getattr(backbone, "num_prefix_tokens", 0):]
         pe = backbone.patch_embed

@@ -120,6 +120,24 @@ class HFVisionModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in ``forward_features``' output (the CLS token; Swin has none)."""
+        return 0 if self.family == "swin" else 1
+
+    def feature_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (rows, columns) the patch tokens of an ``image_hw`` input lie on (fine-grained methods lay
+        them out as a feature map: ``fgclf.methods._model.to_feature_map``)."""
+        c = self.body.config
+        patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+        h, w = -(-image_hw[0] // patch), -(-image_hw[1] // patch)
+        if self.family == "swin":  # each stage after the first halves the grid (patch merging)
+            for _ in range(len(c.depths) - 1):
+                h, w = -(-h // 2), -(-w // 2)
+        elif self.family in ("vit", "clip", "dinov2"):
+            h, w = image_hw[0] // patch, image_hw[1] // patch
+        return h, w
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
