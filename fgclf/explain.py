@@ -59,6 +59,16 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Optional[Callable]]:
             h, w = grid if grid is not None and grid[0] * grid[1] == t.shape[1] else (int(t.shape[1] ** 0.5),) * 2
             return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
         return block.norm1, tokens_to_map
+    if hasattr(backbone, "feature_grid"):  # an hf: model: the last block's first norm, its tokens on the grid
+        prefix = backbone.num_prefix_tokens
+        size = tuple(backbone.pretrained_cfg.get("input_size", (3, 224, 224)))[-2:]
+        grid = backbone.feature_grid(size)
+
+        def hf_tokens_to_map(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, prefix:]
+            h, w = grid if grid[0] * grid[1] == t.shape[1] else (int(t.shape[1] ** 0.5),) * 2
+            return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+        return backbone.cam_layer(), hf_tokens_to_map
     info = getattr(backbone, "feature_info", None)
     if info:
         last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]

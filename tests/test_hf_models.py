@@ -265,3 +265,17 @@ def test_feature_map_methods_read_hf_patch_tokens_as_a_grid(tmp_path, family, me
     assert logits.shape == (2, 5)
     logits.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "body." in n)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "swin", "clip"])
+def test_class_maps_of_hf_models_come_from_the_last_block(tmp_path, family):
+    """Grad-CAM on an hf: model reads the last block's first norm, its tokens laid on the patch grid: maps of
+    the input's size in [0, 1] that are not flat."""
+    pytest.importorskip("pytorch_grad_cam")
+    from fgclf.explain import class_maps, target_layer
+
+    model = create_model(f"hf:{_folder(tmp_path, family)[0]}", num_classes=5, pretrained=True).eval()
+    layer, reshape = target_layer(model)
+    assert layer is model.cam_layer()
+    maps = class_maps(model, torch.randn(2, 3, 32, 32), [0, 3])
+    assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0

@@ -138,6 +138,18 @@ class HFVisionModel(nn.Module):
             h, w = image_hw[0] // patch, image_hw[1] // patch
         return h, w
 
+    def cam_layer(self) -> nn.Module:
+        """The layer class-activation maps are taken at: the last block's first norm (its input tokens, as
+        fgclf takes a timm ViT's ``blocks[-1].norm1``)."""
+        body = self.body
+        if self.family == "vit":
+            return body.layers[-1].layernorm_before
+        if self.family == "dinov2":
+            return body.encoder.layer[-1].norm1
+        if self.family == "clip":
+            return body.encoder.layers[-1].layer_norm1
+        return body.encoder.layers[-1].blocks[-1].layernorm_before  # swin
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
