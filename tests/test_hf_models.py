@@ -279,3 +279,16 @@ def test_class_maps_of_hf_models_come_from_the_last_block(tmp_path, family):
     assert layer is model.cam_layer()
     maps = class_maps(model, torch.randn(2, 3, 32, 32), [0, 3])
     assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
+
+
+def test_linear_probe_trains_the_head_only_and_pipeline_splitting_is_refused(tmp_path):
+    from fgclf.pipeline import sequential_units
+    from fgclf.transfer import apply_strategy
+
+    model = create_model(f"hf:{_folder(tmp_path, 'dinov2')[0]}", num_classes=5, pretrained=True)
+    train_mode = apply_strategy(model, "linear_probe")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    train_mode(model)
+    assert not model.body.training and model.classifier.training
+    with pytest.raises(UserError, match="HFVisionModel is none of them"):
+        sequential_units(model)
