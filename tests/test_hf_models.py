@@ -147,7 +147,10 @@ def test_an_export_rebuilds_without_the_folder(tmp_path):
 
 
 def test_hub_names_offline_and_unsupported_types_are_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import; the constant is what the hub client checks now
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"could not load 'hf:facebook/dinov2-small' \(offline"):
         create_model("hf:facebook/dinov2-small", num_classes=3, pretrained=True)
     bert = tmp_path / "bert"
