@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             features_path(out, split).unlink(missing_ok=True)
         atomic_write_json(out / META_NAME, {
             "format": "fgclf.features/1", "model_name": m.name, "model": to_dict(m), "data": to_dict(cfg.data),
-            "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")
+            "data_config": {k: data_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                             if k in data_cfg},
             "class_names": class_names, "num_classes": len(class_names), "feature_dim": int(dim), "splits": done,
             "seconds": seconds, "batch_size": cfg.batch_size, "seed": cfg.seed,

@@ -295,3 +295,53 @@ def test_linear_probe_trains_the_head_only_and_pipeline_splitting_is_refused(tmp
     assert not model.body.training and model.classifier.training
     with pytest.raises(UserError, match="HFVisionModel is none of them"):
         sequential_units(model)
+
+
+@pytest.mark.parametrize("family,frozen_prefixes", [
+    ("clip", ("body.embeddings.", "body.pre_layrnorm.", "body.encoder.layers.0.")),
+    ("swin", ("body.embeddings.", "body.encoder.layers.0."))])
+def test_partial_and_layer_decay_on_clip_and_swin(tmp_path, family, frozen_prefixes):
+    """partial:1 freezes the stem and the first layer (Swin: the first stage, its patch merging included);
+    layer decay grows monotonically with depth (Swin's patch merging decays with its stage's last block)."""
+    from fgclf.optim import create_optimizer
+    from fgclf.transfer import apply_strategy
+
+    folder = _folder(tmp_path, family)[0]
+    model = create_model(f"hf:{folder}", num_classes=5, pretrained=True)
+    apply_strategy(model, "partial:1")
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if n.startswith(frozen_prefixes)}
+    model = create_model(f"hf:{folder}", num_classes=5, pretrained=True)
+    opt = create_optimizer(model, name="adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    ordered = [lr[id(p)] for _, p in model.named_parameters()]  # parameters come in forward order
+    assert ordered == sorted(ordered) and ordered[-1] == pytest.approx(1.0)
+    if family == "swin":
+        named = dict(model.named_parameters())
+        assert lr[id(named["body.encoder.layers.0.downsample.reduction.weight"])] == \
+            lr[id(named["body.encoder.layers.0.blocks.1.mlp.fc1.weight"])]
+
+
+def test_tokens_and_position_tables_have_no_weight_decay(tmp_path):
+    from fgclf.optim import create_optimizer
+
+    model = create_model(f"hf:{_folder(tmp_path, 'vit')[0]}", num_classes=5, pretrained=True)
+    assert model.no_weight_decay() == {"body.embeddings.cls_token", "body.embeddings.position_embeddings"}
+    opt = create_optimizer(model, name="adamw", lr=1.0, weight_decay=0.05)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay[id(named["body.embeddings.cls_token"])] == 0.0
+    assert decay[id(named["body.layers.0.attention.q_proj.weight"])] == 0.05
+
+
+def test_a_folder_without_an_image_processor_warns_and_an_unknown_type_is_one_line(tmp_path, capsys):
+    folder, _ = _folder(tmp_path, "vit")
+    (folder / "preprocessor_config.json").unlink()
+    model = create_model(f"hf:{folder}", num_classes=5, pretrained=True)
+    assert "has no image processor" in capsys.readouterr().out
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # the config's image size
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "no_such_model_type"}')
+    with pytest.raises(UserError, match="trust_remote_code"):
+        create_model(f"hf:{odd}", num_classes=3, pretrained=True)

@@ -51,11 +51,12 @@ _GROUPS = {
     "vit": (r"^body\.embeddings", [r"^body\.layers\.(\d+)"], [r"^body\.layers\.(\d+)"], r"^body\.layernorm"),
     "dinov2": (r"^body\.embeddings", [r"^body\.encoder\.layer\.(\d+)"], [r"^body\.encoder\.layer\.(\d+)"],
                r"^body\.layernorm"),
-    "clip": (r"^body\.(embeddings|pre_layrnorm)", [r"^body\.encoder\.layers\.(\d+)"],
+    "clip": (r"^body\.(?:embeddings|pre_layrnorm)", [r"^body\.encoder\.layers\.(\d+)"],
              [r"^body\.encoder\.layers\.(\d+)"], r"^body\.post_layernorm"),
+    # Swin's patch merging ends its stage (transformers runs it after the stage's blocks): it joins the last block
     "swin": (r"^body\.embeddings", [r"^body\.encoder\.layers\.(\d+)"],
-             [r"^body\.encoder\.layers\.(\d+)\.blocks\.(\d+)", r"^body\.encoder\.layers\.(\d+)\.downsample"],
-             r"^body\.layernorm"),
+             [r"^body\.encoder\.layers\.(\d+)\.blocks\.(\d+)",
+              (r"^body\.encoder\.layers\.(\d+)\.downsample", (99999,))], r"^body\.layernorm"),
 }
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -102,15 +103,16 @@ class HFVisionModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self.family in ("vit", "clip") else {}
-        return self.body(pixel_values=x, **kwargs).last_hidden_state
+        tokens = self.body(pixel_values=x, **kwargs).last_hidden_state
+        if self.family == "clip":  # CLIP normalises only the CLS token it pools; here every token (as timm's CLIP
+            tokens = self.body.post_layernorm(tokens)  # ViTs do), so the norm always trains and maps are normed
+        return tokens
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.family == "swin":
             pooled = x.mean(1)
         else:
-            cls = x[:, 0]
-            if self.family == "clip" and self.pooling != "mean":
-                cls = self.body.post_layernorm(cls)  # CLIP's pooler_output
+            cls = x[:, 0]  # CLIP: its pooler_output (post_layernorm of the CLS token)
             patches = x[:, 1:].mean(1)
             pooled = {"cls": cls, "mean": patches}.get(self.pooling)
             if pooled is None:
@@ -162,10 +164,13 @@ class HFVisionModel(nn.Module):
         """timm's parameter grouping (``timm.models.group_parameters``)."""
         stem, blocks_coarse, blocks_fine, norm = _GROUPS[self.family]
         blocks = blocks_coarse if coarse else blocks_fine
-        return {"stem": stem, "blocks": [*((b, None) for b in blocks), (norm, (99999,))]}
+        return {"stem": stem, "blocks": [*(b if isinstance(b, tuple) else (b, None) for b in blocks),
+                                         (norm, (99999,))]}
 
     def no_weight_decay(self) -> set:
-        return set()
+        """Tokens and position tables, kept out of weight decay as timm keeps a ViT's."""
+        keys = ("cls_token", "mask_token", "position_embedding", "class_embedding", "relative_position_bias_table")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -187,7 +192,10 @@ def data_config_from_processor(source: str, trust_remote_code: bool = False) -> 
 
     try:
         proc = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # no preprocessor_config.json: timm's defaults then
+    except (OSError, ValueError):  # no preprocessor_config.json: timm's defaults then, said out loud
+        print(f"warning: hf:{source} has no image processor (preprocessor_config.json): its input is resized to "
+              "the config's image size with ImageNet mean/std; pass --data.image_size or check the model card",
+              flush=True)
         return {}
     mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
     size, crop = getattr(proc, "size", None), getattr(proc, "crop_size", None)
@@ -234,11 +242,18 @@ def create_hf_model(spec: str, num_classes: Optional[int], pretrained: bool, tru
             raise UserError(f"hf: models take their dropout from their config; model.{key} is a timm option")
     if kwargs:
         raise UserError(f"hf:{spec}: unknown model option(s) {', '.join(sorted(kwargs))} (known: pooling)")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UserError(f"hf: models need transformers 5 or newer (its ViT/CLIP module layout); this is "
+                        f"{transformers.__version__}: pip install 'fgclf[hf]'")
     try:
         if stored is not None:
             config = AutoConfig.for_model(**copy.deepcopy(stored))
         else:
-            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+            try:
+                config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+            except ValueError as e:  # an unknown model type, or a repo whose code must be trusted
+                raise UserError(f"hf:{spec}: {str(e).splitlines()[0][:200]} (a repo with its own code needs "
+                                "--model.trust_remote_code true)") from None
         family = _family(config)
         if data_config is None:
             data_config = data_config_from_processor(spec, trust_remote_code) if stored is None else {}
