@@ -10,7 +10,7 @@ process started (``/proc/self/stat`` on Linux; elsewhere when this module was im
 ``accelerate launch`` the launcher is this process's parent: ``launcher`` is the time from the
 launcher's start to this process's start (its imports and set-up), recorded separately. What
 happens after the last mark (freeing the process group, interpreter exit) is measured from
-outside, by ``bench/startup.py``.
+outside, by ``bench/fixed_cost.py`` (its ``exit`` row).
 """
 from __future__ import annotations
 
