@@ -24,7 +24,8 @@ fgclf's median total over timm's.
 
 **Decode check** (``--verify N``): ``--data.verify_images full`` over N generated JPEGs of
 500x375 px, quality 75 (CUB's typical size), through ``find_bad_images``: without the record of
-verified files, with an empty record (it is filled), and with the filled record (a second run).
+verified files, with an empty record (it is filled), and with the filled record (a second run); the
+files are left to age past the record's 2 s settle time first, as a dataset on disk has.
 """
 from __future__ import annotations
 
@@ -182,6 +183,9 @@ def measure_verify(n: int, tmp: Path) -> dict[str, float]:
         path = folder / f"{k:05d}.jpg"
         Image.fromarray(img).save(path, quality=75)
         paths.append(str(path))
+    from fgclf.data import verified
+
+    time.sleep(verified.SETTLE_S + 0.1)  # a dataset on disk is older than the record's settle time
     record = VerifiedFiles(tmp / "verified.db")
     out = {}
     for label, rec in (("no record", None), ("empty record (first run)", record), ("filled record (next runs)", record)):

@@ -225,7 +225,7 @@ def test_extract_features_of_a_frozen_hf_dinov2_are_its_pooled_output(toy_root, 
 
 def test_lora_on_hf_vit_with_two_processes_equals_one(toy_root, tmp_path):
     """The same LoRA run on 2 gloo processes (the global batch split between them) and on 1: the same test
-    logits (augmentation on, its draws seeded per sample)."""
+    logits (augmentation on, its draws seeded per sample; loader workers as real runs have)."""
     import numpy as np
 
     from conftest import run_script
@@ -235,7 +235,7 @@ def test_lora_on_hf_vit_with_two_processes_equals_one(toy_root, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"
         args = ["--model.name", f"hf:{folder}", "--data.format", "cub", "--data.root", str(toy_root),
-                "--data.image_size", "32", "--data.num_workers", "0", "--train.progress", "false",
+                "--data.image_size", "32", "--data.num_workers", "2", "--train.progress", "false",
                 "--train.batch_size", "8", "--train.epochs", "2", "--peft", "lora", "--lora.r", "4",
                 "--optim.lr", "0.01", "--train.output_dir", str(out)]
         proc = run_script("train_classifier.py", args, nproc=nproc)

@@ -69,11 +69,11 @@ def plan_for(data_config: dict, *, is_training: bool, aug="basic") -> InputPlan:
     on tensors; a UserError for a part that does not run on the device."""
     from torchvision import transforms as T
 
-    from fgclf.data.transforms import _eval_transform, _train_transform, resolve_augment
+    from fgclf.data.transforms import _IMAGENET_MEAN, _IMAGENET_STD, _eval_transform, _train_transform, resolve_augment
 
     size = tuple(int(s) for s in data_config.get("input_size", (3, 224, 224))[-2:])
-    mean = tuple(float(m) for m in data_config.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(s) for s in data_config.get("std", (0.229, 0.224, 0.225)))
+    mean = tuple(float(m) for m in data_config.get("mean", _IMAGENET_MEAN))  # the PIL path's defaults
+    std = tuple(float(s) for s in data_config.get("std", _IMAGENET_STD))
     interpolation = data_config.get("interpolation") or "bilinear"
     interpolation = "bilinear" if interpolation == "random" else interpolation
     cfg = resolve_augment(aug) if is_training else None
