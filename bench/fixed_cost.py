@@ -2,7 +2,7 @@
 """Fixed cost of a training run: where the wall time goes, and against timm's own train.py on the same work.
 
     .venv/bin/python bench/fixed_cost.py                                   # fgclf's phases, toy recipe, 10 epochs
-    .venv/bin/python bench/fixed_cost.py --timm-train ~/pytorch-image-models/train.py   # and timm's train.py
+    .venv/bin/python bench/fixed_cost.py --timm-train ~/pytorch-image-models/train.py   # and timm's train.py + validate.py
     .venv/bin/python bench/fixed_cost.py --launch                          # both under accelerate launch
     .venv/bin/python bench/fixed_cost.py --verify 2000                     # the decode check, with its record
 
@@ -16,11 +16,18 @@ command to its end.
 
 **timm** (``--timm-train``: ``train.py`` from timm's repository, which the wheel does not ship): the
 same images as an ImageFolder (``train`` = fgclf's 312 train images, ``validation`` = its 48 val
-images, symlinks), the same model and weights (``--pretrained-path``, the converted safetensors
-file fgclf made), input 96 px, mean = std = 0.5, AdamW lr 1e-3 wd 0.01, cosine, batch 32, 2
-workers, ``--epochs``, launched the same way. timm validates every epoch and writes a checkpoint
-every epoch; it has no test evaluation or report, which fgclf's run includes. The ratio is
-fgclf's median total over timm's.
+images, ``test`` = its 240 test images, symlinks), the same model and weights (``--pretrained-path``,
+the converted safetensors file fgclf made), input 96 px, mean = std = 0.5, AdamW lr 1e-3 wd 0.01,
+cosine, batch 32, 2 workers, ``--epochs``, launched the same way. timm validates every epoch and
+writes a checkpoint every epoch. ``train.py`` does not evaluate a test split: a timm user runs
+``validate.py`` (``--timm-validate``; default: the one beside ``train.py``) on ``model_best.pth.tar``
+over the ``test`` folder, batch 32, 2 workers, which this bench times too. So the same work is timm's
+``train.py`` + ``validate.py`` against fgclf's one run, whose total also includes its report
+(metrics files, figures and report.html with Grad-CAM pairs), which timm has no counterpart for. The
+ratios are fgclf's median total over timm's median ``train.py`` + ``validate.py``, and over
+``train.py`` alone, run by run: each fgclf run is paired with the timm runs beside it, and the order
+alternates (fgclf first, then timm first), since the machine's load drifts and a pair sees about the
+same; the ratio of the medians is printed too.
 
 **Decode check** (``--verify N``): ``--data.verify_images full`` over N generated JPEGs of
 500x375 px, quality 75 (CUB's typical size), through ``find_bad_images``: without the record of
@@ -56,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each command (after one warm-up run)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (fills the OS file cache)")
     p.add_argument("--timm-train", type=Path, help="timm's train.py (from its repository) to compare with")
+    p.add_argument("--timm-validate", type=Path, help="timm's validate.py, for the test split (default: the one "
+                   "beside --timm-train when there is one; the ratio against train.py alone is printed as well)")
     p.add_argument("--launch", action="store_true", help="start both under accelerate launch (cpu.yaml)")
     p.add_argument("--verify", type=int, default=0, help="also time the decode check over N generated JPEGs")
     p.add_argument("--tiny", action="store_true", help="a tiny model and dataset (the tests)")
@@ -86,8 +95,8 @@ def fgclf_command(args, out: Path) -> list[str]:
 
 
 def toy_imagefolder(root: Path, env: dict, tiny: bool) -> tuple[Path, int]:
-    """fgclf's own train and val split of the toy data as an ImageFolder (symlinks); returns the folder
-    and the number of classes."""
+    """fgclf's own train, val and test splits of the toy data as an ImageFolder (symlinks); returns the
+    folder and the number of classes."""
     code = ("import json, sys\nfrom fgclf.config import TrainClassifierConfig, parse_config\n"
             "from fgclf.data import load_records_from_config\n"
             "cfg = parse_config(TrainClassifierConfig, sys.argv[1:], prog='x')\n"
@@ -99,9 +108,7 @@ def toy_imagefolder(root: Path, env: dict, tiny: bool) -> tuple[Path, int]:
         raise BenchError(f"could not read the toy dataset: {proc.stderr[-500:]}")
     items, labels, splits, names = json.loads(proc.stdout.splitlines()[-1])
     for item, label, split in zip(items, labels, splits):
-        if split == "test":
-            continue
-        folder = root / ("train" if split == "train" else "validation") / names[label]
+        folder = root / {"train": "train", "val": "validation", "test": "test"}[split] / names[label]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / Path(item).name).symlink_to(item)
     return root, len(names)
@@ -115,7 +122,18 @@ def timm_command(args, data: Path, num_classes: int, weights: Path, out: Path) -
             "--val-split", "validation", *model, "--num-classes", str(num_classes), "--input-size", "3", size, size,
             "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--opt", "adamw", "--lr", "1e-3",
             "--weight-decay", "0.01", "--sched", "cosine", "--epochs", str(args.epochs), "--warmup-epochs", "0",
-            "-b", "8" if args.tiny else "32", "--workers", "2", "--device", _device(), "--output", str(out)]
+            "-b", "8" if args.tiny else "32", "--workers", "2", "--device", _device(), "--output", str(out),
+            "--experiment", "run"]
+
+
+def timm_validate_command(args, data: Path, num_classes: int, out: Path) -> list[str]:
+    """timm's validate.py on the test folder with train.py's best checkpoint (``out``: train.py's --output)."""
+    size = "32" if args.tiny else "96"
+    return [*_launch_prefix(args.launch), str(args.timm_validate), "--data-dir", str(data), "--split", "test",
+            "--model", "test_efficientnet_gn" if args.tiny else "tf_efficientnet_lite0", "--num-classes",
+            str(num_classes), "--checkpoint", str(out / "run" / "model_best.pth.tar"), "--input-size", "3", size, size,
+            "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "-b", "8" if args.tiny else "32",
+            "--workers", "2", "--device", _device(), "--results-file", str(out / "test.csv")]
 
 
 def _device() -> str:
@@ -135,13 +153,15 @@ def _run(cmd: list[str], env: dict, timeout: float) -> tuple[float, float]:
     return start, end
 
 
-def measure_phases(args, tmp: Path, env: dict) -> tuple[list[dict], list[float]]:
-    """fgclf's phases per timed run (with ``exit`` and ``total``) and timm's totals."""
-    fgclf_rows, timm_totals = [], []
+def measure_phases(args, tmp: Path, env: dict) -> tuple[list[dict], list[float], list[float]]:
+    """fgclf's phases per timed run (with ``exit`` and ``total``), timm's train.py totals and its
+    validate.py totals (empty without it)."""
+    fgclf_rows, timm_totals, validate_totals = [], [], []
     weights = next((Path(env["FGCLF_CACHE"]) / "weights").glob("tf_efficientnet_lite0*.safetensors"), None) \
         if (Path(env["FGCLF_CACHE"]) / "weights").is_dir() else None
     data = num_classes = None
-    for i in range(args.warmup + args.repeats):
+
+    def run_fgclf(i: int) -> dict:
         out = tmp / f"fgclf{i}"
         start, end = _run(fgclf_command(args, out), env, args.timeout)
         timings = json.loads((out / "timings.json").read_text())
@@ -149,19 +169,37 @@ def measure_phases(args, tmp: Path, env: dict) -> tuple[list[dict], list[float]]
                **timings["phases_s"]}
         row["exit"] = end - (timings["process_start"] + timings["process_s"])
         row["total"] = end - start
-        if args.timm_train:
-            if data is None:
-                if weights is None and not args.tiny:
-                    raise BenchError("no converted tf_efficientnet_lite0 weights in the fgclf cache")
-                data, num_classes = toy_imagefolder(tmp / "imagefolder", env, args.tiny)
-            t_start, t_end = _run(timm_command(args, data, num_classes, weights, tmp / f"timm{i}"), env, args.timeout)
+        return row
+
+    def run_timm(i: int) -> tuple[float, float]:
+        t_start, t_end = _run(timm_command(args, data, num_classes, weights, tmp / f"timm{i}"), env, args.timeout)
+        if not args.timm_validate:
+            return t_end - t_start, 0.0
+        v_start, v_end = _run(timm_validate_command(args, data, num_classes, tmp / f"timm{i}"), env, args.timeout)
+        return t_end - t_start, v_end - v_start
+
+    for i in range(args.warmup + args.repeats):
+        if args.timm_train and data is None:
+            if weights is None and not args.tiny:
+                raise BenchError("no converted tf_efficientnet_lite0 weights in the fgclf cache")
+            data, num_classes = toy_imagefolder(tmp / "imagefolder", env, args.tiny)
+        if args.timm_train and i % 2:  # alternate who goes first: drift within a pair favours neither side
+            train_s, validate_s = run_timm(i)
+            row = run_fgclf(i)
+        else:
+            row = run_fgclf(i)
+            if args.timm_train:
+                train_s, validate_s = run_timm(i)
         if i >= args.warmup:
             fgclf_rows.append(row)
             if args.timm_train:
-                timm_totals.append(t_end - t_start)
+                timm_totals.append(train_s)
+            if args.timm_validate:
+                validate_totals.append(validate_s)
             print(f"  run {i - args.warmup + 1}/{args.repeats}: fgclf {row['total']:.1f} s"
-                  + (f", timm {timm_totals[-1]:.1f} s" if args.timm_train else ""), flush=True)
-    return fgclf_rows, timm_totals
+                  + (f", timm train.py {timm_totals[-1]:.1f} s" if args.timm_train else "")
+                  + (f" + validate.py {validate_totals[-1]:.1f} s" if args.timm_validate else ""), flush=True)
+    return fgclf_rows, timm_totals, validate_totals
 
 
 def measure_verify(n: int, tmp: Path) -> dict[str, float]:
@@ -206,6 +244,12 @@ def main(argv=None) -> int:
         print(f"error: --timm-train: no such file {args.timm_train} (train.py of github.com/huggingface/"
               "pytorch-image-models)", file=sys.stderr)
         return 2
+    if args.timm_validate is None and args.timm_train is not None and args.timm_train.with_name("validate.py").is_file():
+        args.timm_validate = args.timm_train.with_name("validate.py")
+    if args.timm_validate is not None and (args.timm_train is None or not args.timm_validate.is_file()):
+        print(f"error: --timm-validate needs --timm-train and an existing file (got {args.timm_validate})",
+              file=sys.stderr)
+        return 2
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {args.repeats} timed runs after {args.warmup} "
           f"warm-up; {args.epochs} epochs{'; under accelerate launch' if args.launch else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fgclf_fixed_cost_") as name:
@@ -213,7 +257,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         env.setdefault("FGCLF_CACHE", str(Path.home() / ".cache" / "fgclf"))
         try:
-            rows, timm = measure_phases(args, tmp, env)
+            rows, timm, validate = measure_phases(args, tmp, env)
             verify = measure_verify(args.verify, tmp) if args.verify else None
         except (BenchError, subprocess.TimeoutExpired) as err:
             print(f"error: {err}", file=sys.stderr)
@@ -227,12 +271,27 @@ def main(argv=None) -> int:
     print(markdown_table(("fgclf phase", "median s", "spread s", "share of total"), table))
     if timm:
         med = statistics.median(timm)
+        both = [a + b for a, b in zip(timm, validate)] if validate else timm
+        base = statistics.median(both)
+        label = "timm train.py + validate.py" if validate else "timm train.py"
+        spread = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"  # noqa: E731
+        table = [("fgclf train_classifier.py (train, test, report)", f"{total:.2f}",
+                  spread([r["total"] for r in rows]), f"{total / base:.2f}x")]
+        if validate:
+            table += [("timm train.py", f"{med:.2f}", spread(timm), f"{med / base:.2f}x"),
+                      ("timm validate.py (test split)", f"{statistics.median(validate):.2f}", spread(validate),
+                       f"{statistics.median(validate) / base:.2f}x")]
+        table.append((label, f"{base:.2f}", spread(both), "1.00x"))
         print()
-        print(markdown_table(("run", "median s", "spread s", "ratio vs timm train.py"),
-                             [("fgclf train_classifier.py", f"{total:.2f}", f"{min(r['total'] for r in rows):.2f}-"
-                               f"{max(r['total'] for r in rows):.2f}", f"{total / med:.2f}x"),
-                              ("timm train.py", f"{med:.2f}", f"{min(timm):.2f}-{max(timm):.2f}", "1.00x")]))
-        print(f"\nfgclf / timm = {total / med:.2f} (target <= 1.00)")
+        print(markdown_table(("run", "median s", "spread s", f"ratio vs {label}"), table))
+        paired = [r["total"] / b for r, b in zip(rows, both)]  # each fgclf run against the timm run beside it
+        what = "train.py + validate.py" if validate else "train.py only; fgclf also evaluates the test split and reports"
+        print(f"\nfgclf / timm ({what}), run by run: median {statistics.median(paired):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in paired)}); medians over medians {total / base:.2f} (target <= 1.00)")
+        if validate:
+            alone = [r["total"] / t for r, t in zip(rows, timm)]
+            print(f"fgclf / timm train.py alone (no test evaluation), run by run: median "
+                  f"{statistics.median(alone):.2f} ({', '.join(f'{x:.2f}' for x in alone)})")
     if verify:
         base = verify["no record"]
         print()

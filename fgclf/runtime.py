@@ -49,6 +49,7 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
         if backend is None and not torch.cuda.is_available():
             backend = "gloo"  # DeepSpeed on CPU: without it accelerate sees one process (VERIFIED.md)
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
+    _deepspeed_check_when_loaded()
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         mixed_precision=mixed_precision,
@@ -67,6 +68,27 @@ def create_accelerator(*, grad_accum_steps: int = 1, mixed_precision: Optional[s
             raise UserError(f"train.grad_accum_steps is {grad_accum_steps} but the DeepSpeed config says "
                             f"gradient_accumulation_steps: {ds_accum}; make them equal")
     return accelerator
+
+
+def _deepspeed_check_when_loaded() -> None:
+    """accelerate's ``extract_model_from_parallel`` (behind ``unwrap_model`` and ``get_state_dict``)
+    imports DeepSpeed whenever it is installed, to test ``isinstance(model, DeepSpeedEngine)``: about 0.2 s
+    and a "Setting accelerator to CPU" warning in every run that does not use it. A DeepSpeed engine
+    exists only once ``deepspeed`` has been imported, so that module asks the question only then (the
+    answer is the same; accelerate's other DeepSpeed checks are untouched). For the whole process, once.
+    An accelerate without that name is left as it is (tests/test_timeline.py then fails)."""
+    from accelerate.utils import other
+
+    if not hasattr(other, "is_deepspeed_available") or getattr(other.is_deepspeed_available, "fgclf_when_loaded",
+                                                                False):
+        return
+    installed = other.is_deepspeed_available
+
+    def loaded_and_installed() -> bool:
+        return "deepspeed" in sys.modules and installed()
+
+    loaded_and_installed.fgclf_when_loaded = True  # type: ignore[attr-defined]
+    other.is_deepspeed_available = loaded_and_installed
 
 
 def seed_shared(accelerator, seed: int) -> None:

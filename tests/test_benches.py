@@ -100,13 +100,47 @@ def test_method_cost_runs_every_step_and_reports_ratios_against_plain(capsys):
     assert int(table["bcnn"][0].replace(",", "")) > int(table["plain"][0].replace(",", ""))  # its bilinear head
 
 
-def test_fixed_cost_phases_fit_in_the_wall_time_and_the_record_skips_the_decode(capsys):
+STUB_TRAIN = """import sys, time
+args = sys.argv[1:]
+out = __import__("pathlib").Path(args[args.index("--output") + 1]) / args[args.index("--experiment") + 1]
+out.mkdir(parents=True)
+time.sleep(0.5)
+(out / "model_best.pth.tar").write_text("best")
+open(__file__ + ".log", "a").write("train " + str(time.time()) + "\\n")
+"""
+STUB_VALIDATE = """import sys, time, pathlib
+args = sys.argv[1:]
+assert pathlib.Path(args[args.index("--checkpoint") + 1]).read_text() == "best"
+assert args[args.index("--split") + 1] == "test"
+time.sleep(0.3)
+open(__file__ + ".log", "a").write("validate " + str(time.time()) + "\\n")
+"""
+
+
+def test_fixed_cost_phases_fit_in_the_wall_time_and_the_record_skips_the_decode(capsys, tmp_path):
     """bench/fixed_cost.py on a tiny run: every phase of timings.json is reported, the phases and the exit
     fit inside the measured wall time (they are parts of it), and the decode check's filled record is
-    reported beside the no-record baseline."""
+    reported beside the no-record baseline. timm's side is two stand-in scripts (timm's repository is
+    not installed): validate.py gets train.py's best checkpoint, the order alternates, and the ratios
+    are the quotients of the printed times."""
     bench = _load("fixed_cost")
-    assert bench.main(["--tiny", "--epochs", "1", "--repeats", "1", "--warmup", "0", "--verify", "12"]) == 0
+    (tmp_path / "train.py").write_text(STUB_TRAIN)
+    (tmp_path / "validate.py").write_text(STUB_VALIDATE)
+    assert bench.main(["--tiny", "--epochs", "1", "--repeats", "1", "--warmup", "1", "--verify", "12",
+                       "--timm-train", str(tmp_path / "train.py")]) == 0
     out = capsys.readouterr().out
+    trains = (tmp_path / "train.py.log").read_text().split()[1::2]
+    validates = (tmp_path / "validate.py.log").read_text().split()[1::2]
+    assert len(trains) == len(validates) == 2 and all(t < v for t, v in zip(trains, validates))
+    ours = [float(line.split("fgclf ")[1].split(" s")[0]) for line in out.splitlines() if line.startswith("  run ")]
+    assert len(ours) == 1
+    table = _table(out)
+    fgclf_s = float(table["fgclf train_classifier.py (train, test, report)"][0])
+    timm_s = float(table["timm train.py + validate.py"][0])
+    assert timm_s == pytest.approx(float(table["timm train.py"][0]) + float(table["timm validate.py (test split)"][0]),
+                                   abs=0.02)
+    line = next(x for x in out.splitlines() if x.startswith("fgclf / timm (train.py + validate.py), run by run"))
+    assert float(line.split("median ")[1].split()[0]) == pytest.approx(fgclf_s / timm_s, rel=0.02)  # (2 decimals)
     table = _table(out)
     phases = ["imports", "config", "accelerator", "data", "model", "setup", "first_update", "train", "test",
               "report", "shutdown", "exit"]
@@ -119,8 +153,9 @@ def test_fixed_cost_phases_fit_in_the_wall_time_and_the_record_skips_the_decode(
 
 
 def test_fixed_cost_gives_timm_the_same_images_and_recipe(tmp_path):
-    """The timm side of the comparison: fgclf's own train and val images as an ImageFolder, and a
-    train.py command with the recipe's model, size, optimiser, schedule, batch and epochs."""
+    """The timm side of the comparison: fgclf's own train, val and test images as an ImageFolder, a
+    train.py command with the recipe's model, size, optimiser, schedule, batch and epochs, and a
+    validate.py command over the test images with train.py's best checkpoint."""
     import os
 
     from fgclf.config import TrainClassifierConfig, parse_config
@@ -131,7 +166,7 @@ def test_fixed_cost_gives_timm_the_same_images_and_recipe(tmp_path):
     root, classes = bench.toy_imagefolder(tmp_path / "folder", env, tiny=True)
     records, _ = load_records_from_config(parse_config(TrainClassifierConfig, ["--config", str(REPO / bench.RECIPE),
                                                                                 *bench.TINY], prog="x").data)
-    for split, folder in (("train", "train"), ("val", "validation")):
+    for split, folder in (("train", "train"), ("val", "validation"), ("test", "test")):
         files = sorted(p.resolve() for p in (root / folder).rglob("*.jpg"))
         assert files == sorted(Path(i).resolve() for i, s in zip(records.items, records.splits) if s == split)
     assert classes == len(records.class_names)
@@ -140,7 +175,13 @@ def test_fixed_cost_gives_timm_the_same_images_and_recipe(tmp_path):
     text = " ".join(cmd)
     for part in ("--model tf_efficientnet_lite0 --pretrained --pretrained-path w.safetensors", "--input-size 3 96 96",
                  "--opt adamw --lr 1e-3 --weight-decay 0.01 --sched cosine --epochs 7", "-b 32", "--workers 2",
-                 f"--num-classes {classes}", "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5"):
+                 f"--num-classes {classes}", "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5", "--experiment run"):
+        assert part in text, part
+    args.timm_validate = Path("validate.py")  # the test split, with train.py's best checkpoint
+    text = " ".join(bench.timm_validate_command(args, root, classes, tmp_path / "out"))
+    for part in ("validate.py --data-dir", "--split test --model tf_efficientnet_lite0", f"--num-classes {classes}",
+                 f"--checkpoint {tmp_path / 'out' / 'run' / 'model_best.pth.tar'}", "--input-size 3 96 96",
+                 "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5", "-b 32", "--workers 2"):
         assert part in text, part
 
 

@@ -72,3 +72,33 @@ exit_process(5)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 5, proc.stderr
+
+
+def test_a_run_without_deepspeed_does_not_import_it():
+    """accelerate's unwrap_model/get_state_dict import DeepSpeed (0.2-0.4 s and a warning) to test for its
+    engine; fgclf's accelerator asks only once deepspeed is loaded, and an engine is still unwrapped then."""
+    import pytest
+
+    pytest.importorskip("deepspeed")  # without it there is nothing to import (the test extra installs it)
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from torch import nn
+from fgclf.runtime import create_accelerator
+accelerator = create_accelerator(log_with=None)
+create_accelerator(log_with=None)  # a second accelerator in the process changes nothing
+inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+model = accelerator.prepare(inner)
+assert accelerator.unwrap_model(model) is inner and set(accelerator.get_state_dict(model)) == set(inner.state_dict())
+print("LOADED", "deepspeed" in sys.modules)
+from accelerate.utils.other import extract_model_from_parallel
+from deepspeed import DeepSpeedEngine
+engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # an engine around the model, without its set-up
+nn.Module.__init__(engine)
+engine.module = inner
+print("UNWRAPPED", extract_model_from_parallel(engine) is inner)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tagged = dict(line.split() for line in proc.stdout.splitlines() if line.startswith(("LOADED ", "UNWRAPPED ")))
+    assert tagged == {"LOADED": "False", "UNWRAPPED": "True"}, proc.stdout
