@@ -100,13 +100,15 @@ def test_method_cost_runs_every_step_and_reports_ratios_against_plain(capsys):
     assert int(table["bcnn"][0].replace(",", "")) > int(table["plain"][0].replace(",", ""))  # its bilinear head
 
 
-STUB_TRAIN = """import sys, time
+STUB_TRAIN = """import sys, time, pathlib
 args = sys.argv[1:]
-out = __import__("pathlib").Path(args[args.index("--output") + 1]) / args[args.index("--experiment") + 1]
+output = pathlib.Path(args[args.index("--output") + 1])
+fgclf_ran = (output.parent / output.name.replace("timm", "fgclf")).is_dir()  # the fgclf run of the same pair
+out = output / args[args.index("--experiment") + 1]
 out.mkdir(parents=True)
 time.sleep(0.5)
 (out / "model_best.pth.tar").write_text("best")
-open(__file__ + ".log", "a").write("train " + str(time.time()) + "\\n")
+open(__file__ + ".log", "a").write(f"train {time.time()} {fgclf_ran}\\n")
 """
 STUB_VALIDATE = """import sys, time, pathlib
 args = sys.argv[1:]
@@ -129,9 +131,10 @@ def test_fixed_cost_phases_fit_in_the_wall_time_and_the_record_skips_the_decode(
     assert bench.main(["--tiny", "--epochs", "1", "--repeats", "1", "--warmup", "1", "--verify", "12",
                        "--timm-train", str(tmp_path / "train.py")]) == 0
     out = capsys.readouterr().out
-    trains = (tmp_path / "train.py.log").read_text().split()[1::2]
+    trains = [line.split() for line in (tmp_path / "train.py.log").read_text().splitlines()]
     validates = (tmp_path / "validate.py.log").read_text().split()[1::2]
-    assert len(trains) == len(validates) == 2 and all(t < v for t, v in zip(trains, validates))
+    assert len(trains) == len(validates) == 2 and all(float(t[1]) < float(v) for t, v in zip(trains, validates))
+    assert [t[2] for t in trains] == ["True", "False"]  # fgclf first in the warm-up pair, timm first in the next
     ours = [float(line.split("fgclf ")[1].split(" s")[0]) for line in out.splitlines() if line.startswith("  run ")]
     assert len(ours) == 1
     table = _table(out)

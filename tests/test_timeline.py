@@ -75,7 +75,7 @@ exit_process(5)
 
 
 def test_a_run_without_deepspeed_does_not_import_it():
-    """accelerate's unwrap_model/get_state_dict import DeepSpeed (0.2-0.4 s and a warning) to test for its
+    """accelerate's unwrap_model/get_state_dict import DeepSpeed (about 0.2 s and a warning) to test for its
     engine; fgclf's accelerator asks only once deepspeed is loaded, and an engine is still unwrapped then."""
     import pytest
 
