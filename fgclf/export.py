@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,12 @@ from fgclf.utils import atomic_write_json, atomic_write_text
 
 FORMATS = ("onnx", "torchscript", "timm", "hub", "adapter")
 ATOL = 1e-4
+
+
+def _first_line(err: BaseException, limit: int) -> str:
+    """The first line of an error's message without terminal colour codes (torch.onnx colours its own)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return (text.splitlines() or [""])[0][:limit]
 
 
 def _inputs(config: dict, batch: int, seed: int) -> torch.Tensor:
@@ -61,7 +68,7 @@ def _check(name: str, run: Any, model: nn.Module, x: torch.Tensor, path: Path, a
         diff = float(np.abs(np.asarray(got, dtype=np.float64) - want.double().numpy()).max())
         why = None if diff <= atol else f"max |logit difference| {diff:.2e} > {atol:g}"  # nan too
     except Exception as err:  # e.g. a batch size baked into the trace
-        diff, why = float("nan"), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        diff, why = float("nan"), f"{type(err).__name__}: {_first_line(err, 200)}"
     if why is not None:
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".data").unlink(missing_ok=True)
@@ -94,7 +101,7 @@ def export_onnx(model: nn.Module, config: dict, path: Path, *, opset: int = 18, 
     except Exception as err:  # the exporter's own errors: unsupported operators, data-dependent shapes
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
-        raise UserError(f"ONNX export failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+        raise UserError(f"ONNX export failed ({type(err).__name__}: {_first_line(err, 300)}); "
                         "try --onnx-exporter torchscript or --format torchscript") from None
     os.replace(tmp, path)
     def run(x: torch.Tensor):
@@ -112,7 +119,7 @@ def export_torchscript(model: nn.Module, config: dict, path: Path, *, atol: floa
         with torch.no_grad():
             traced = torch.jit.trace(model, (x,), check_trace=False)
     except Exception as err:
-        raise UserError(f"TorchScript tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        raise UserError(f"TorchScript tracing failed ({type(err).__name__}: {_first_line(err, 300)})") from None
     tmp = path.with_name(f".{path.name}.partial")
     traced.save(str(tmp))
     os.replace(tmp, path)
@@ -363,7 +370,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                    commit_message="fgclf export")
     except Exception as err:  # network, permissions, a bad repo name
-        raise UserError(f"--push-to-hub {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        raise UserError(f"--push-to-hub {repo_id} failed ({type(err).__name__}: {_first_line(err, 200)}); "
                         f"the folder {folder} is complete and can be uploaded again") from None
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
 
