@@ -45,10 +45,25 @@ FORMATS = ("onnx", "torchscript", "timm", "hub", "adapter")
 ATOL = 1e-4
 
 
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")  # CSI (colours) and OSC codes
+
+
 def _first_line(err: BaseException, limit: int) -> str:
-    """The first line of an error's message without terminal colour codes (torch.onnx colours its own)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    """The first line of an error's message without terminal codes (torch.onnx colours its own)."""
+    text = ANSI.sub("", str(err)).strip()
     return (text.splitlines() or [""])[0][:limit]
+
+
+def _cause(err: BaseException) -> str:
+    """``Type: first line`` of the error, and of the innermost error it was raised from (torch.onnx wraps
+    the real failure in a ConversionError whose first line is the step that failed)."""
+    inner = err
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    text = f"{type(err).__name__}: {_first_line(err, 160)}"
+    if inner is not err:
+        text += f" <- {type(inner).__name__}: {_first_line(inner, 200)}"
+    return text
 
 
 def _inputs(config: dict, batch: int, seed: int) -> torch.Tensor:
@@ -101,7 +116,7 @@ def export_onnx(model: nn.Module, config: dict, path: Path, *, opset: int = 18, 
     except Exception as err:  # the exporter's own errors: unsupported operators, data-dependent shapes
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
-        raise UserError(f"ONNX export failed ({type(err).__name__}: {_first_line(err, 300)}); "
+        raise UserError(f"ONNX export failed ({_cause(err)}); "
                         "try --onnx-exporter torchscript or --format torchscript") from None
     os.replace(tmp, path)
     def run(x: torch.Tensor):

@@ -379,12 +379,11 @@ def test_onnx_and_torchscript_exports_give_the_models_logits(tmp_path, family, e
     np.testing.assert_allclose(scripted, want, atol=1e-5)
 
 
-def test_swin_with_the_dynamo_onnx_exporter_is_one_plain_line_or_exact(tmp_path):
+def test_swin_with_the_dynamo_onnx_exporter_is_one_plain_line_with_its_cause(tmp_path):
     """With torch 2.14's dynamo exporter transformers' Swin fails inside torch (a view of a transposed
-    tensor): the error is one line without the exporter's terminal colour codes, names the fallback and
-    leaves no file. (Should a later torch export it, the file must then give the model's logits.)"""
-    import onnxruntime as ort
-
+    tensor): the error is one line without the exporter's terminal colour codes, gives the step that
+    failed and the error it was raised from, names the fallback and leaves no file. (Should a later torch
+    export it, this test says the README is to be updated.)"""
     from fgclf.export import export_onnx
 
     folder, _ = _folder(tmp_path, "swin")
@@ -396,9 +395,7 @@ def test_swin_with_the_dynamo_onnx_exporter_is_one_plain_line_or_exact(tmp_path)
     except UserError as err:
         message = str(err)
         assert "\n" not in message and "\x1b" not in message and "--onnx-exporter torchscript" in message, message
+        assert "ConversionError" in message and "<- ValueError: Cannot view a tensor" in message, message  # the cause
         assert list(out.iterdir()) == []
     else:
-        x = torch.randn(5, 3, 32, 32)
-        session = ort.InferenceSession(str(out / "m.onnx"), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+        pytest.fail("torch's dynamo exporter now exports transformers' Swin: update the README (hf: exports)")
