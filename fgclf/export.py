@@ -57,9 +57,10 @@ def _first_line(err: BaseException, limit: int) -> str:
 def _cause(err: BaseException) -> str:
     """``Type: first line`` of the error, and of the innermost error it was raised from (torch.onnx wraps
     the real failure in a ConversionError whose first line is the step that failed)."""
-    inner = err
-    while inner.__cause__ is not None and inner.__cause__ is not inner:
+    inner, seen = err, {id(err)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:  # (a cycle ends the walk)
         inner = inner.__cause__
+        seen.add(id(inner))
     text = f"{type(err).__name__}: {_first_line(err, 160)}"
     if inner is not err:
         text += f" <- {type(inner).__name__}: {_first_line(inner, 200)}"
