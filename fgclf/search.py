@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fgclf.errors import UserError
+from fgclf.errors import UserError, message_line
 
 _SEARCH_KEYS = {"space", "trials", "metric", "sampler", "pruner", "seed", "direction", "workers", "storage"}
 HEARTBEAT_S = 15  # a running trial's heartbeat (Optuna's RDBStorage heartbeat_interval)
@@ -268,11 +268,11 @@ def _create(name: str, url: str, direction: str, tries: int = 5):
                 optuna.exceptions.DuplicatedStudyError) as err:
             race = not isinstance(err, sqlalchemy.exc.OperationalError) or "locked" in str(err)
             if not race or attempt == tries - 1:
-                raise UserError(f"search: cannot open the study at {url}: {str(err).splitlines()[0][:200]}") from None
+                raise UserError(f"search: cannot open the study at {url}: {message_line(err)}") from None
             time.sleep(0.5 + attempt)
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
             raise UserError(f"search: cannot open the study at {url} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200]}); is the URL right and its database driver "
+                            f"{message_line(err)}); is the URL right and its database driver "
                             "installed?") from None
 
 

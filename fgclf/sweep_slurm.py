@@ -36,6 +36,7 @@ from typing import Optional
 
 import submitit
 
+from fgclf.errors import message_line
 from fgclf.sweep import PlannedRun, jobs_file, run_command, status
 from fgclf.utils import atomic_write_json
 
@@ -167,7 +168,7 @@ def execute_search_slurm(plan: dict, *, out_dir: Path, repo: Path, options: dict
             if error is None or lacking() <= 0:
                 print(f"{key}: finished (job {job.job_id})", flush=True)
             elif attempt <= retries:
-                why = str(error).strip().splitlines()[-1]
+                why = message_line(error, last=True)
                 print(f"{key}: job {job.job_id} failed ({why[:200]}); submitting again", file=sys.stderr, flush=True)
                 submit(key, attempt + 1)
             else:
@@ -253,7 +254,7 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
             if error is None and status(run) == "done":
                 print(f"{run.variant} seed={run.seed}: finished (job {job.job_id})", flush=True)
             elif attempt <= retries:
-                why = str(error).strip().splitlines()[-1] if error else "no metrics.json"
+                why = message_line(error, last=True) if error else "no metrics.json"
                 print(f"{run.variant} seed={run.seed}: job {job.job_id} failed ({why[:200]}); submitting again, "
                       f"resuming from its last checkpoint", file=sys.stderr, flush=True)
                 submit(run, attempt + 1)

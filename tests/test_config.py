@@ -106,3 +106,17 @@ def test_help_imports_no_torch(script):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and proc.stdout.strip().endswith("heavy: []"), proc.stdout[-500:]
+
+
+@pytest.mark.parametrize("message, last, expected", [
+    ("first\nsecond\n", False, "first"),
+    ("\n  \nfirst\nlast\n\n", True, "last"),
+    ("\x1b[1m\x1b[31mConversionError\x1b[0m: step failed\nmore", False, "ConversionError: step failed"),
+    ("", False, "ValueError"),  # an empty message (the old splitlines()[0] raised IndexError here)
+    ("  \n\t\n", True, "ValueError"),
+    ("x" * 300, False, "x" * 200),
+])
+def test_message_line_of_an_error(message, last, expected):
+    from fgclf.errors import message_line
+
+    assert message_line(ValueError(message), last=last) == expected

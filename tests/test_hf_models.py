@@ -354,6 +354,15 @@ def test_a_folder_without_an_image_processor_warns_and_an_unknown_type_is_one_li
         create_model(f"hf:{odd}", num_classes=3, pretrained=True)
 
 
+def test_an_hf_config_error_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("")  # the one-line message used to take splitlines()[0] of it: IndexError
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    with pytest.raises(UserError, match=r"hf:.*odd: ValueError \(a repo with its own code"):
+        create_model(f"hf:{tmp_path / 'odd'}", num_classes=3, pretrained=True)
+
+
 @pytest.mark.parametrize("family,exporter", [("vit", "dynamo"), ("dinov2", "dynamo"), ("clip", "dynamo"),
                                              ("swin", "torchscript")])
 def test_onnx_and_torchscript_exports_give_the_models_logits(tmp_path, family, exporter):

@@ -40,7 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fgclf.errors import UserError
+from fgclf.errors import UserError, message_line
 
 HF_PREFIX = "hf:"
 FAMILIES = ("vit", "dinov2", "swin", "clip")
@@ -252,7 +252,7 @@ def create_hf_model(spec: str, num_classes: Optional[int], pretrained: bool, tru
             try:
                 config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
             except ValueError as e:  # an unknown model type, or a repo whose code must be trusted
-                raise UserError(f"hf:{spec}: {str(e).splitlines()[0][:200]} (a repo with its own code needs "
+                raise UserError(f"hf:{spec}: {message_line(e)} (a repo with its own code needs "
                                 "--model.trust_remote_code true)") from None
         family = _family(config)
         if data_config is None:
@@ -282,7 +282,7 @@ def create_hf_model(spec: str, num_classes: Optional[int], pretrained: bool, tru
             body, classifier = getattr(full, _BODY_ATTR[family]), full.classifier
     except _download_errors() as e:
         raise UserError(f"could not load 'hf:{spec}' (offline, or no such repo or folder?): "
-                        f"{str(e).splitlines()[0][:200]}") from None
+                        f"{message_line(e)}") from None
     n = num_classes if num_classes is not None else int(getattr(config, "num_labels", 0) or 0)
     model = HFVisionModel(body, family, n, pooling=pooling, classifier=classifier, data_config=data_config,
                           source=f"{HF_PREFIX}{spec}")
