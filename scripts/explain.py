@@ -12,7 +12,7 @@
 
 Maps (``--cam``): ``gradcam`` (default), ``gradcam++``, ``hirescam``, ``eigencam`` and ``finercam``
 (Finer-CAM: the class's evidence minus that of its most similar classes, for fine-grained
-confusions), through the ``grad-cam`` package, on the last stage of a CNN or the last block of a
+confusions; all but ``gradcam``, fgclf's own, through the ``grad-cam`` package), on the last stage of a CNN or the last block of a
 ViT (for a method's model: of its backbone; TransFG: the last block over the whole grid), over
 the images as the model sees them (its eval resize and crop). A method that runs the backbone
 more than once per image (WS-DAN, CAL, NTS-Net) is explained by its first pass, the whole image.
