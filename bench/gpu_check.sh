@@ -64,6 +64,7 @@ for method in wsdan isqrt_cov; do
 done
 $PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
   --models tf_efficientnet_lite0 resnet50
+$PY bench/optimizer_step.py --device cuda --precision bf16 --image-size 224 --batch-size 64 --repeats 3
 # throughput at the operating point (issue 20's goals): with the GPU input path fgclf reaches >= 0.9 of the
 # model-bound rate for ResNet-50 at 448, and every decoder is at least as fast as timm's loader
 $PY bench/throughput.py --precision bf16 --channels-last --decoders pil nvjpeg --batch-size 64 \

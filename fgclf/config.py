@@ -413,6 +413,9 @@ class OptimConfig:
             method's own layers (pooling reduction, attention), e.g. 10: new layers learn faster
             than the pretrained body.
         layer_decay: Layer-wise lr decay for timm models (null: off; e.g. 0.75).
+        fused: torch's fused implementation (one kernel per step) of Adam, AdamW or SGD (CPU
+            and GPU; Adagrad: CPU): the same update up to float rounding, several times faster
+            optimizer steps (``bench/optimizer_step.py``). Other optimizers refuse it.
         scheduler: ``cosine``, ``cosine_restarts`` (SGDR), ``multistep``, ``plateau`` (drops
             the lr by ``gamma`` when the watched validation metric stalls) or ``constant``.
         step_on: Update the lr after every optimizer ``update`` (smooth) or every ``epoch``.
@@ -431,6 +434,7 @@ class OptimConfig:
     momentum: float = 0.9
     head_lr_scale: float = 1.0
     layer_decay: Optional[float] = None
+    fused: bool = False
     scheduler: str = "cosine"
     step_on: Literal["update", "epoch"] = "update"
     warmup_epochs: float = 0.0

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from fgclf.errors import UserError
+from fgclf.errors import UserError, message_line
 from fgclf.registry import Registry, unknown_name_message
 
 SCHEDULES: Registry[Callable[[float], float]] = Registry("lr schedule")
@@ -58,7 +58,7 @@ def _no_weight_decay(model: nn.Module) -> set[str]:
 
 def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
                      momentum: float = 0.9, head_lr_scale: float = 1.0,
-                     layer_decay: Optional[float] = None) -> torch.optim.Optimizer:
+                     layer_decay: Optional[float] = None, fused: bool = False) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2`` over the trainable parameters, in groups with an ``lr_scale``.
 
     Args:
@@ -71,6 +71,8 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
             new head faster than a pretrained body).
         layer_decay: Layer-wise lr decay (timm's ``param_groups_layer_decay``): block ``i`` of
             ``L`` trains at ``layer_decay ** (L - i)`` times the lr; needs a timm model.
+        fused: torch's fused implementation (``fused=True``: Adam, AdamW, SGD on CPU and GPU,
+            Adagrad on CPU); an optimizer without one is a UserError.
 
     A PEFT model is grouped by its base model's names, so the head scale and layer decay apply to
     the adapters and the saved head as they would to the plain model.
@@ -101,7 +103,18 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
                 scale = group.get("lr_scale", 1.0) * (head_lr_scale if is_head else 1.0)
                 split.append({**group, "params": params, "lr_scale": scale, "lr": lr * scale})
     # timm hands momentum only to the optimizers that have one
-    return create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    extra = {"fused": True} if fused else {}
+    try:
+        optimizer = create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **extra)
+    except (TypeError, RuntimeError) as err:
+        if not fused or "fused" not in str(err):
+            raise
+        raise UserError(f"optim.fused: {name} cannot run fused ({message_line(err)}); torch's Adam, AdamW, SGD "
+                        "and Adagrad (CPU) can: adam, adamw, sgd, nesterov, momentum, adagrad") from None
+    if fused and optimizer.defaults.get("fused") is not True:  # an optimizer that takes the flag and ignores it
+        raise UserError(f"optim.fused: {name} ({type(optimizer).__name__}) has no fused implementation; torch's Adam, "
+                        "AdamW, SGD and Adagrad (CPU) have: adam, adamw, sgd, nesterov, momentum, adagrad")
+    return optimizer
 
 
 # ----------------------------------------------------------------------------- schedule shapes

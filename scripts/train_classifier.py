@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- optimizer + schedule
     o = cfg.optim
     optimizer = create_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                 head_lr_scale=o.head_lr_scale, layer_decay=o.layer_decay)
+                                 head_lr_scale=o.head_lr_scale, layer_decay=o.layer_decay, fused=o.fused)
     scheduler = create_scheduler(optimizer, name=o.scheduler, epochs=t.epochs, step_on=o.step_on,
                                  updates_per_epoch=-(-len(loaders["train"]) // t.grad_accum_steps),
                                  warmup_epochs=o.warmup_epochs, min_lr_ratio=o.min_lr_ratio,

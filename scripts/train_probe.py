@@ -74,7 +74,7 @@ def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run
         head.set_standardization(torch.from_numpy(train.features))
     head.to(device)
     optimizer = create_optimizer(head, name=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                 layer_decay=o.layer_decay)
+                                 layer_decay=o.layer_decay, fused=o.fused)
     bs = t.batch_size if 0 < t.batch_size < len(train) else len(train)
     scheduler = create_scheduler(optimizer, name=o.scheduler, epochs=t.epochs, step_on=o.step_on,
                                  updates_per_epoch=-(-len(train) // bs), warmup_epochs=o.warmup_epochs,

@@ -100,6 +100,28 @@ def test_method_cost_runs_every_step_and_reports_ratios_against_plain(capsys):
     assert int(table["bcnn"][0].replace(",", "")) > int(table["plain"][0].replace(",", ""))  # its bilinear head
 
 
+def test_optimizer_step_times_each_implementation_against_the_default(capsys):
+    bench = _load("optimizer_step")
+    argv = ["--models", "test_efficientnet", "--optimizers", "adamw", "sgd", "--steps", "2", "--repeats", "2",
+            "--image-size", "32", "--batch-size", "4", "--train-steps", "1"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| test_efficientnet")]
+    steps = {(r[1], r[2]): r for r in rows if len(r) == 6}
+    assert set(steps) == {(o, i) for o in ("adamw", "sgd") for i in ("loop (default)", "foreach", "fused")}
+    for (opt, impl), r in steps.items():
+        lo, hi = map(float, r[4].split("-"))
+        assert lo <= float(r[3]) <= hi and float(r[3]) > 0
+        if impl == "loop (default)":  # torch's choice for CPU tensors
+            assert r[5] == "1.00"
+        else:  # the median of per-repeat ratios lies between the extreme ratios the spreads allow
+            dlo, dhi = map(float, steps[(opt, "loop (default)")][4].split("-"))
+            assert lo / dhi - 0.01 <= float(r[5]) <= hi / dlo + 0.01
+    train = {r[1]: r for r in rows if len(r) == 5}
+    assert set(train) == {"default", "fused"} and train["default"][4] == "" and float(train["fused"][4]) > 0
+
+
 STUB_TRAIN = """import sys, time, pathlib
 args = sys.argv[1:]
 output = pathlib.Path(args[args.index("--output") + 1])

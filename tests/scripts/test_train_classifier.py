@@ -223,6 +223,22 @@ def test_channels_last_and_the_image_cache_give_the_same_run(toy_root, single_ru
     np.testing.assert_allclose(_export_logits(out, toy_root), np.load(out / "predictions.npz")["logits"], atol=1e-4)
 
 
+def test_fused_optimizer_gives_the_same_run(toy_root, single_run, tmp_path):
+    """--optim.fused true reaches the run's AdamW (its saved state says fused) and trains to the same
+    numbers up to float rounding."""
+    import torch
+
+    out = tmp_path / "fused"
+    _train(toy_root, out, "--train.epochs", "2", "--data.aug.preset", "none", "--optim.lr", "0.01",
+           "--optim.fused", "true")
+    state = torch.load(out / "checkpoints/last/state/optimizer.bin", weights_only=True)
+    assert state["param_groups"] and all(g["fused"] is True for g in state["param_groups"])
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (single_run, out))
+    for key in ("top1", "f1_macro"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_compiled_model_gives_the_same_run(toy_root, single_run, tmp_path):
     """--train.compile true (inductor; ~1.5 min of compiling on 2 CPU cores) trains to the same numbers."""
