@@ -137,6 +137,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int], lay
         with torch.enable_grad():
             x = images.to(device).detach().requires_grad_(True)  # so the layer's output is in the graph
             logits = model(x)
+            if not first:
+                raise UserError(f"the map's layer ({type(layer).__name__}) did not run in the model's forward")
             target = torch.as_tensor(list(classes), device=logits.device).view(-1, 1)
             grads = torch.autograd.grad(logits.gather(1, target).sum(), first[0])[0]
     finally:
