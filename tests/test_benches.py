@@ -225,3 +225,16 @@ def test_throughput_prints_each_path_and_its_ratios(capsys):
     assert float(main[6]) == pytest.approx(fgclf / limit, abs=0.01)
     assert float(main[7]) == pytest.approx(fgclf / timm, abs=0.01)
     assert loaders[3] == "1" and float(loaders[4]) > 0 and float(loaders[5]) > 0
+
+
+def test_gpu_scripts_parse_and_refuse_an_unknown_section():
+    """bench/gpu_check.sh runs only where a GPU is (not here): at least both GPU scripts are valid bash and
+    the check refuses a section it does not have before it installs or runs anything."""
+    import subprocess
+
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "bench", "benchmarks"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown section 'benchmarks' (bench, tests, runs)" in proc.stderr
