@@ -17,7 +17,8 @@
 # Tables and logs go to $OUT when it is set (the device tool brings that folder back), else runs/gpu_check.
 # It installs into .venv if needed (make install).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$self")/.."
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(bench tests runs)
 for section in "${sections[@]}"; do
@@ -25,7 +26,7 @@ for section in "${sections[@]}"; do
 done
 if [ ${#sections[@]} -gt 1 ]; then  # each section in its own process: a missed goal does not skip the rest
   failed=()
-  for section in "${sections[@]}"; do bash "$0" "$section" || failed+=("$section"); done
+  for section in "${sections[@]}"; do bash "$self" "$section" || failed+=("$section"); done
   [ ${#failed[@]} -eq 0 ] || { echo "gpu_check: FAILED sections: ${failed[*]}" >&2; exit 1; }
   echo "gpu_check: all sections passed"
   exit 0
@@ -72,10 +73,8 @@ section_bench() {
 # model-bound rate for ResNet-50 at 448, and every decoder is at least as fast as timm's loader
 $PY bench/throughput.py --precision bf16 --channels-last --decoders pil nvjpeg --batch-size 64 \
   --steps 6 --workers "$(( $(nproc) > 16 ? 16 : $(nproc) ))" --json "$REPORT/throughput.json" | tee "$REPORT/throughput.md"
-$PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
-  --models tf_efficientnet_lite0 resnet50 | tee "$REPORT/memory_format.md"
-$PY bench/optimizer_step.py --device cuda --precision bf16 --image-size 224 --batch-size 64 --repeats 3 | tee "$REPORT/optimizer_step.md"
-$PY - "$REPORT/throughput.json" <<'PYEOF'
+goals=0  # a missed goal fails the section after the other benches ran
+$PY - "$REPORT/throughput.json" <<'PYEOF' || goals=1
 import json, sys
 rows = json.load(open(sys.argv[1]))
 missed = []
@@ -90,6 +89,10 @@ if not nv or nv[0]["fgclf"] < 0.9 * nv[0]["limit"]:
 assert not missed, "issue 20's goals missed: " + "; ".join(missed)
 print("issue 20's goals met")
 PYEOF
+$PY bench/memory_format.py --device cuda --precision bf16 --image-size 224 --batch-size 64 \
+  --models tf_efficientnet_lite0 resnet50 | tee "$REPORT/memory_format.md"
+$PY bench/optimizer_step.py --device cuda --precision bf16 --image-size 224 --batch-size 64 --repeats 3 | tee "$REPORT/optimizer_step.md"
+return $goals
 }
 section_tests() {
 $PY -m pytest -q -m gpu tests 2>&1 | tee "$REPORT/gpu_tests.log"
@@ -99,15 +102,18 @@ for prec in fp16 bf16; do
   out=runs/gpu_check/$prec-$(date +%s)
   launch --config_file accelerate_configs/gpu1_$prec.yaml scripts/train_classifier.py \
     --config configs/toy_effnetlite0_finetune.yaml --train.output_dir "$out" --train.progress false
+  check_run "$out"
 done
 out=runs/gpu_check/zero2-bf16-$(date +%s)
 launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 1 \
   --mixed_precision bf16 scripts/train_classifier.py --config configs/toy_effnetlite0_finetune.yaml \
   --train.output_dir "$out" --train.progress false
+check_run "$out"
 out=runs/gpu_check/bf16-nhwc-compile-$(date +%s)
 launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
   --config configs/toy_effnetlite0_finetune.yaml --train.channels_last true --train.compile true \
   --train.output_dir "$out" --train.progress false
+check_run "$out"
 out=runs/gpu_check/fp16-sam-ema-$(date +%s)
 launch --config_file accelerate_configs/gpu1_fp16.yaml scripts/train_classifier.py \
   --config configs/toy_effnetlite0_finetune.yaml --train.sam_rho 0.05 --train.ema_decay 0.999 --train.epochs 3 \
@@ -123,6 +129,7 @@ for method in wsdan isqrt_cov; do
   launch --config_file accelerate_configs/gpu1_bf16.yaml scripts/train_classifier.py \
     --config configs/toy_effnetlite0_finetune.yaml --method.name $method --train.epochs 3 \
     --train.output_dir "$out" --train.progress false
+  check_run "$out"
 done
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then
@@ -130,6 +137,7 @@ if [ "$ngpu" -ge 2 ]; then
   launch --multi_gpu --num_processes 2 --mixed_precision bf16 scripts/train_classifier.py \
     --config configs/toy_effnetlite0_finetune.yaml --parallel pipeline --pp.microbatches 4 \
     --train.output_dir "$out" --train.progress false
+  check_run "$out"
   $PY bench/pipeline_bubble.py --device cuda --stages 2 --model resnet50 --image-size 224 --batch-size 64 \
     --microbatches 1 2 4 8 16
 fi

@@ -414,8 +414,8 @@ class OptimConfig:
             than the pretrained body.
         layer_decay: Layer-wise lr decay for timm models (null: off; e.g. 0.75).
         fused: torch's fused implementation (one kernel per step) of Adam, AdamW or SGD (CPU
-            and GPU; Adagrad: CPU): the same update up to float rounding, several times faster
-            optimizer steps (``bench/optimizer_step.py``). Other optimizers refuse it.
+            and GPU): the same update up to float rounding, several times faster optimizer steps
+            (``bench/optimizer_step.py``). Other optimizers refuse it.
         scheduler: ``cosine``, ``cosine_restarts`` (SGDR), ``multistep``, ``plateau`` (drops
             the lr by ``gamma`` when the watched validation metric stalls) or ``constant``.
         step_on: Update the lr after every optimizer ``update`` (smooth) or every ``epoch``.

@@ -39,8 +39,8 @@ def _cam_class(name: str):
         import pytorch_grad_cam as pgc
     except ImportError:
         raise UserError("explanation maps need the grad-cam package: pip install 'fgclf[explain]'") from None
-    classes = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
-               "eigencam": pgc.EigenCAM, "finercam": pgc.FinerCAM}
+    classes = {"gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM, "eigencam": pgc.EigenCAM,
+               "finercam": pgc.FinerCAM}  # gradcam: fgclf's own grad_cam
     return classes[name]
 
 
@@ -121,7 +121,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int], lay
     the ReLU of the weighted sum of its activations, scaled to [0, 1] per image, bilinearly resized to
     the input and scaled again: the conventions of jacobgil/pytorch-grad-cam's ``GradCAM``, which the
     tests compare it with. Written here so that a run's report needs neither that package nor the
-    scikit-learn it imports (0.6 s of every run), and the gradient is taken only down to ``layer``
+    scikit-learn it imports, and the gradient is taken only down to ``layer``
     (``torch.autograd.grad``), not into every parameter. A layer that runs more than once per
     forward (a method's crop pass) gives the map of its first call.
     """
@@ -132,13 +132,17 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int], lay
         if not first:
             first.append(out)
 
+    if torch.is_inference_mode_enabled():
+        raise UserError("Grad-CAM needs gradients: call it outside torch.inference_mode()")
     handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            x = images.to(device).detach().requires_grad_(True)  # so the layer's output is in the graph
+            # a copy (images made under inference_mode cannot require grad) in the graph, so the layer's output is
+            x = images.to(device).detach().clone().requires_grad_(True)
             logits = model(x)
-            if not first:
-                raise UserError(f"the map's layer ({type(layer).__name__}) did not run in the model's forward")
+            if not first or not torch.is_tensor(first[0]):
+                raise UserError(f"the map's layer ({type(layer).__name__}) gave no tensor in the model's forward "
+                                f"({'it did not run' if not first else type(first[0]).__name__})")
             target = torch.as_tensor(list(classes), device=logits.device).view(-1, 1)
             grads = torch.autograd.grad(logits.gather(1, target).sum(), first[0])[0]
     finally:
@@ -265,4 +269,4 @@ def save_grid(images: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[S
     plt.close(fig)
 
 
-__all__ = ["CAM_METHODS", "HEAD_FUSIONS", "attention_rollout", "class_maps", "displayable", "most_confused", "save_grid", "target_layer"]
+__all__ = ["CAM_METHODS", "HEAD_FUSIONS", "attention_rollout", "class_maps", "displayable", "grad_cam", "most_confused", "save_grid", "target_layer"]

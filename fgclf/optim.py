@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from fgclf.errors import UserError, message_line
+from fgclf.errors import UserError
 from fgclf.registry import Registry, unknown_name_message
 
 SCHEDULES: Registry[Callable[[float], float]] = Registry("lr schedule")
@@ -71,8 +71,8 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
             new head faster than a pretrained body).
         layer_decay: Layer-wise lr decay (timm's ``param_groups_layer_decay``): block ``i`` of
             ``L`` trains at ``layer_decay ** (L - i)`` times the lr; needs a timm model.
-        fused: torch's fused implementation (``fused=True``: Adam, AdamW, SGD on CPU and GPU,
-            Adagrad on CPU); an optimizer without one is a UserError.
+        fused: torch's fused implementation (``fused=True``: Adam, AdamW, SGD; CPU and GPU); an
+            optimizer without one is a UserError.
 
     A PEFT model is grouped by its base model's names, so the head scale and layer decay apply to
     the adapters and the saved head as they would to the plain model.
@@ -102,19 +102,30 @@ def create_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 1e-3,
             if params:
                 scale = group.get("lr_scale", 1.0) * (head_lr_scale if is_head else 1.0)
                 split.append({**group, "params": params, "lr_scale": scale, "lr": lr * scale})
+    check_fused(name, fused)
     # timm hands momentum only to the optimizers that have one
     extra = {"fused": True} if fused else {}
-    try:
-        optimizer = create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **extra)
-    except (TypeError, RuntimeError) as err:
-        if not fused or "fused" not in str(err):
-            raise
-        raise UserError(f"optim.fused: {name} cannot run fused ({message_line(err)}); torch's Adam, AdamW, SGD "
-                        "and Adagrad (CPU) can: adam, adamw, sgd, nesterov, momentum, adagrad") from None
-    if fused and optimizer.defaults.get("fused") is not True:  # an optimizer that takes the flag and ignores it
-        raise UserError(f"optim.fused: {name} ({type(optimizer).__name__}) has no fused implementation; torch's Adam, "
-                        "AdamW, SGD and Adagrad (CPU) have: adam, adamw, sgd, nesterov, momentum, adagrad")
+    optimizer = create_optimizer_v2(split, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **extra)
+    if fused:
+        if optimizer.defaults.get("fused") is not True:  # a timm mapping that took the flag and dropped it
+            raise UserError(f"optim.fused: timm's {name} built {type(optimizer).__name__}, which does not run fused")
+        # The fused kernels can unscale fp16 gradients and skip an overflowing step themselves; then
+        # GradScaler always calls step() and accelerate, which detects a skipped step by step() not being
+        # called, never sees one, so the lr schedule would count the skipped updates (accelerate issue
+        # #4242). Left to GradScaler, the unscale is one more pass over the gradients and a skipped step
+        # is not called: the same update, detected.
+        optimizer._step_supports_amp_scaling = False
     return optimizer
+
+
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "momentum")  # timm names of torch's Adam, AdamW, SGD
+
+
+def check_fused(name: str, fused: bool) -> None:
+    """UserError unless ``name`` has torch's fused implementation (checked before any work starts)."""
+    if fused and name.lower() not in FUSED_OPTIMIZERS:
+        raise UserError(f"optim.fused: {name} has no fused implementation; torch's Adam, AdamW and SGD have "
+                        f"({', '.join(FUSED_OPTIMIZERS)})")
 
 
 # ----------------------------------------------------------------------------- schedule shapes

@@ -272,7 +272,7 @@ def _create(name: str, url: str, direction: str, tries: int = 5):
             time.sleep(0.5 + attempt)
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
             raise UserError(f"search: cannot open the study at {url} ({type(err).__name__}: "
-                            f"{message_line(err)}); is the URL right and its database driver "
+                            f"{message_line(err, empty='(no message)')}); is the URL right and its database driver "
                             "installed?") from None
 
 

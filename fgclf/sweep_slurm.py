@@ -169,7 +169,7 @@ def execute_search_slurm(plan: dict, *, out_dir: Path, repo: Path, options: dict
                 print(f"{key}: finished (job {job.job_id})", flush=True)
             elif attempt <= retries:
                 why = message_line(error, last=True)
-                print(f"{key}: job {job.job_id} failed ({why[:200]}); submitting again", file=sys.stderr, flush=True)
+                print(f"{key}: job {job.job_id} failed ({why}); submitting again", file=sys.stderr, flush=True)
                 submit(key, attempt + 1)
             else:
                 print(f"{key}: FAILED after {attempt} attempts (job {job.job_id}; its log: "
@@ -255,7 +255,7 @@ def execute_slurm(plan: dict, runs: list[PlannedRun], *, out_dir: Path, repo: Pa
                 print(f"{run.variant} seed={run.seed}: finished (job {job.job_id})", flush=True)
             elif attempt <= retries:
                 why = message_line(error, last=True) if error else "no metrics.json"
-                print(f"{run.variant} seed={run.seed}: job {job.job_id} failed ({why[:200]}); submitting again, "
+                print(f"{run.variant} seed={run.seed}: job {job.job_id} failed ({why}); submitting again, "
                       f"resuming from its last checkpoint", file=sys.stderr, flush=True)
                 submit(run, attempt + 1)
             else:

@@ -162,7 +162,7 @@ def validate(cfg: TrainClassifierConfig) -> None:
         raise UserError("loss.confusion and loss.confusion_weight go together (e.g. --loss.confusion pairwise "
                         "--loss.confusion_weight 2; the authors suggest 0.1-0.2 x the number of classes)")
     from fgclf.losses import list_losses, list_regularizers
-    from fgclf.optim import list_optimizers, list_schedulers
+    from fgclf.optim import check_fused, list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
 
     from fgclf.metrics import list_metrics
@@ -173,6 +173,7 @@ def validate(cfg: TrainClassifierConfig) -> None:
                               ("regularizer", cfg.loss.regularizer or "l2", list_regularizers())):
         if name not in known:
             raise UserError(unknown_name_message(kind, name, known))
+    check_fused(o.name, o.fused)
 
 
 def with_synthetic(cfg: TrainClassifierConfig, records):

@@ -44,17 +44,20 @@ def validate(cfg: ProbeConfig) -> None:
               (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
               (0 <= cfg.dropout < 1, "dropout must be in [0, 1)"),
               (cfg.hidden_dim >= 1, "hidden_dim must be >= 1"),
-              (cfg.sklearn_c > 0, "sklearn_c must be > 0")]
+              (cfg.sklearn_c > 0, "sklearn_c must be > 0"),
+              (not (o.fused and cfg.head == "sklearn"), "optim.fused is for the torch heads; --head sklearn is fitted "
+                                                          "by scikit-learn's solver")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    from fgclf.optim import list_optimizers, list_schedulers
+    from fgclf.optim import check_fused, list_optimizers, list_schedulers
     from fgclf.registry import unknown_name_message
 
     for kind, name, known in (("optimizer", o.name.lower(), list_optimizers()),
                               ("lr schedule", o.scheduler, list_schedulers())):
         if name not in known:
             raise UserError(unknown_name_message(kind, name, known))
+    check_fused(o.name, o.fused)
 
 
 def train_torch_head(cfg: ProbeConfig, sets: dict, num_classes: int, device, run_dir: Path):

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -17,6 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+if not Path(ACCELERATE).exists():  # a python whose launcher lives elsewhere on PATH (a machine's own image)
+    ACCELERATE = shutil.which("accelerate") or ACCELERATE
+# the repository first, then what the environment already puts on the path (bench/gpu_check.sh's wheels)
+REPO_PYTHONPATH = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 # tiny, fast settings shared by the script integration tests (no BatchNorm: GroupNorm model)
 TINY_ARGS = [
@@ -99,7 +104,7 @@ def run_script(script: str, args: list[str], *, nproc: int = 1, launch: bool = F
     ``accelerate launch`` (gloo on CPU)."""
     if nproc == 1 and not launch and not env and IN_PROCESS:
         return _run_in_process(script, [str(a) for a in args])
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, **(env or {})}
     target = [str(REPO / "scripts" / script), *args]
     if nproc > 1:
         full_env["ACCELERATE_USE_CPU"] = "1"

@@ -47,7 +47,7 @@ def test_the_map_of_a_one_region_model_lies_in_that_region(method):
 def test_grad_cam_is_the_grad_cam_packages(name):
     """fgclf's own Grad-CAM (the report's and explain.py's default) gives jacobgil/pytorch-grad-cam's
     GradCAM maps on the same layer: BatchNorm CNN, ViT tokens on the grid, channels-last stages;
-    a batch with two different classes per image, at an input size that is not a multiple of the grid."""
+    a batch asking for different classes (one per image, two images sharing one), at 72 px for the CNNs."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -70,7 +70,7 @@ def test_grad_cam_is_the_grad_cam_packages(name):
 
 def test_the_report_maps_import_neither_grad_cam_nor_sklearn():
     """A run's report draws Grad-CAM without the grad-cam package's import, which pulls in scikit-learn
-    (about 0.6 s of every run's report on this machine)."""
+    (the report row of bench/fixed_cost.py fell from 1.57 to 0.97 s with it)."""
     import subprocess
     import sys
 
@@ -82,6 +82,20 @@ def test_the_report_maps_import_neither_grad_cam_nor_sklearn():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_grad_cam_of_images_made_in_inference_mode_and_a_layer_that_does_not_run():
+    from fgclf.errors import UserError
+    from fgclf.explain import grad_cam
+
+    model = RegionNet().eval()
+    with torch.inference_mode():
+        x = torch.rand(2, 3, 32, 32)  # an inference tensor, as a predict loop would hand over
+    assert grad_cam(model, x, [0, 1], model.conv).shape == (2, 32, 32)
+    with torch.inference_mode(), pytest.raises(UserError, match="outside torch.inference_mode"):
+        grad_cam(model, x, [0, 1], model.conv)
+    with pytest.raises(UserError, match=r"the map's layer \(Linear\) gave no tensor .*it did not run"):
+        grad_cam(model, x, [0, 1], nn.Linear(2, 2))
 
 
 def test_vit_and_method_models_get_a_layer():

@@ -51,7 +51,7 @@ def test_fsdp2_tests_the_best_epoch_weights(toy_root, tmp_path, peft):
     import subprocess
 
     import numpy as np
-    from conftest import ACCELERATE, REPO, export_logits
+    from conftest import ACCELERATE, REPO, REPO_PYTHONPATH, export_logits
 
     extra = []
     if peft:  # LoRA on the ResNet's convs: the adapter file's keys are mapped to the model's by PEFT
@@ -67,7 +67,7 @@ def test_fsdp2_tests_the_best_epoch_weights(toy_root, tmp_path, peft):
            str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub", "--data.root", str(toy_root),
            *TINY_ARGS, *extra, "--train.epochs", "3", "--data.aug.preset", "none", "--optim.lr", "0.01",
            "--train.early_stopping_metric", "loss", "--train.output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

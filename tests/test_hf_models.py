@@ -281,7 +281,6 @@ def test_feature_map_methods_read_hf_patch_tokens_as_a_grid(tmp_path, family, me
 def test_class_maps_of_hf_models_come_from_the_last_block(tmp_path, family):
     """Grad-CAM on an hf: model reads the last block's first norm, its tokens laid on the patch grid: maps of
     the input's size in [0, 1] that are not flat."""
-    pytest.importorskip("pytorch_grad_cam")
     from fgclf.explain import class_maps, target_layer
 
     model = create_model(f"hf:{_folder(tmp_path, family)[0]}", num_classes=5, pretrained=True).eval()

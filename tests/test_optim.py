@@ -209,5 +209,41 @@ def test_fused_optimizer_takes_the_same_steps(name):
 
 
 def test_fused_is_refused_by_an_optimizer_without_it():
-    with pytest.raises(UserError, match=r"optim.fused: lamb cannot run fused .* adam, adamw, sgd"):
+    with pytest.raises(UserError, match=r"optim.fused: lamb has no fused implementation.*\(adam, adamw, sgd"):
         create_optimizer(nn.Linear(2, 2), name="lamb", fused=True)
+
+
+def test_fused_that_timm_drops_is_refused(monkeypatch):
+    """Should timm's mapping of a name stop handing ``fused`` on, the run refuses instead of training unfused."""
+    import timm.optim
+
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda params, **kw: torch.optim.AdamW(params, lr=kw["lr"]))
+    with pytest.raises(UserError, match="optim.fused: timm's adamw built AdamW, which does not run fused"):
+        create_optimizer(nn.Linear(2, 2), name="adamw", fused=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_loss_scaling_skips_an_overflowing_fused_step_visibly(fused):
+    """With fp16 loss scaling, a step whose gradients overflow is skipped, and accelerate must see it (the
+    engine does not advance the lr schedule then). torch's fused kernels would skip it inside step(),
+    which accelerate counts as taken (accelerate issue #4242); fgclf leaves the skip to GradScaler."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = AcceleratedOptimizer(create_optimizer(model, name="adamw", lr=0.1, fused=fused),
+                               scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    opt.scaler.scale(model(torch.ones(2, 4)).sum() * float("inf")).backward()
+    opt.step()
+    assert opt.step_was_skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.scaler.get_scale() == 2.0 ** 3  # the scale backed off once
+    opt.zero_grad()
+    opt.scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+    opt.step()
+    assert not opt.step_was_skipped
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))

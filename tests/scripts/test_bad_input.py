@@ -134,6 +134,7 @@ def _validate(*argv: str) -> None:
     (("--parallel", "pipeline", "--train.drop_last", "false"), "--parallel pipeline always drops the last"),
     (("--train.early_stopping_metric", "top7"), "unknown early_stopping_metric 'top7'"),
     (("--loss.name", "focall"), "unknown loss 'focall'; did you mean: focal"),
+    (("--optim.name", "lamb", "--optim.fused", "true"), "optim.fused: lamb has no fused implementation"),
 ])
 def test_out_of_range_and_contradictory_values(flags, needle):
     with pytest.raises(UserError) as err:

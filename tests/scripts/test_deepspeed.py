@@ -9,14 +9,14 @@ import subprocess
 import numpy as np
 import pytest
 import yaml
-from conftest import ACCELERATE, REPO, TINY_ARGS, last_error_line, run_script
+from conftest import ACCELERATE, REPO, REPO_PYTHONPATH, TINY_ARGS, last_error_line, run_script
 
 pytest.importorskip("deepspeed")
 
 
 def _deepspeed(toy_root, out, *extra, env_extra=None, config="deepspeed_zero2.yaml", launch_args=()):
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
+    env.update(PYTHONPATH=REPO_PYTHONPATH, **(env_extra or {}))
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / config), *launch_args,
            str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub", "--data.root", str(toy_root),
            *TINY_ARGS, "--train.output_dir", str(out), *extra]
@@ -131,7 +131,7 @@ def test_zero2_bf16_casts_inputs_and_exports_a_loadable_model(toy_root, tmp_path
     from conftest import assert_metrics_match_sklearn
 
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env.update(PYTHONPATH=str(REPO))
+    env.update(PYTHONPATH=REPO_PYTHONPATH)
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
            "--mixed_precision", "bf16", str(REPO / "scripts" / "train_classifier.py"), "--data.format", "cub",
            "--data.root", str(toy_root), *TINY_ARGS, "--train.epochs", "1", "--train.output_dir", str(tmp_path / "bf16"),

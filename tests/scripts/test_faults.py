@@ -100,12 +100,12 @@ def test_stop_signal_to_the_process_group_spares_the_loader_workers(toy_root, tm
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, REPO_PYTHONPATH
 
     out = tmp_path / "run"
     args = ["--data.format", "cub", "--data.root", str(toy_root), *TINY_ARGS, "--train.output_dir", str(out), *COMMON,
             "--data.num_workers", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FGCLF_DEBUG_SIGNAL_AT_STEP": "6:TERM:group"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "FGCLF_DEBUG_SIGNAL_AT_STEP": "6:TERM:group"}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_classifier.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, start_new_session=True)  # its own group
     assert proc.returncode == 143, proc.stderr[-3000:]

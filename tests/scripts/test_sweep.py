@@ -404,10 +404,10 @@ def test_a_second_worker_shares_the_study_and_the_sweep_waits_for_it(toy_root, t
 
     import optuna
 
-    from conftest import REPO
+    from conftest import REPO, REPO_PYTHONPATH
 
     path, out = _search_plan(tmp_path, toy_root, trials=3), tmp_path / "out"
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    env = {**__import__("os").environ, "PYTHONPATH": REPO_PYTHONPATH}
     helper = subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), str(path), "--output-dir", str(out),
                                "--search-only"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
