@@ -310,3 +310,14 @@ def test_extract_refuses_to_overwrite_features(features_dir, toy_root, capsys):
                                                      "--output_dir", str(features_dir)], capsys)
     assert code == 2 and "already holds features" in line, line
     assert (features_dir / "meta.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--optim.name", "lamb", "--optim.fused", "true"], "optim.fused: lamb has no fused implementation"),
+    (["--head", "sklearn", "--optim.fused", "true"], "optim.fused is for the torch heads"),
+])
+def test_probe_refuses_a_fused_optimizer_it_cannot_use(flags, expected, features_dir, tmp_path, capsys):
+    code, line = _in_process("train_probe.py", ["--features", str(features_dir), "--train.output_dir",
+                                                str(tmp_path / "run"), *flags], capsys)
+    assert code == 2 and expected in line, line
+    assert not (tmp_path / "run").exists()
