@@ -13,14 +13,14 @@ the two after the same steps (the layout must not change the arithmetic beyond f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import train_step_rates  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,27 +51,7 @@ def run(args, name: str) -> dict:
             model = model.to(memory_format=torch.channels_last)
         setups[layout] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
-    def steps(layout: str, n: int) -> float:
-        model, opt = setups[layout]
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-                    else contextlib.nullcontext())
-        start = time.perf_counter()
-        for _ in range(n):
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for layout in setups:  # warm-up (kernel selection, allocator)
-        steps(layout, 1)
-    rates = {layout: [] for layout in setups}
-    for r in range(args.repeats):
-        for layout in (("NCHW", "NHWC") if r % 2 == 0 else ("NHWC", "NCHW")):
-            rates[layout].append(args.batch_size * args.steps / steps(layout, args.steps))
+    rates = train_step_rates(setups, x, y, steps=args.steps, repeats=args.repeats, precision=args.precision)
     a, b = (dict(setups[k][0].named_parameters()) for k in ("NCHW", "NHWC"))
     diff = max(float((a[k] - b[k]).detach().abs().max()) for k in a)
     ratios = [n / c for n, c in zip(rates["NHWC"], rates["NCHW"])]

@@ -17,7 +17,6 @@ AdamW, alternating, and gives images/s and the fused / default ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import train_step_rates  # noqa: E402
 
 IMPLS = ("loop", "foreach", "fused")
 
@@ -109,28 +110,7 @@ def train_rates(args, model_name: str) -> dict[str, list[float]]:
         model = copy.deepcopy(base).to(device).train()
         setups[impl] = (model, _optimizer(model, "adamw", default_impl(device) if impl == "default" else impl))
 
-    def run(impl: str, n: int) -> float:
-        model, opt = setups[impl]
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-                    else contextlib.nullcontext())
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        _sync(device)
-        return args.batch_size * n / (time.perf_counter() - start)
-
-    for impl in setups:
-        run(impl, 1)
-    rates = {impl: [] for impl in setups}
-    for r in range(args.repeats):
-        for impl in (("default", "fused") if r % 2 == 0 else ("fused", "default")):
-            rates[impl].append(run(impl, args.train_steps))
-    return rates
+    return train_step_rates(setups, x, y, steps=args.train_steps, repeats=args.repeats, precision=args.precision)
 
 
 def main(argv=None) -> int:

@@ -122,6 +122,16 @@ def test_optimizer_step_times_each_implementation_against_the_default(capsys):
     assert set(train) == {"default", "fused"} and train["default"][4] == "" and float(train["fused"][4]) > 0
 
 
+def test_memory_format_trains_both_layouts_to_the_same_weights(capsys):
+    bench = _load("memory_format")
+    assert bench.main(["--models", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps", "1",
+                       "--repeats", "2"]) == 0
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| test_resnet")]
+    assert [r[1] for r in rows] == ["NCHW", "NHWC"]
+    assert float(rows[1][4]) > 0 and float(rows[1][5]) < 1e-2  # the same steps: weights equal up to rounding
+
+
 STUB_TRAIN = """import sys, time, pathlib
 args = sys.argv[1:]
 output = pathlib.Path(args[args.index("--output") + 1])
