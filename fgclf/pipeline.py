@@ -234,6 +234,32 @@ def partition(costs: Sequence[float], num_stages: int) -> list[int]:
     return bounds[::-1]
 
 
+class _ShapeProbeSafe(nn.Module):
+    """A stage as the pipeline schedule runs it, safe from torch's shape inference.
+
+    torch.distributed.pipelining before 2.14 infers the shapes passed between stages by running each
+    stage once on zeros, in the stage's training mode under ``no_grad``: BatchNorm would average those
+    zeros into its running statistics (torch 2.11 did; 2.14 infers them without touching the buffers).
+    A forward in training mode without autograd is never a training step, so it runs in eval mode,
+    every submodule's own mode restored after.
+    """
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x):
+        if not (self.stage.training and not torch.is_grad_enabled()):  # (this wrapper is not in the model)
+            return self.stage(x)
+        modes = [(m, m.training) for m in self.stage.modules()]
+        self.stage.eval()
+        try:
+            return self.stage(x)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
 class _Autocast(nn.Module):
     """Run a stage under autocast and hand float32 on to the next stage."""
 
@@ -352,7 +378,9 @@ class PipelineRunner:
         for p in model.parameters():  # this process never runs the other stages: no gradients, no optimizer
             if id(p) not in owned:
                 p.requires_grad_(False)
-        runnable = self.module if autocast_dtype is None else _Autocast(self.module, self.device.type, autocast_dtype)
+        runnable = _ShapeProbeSafe(self.module)
+        if autocast_dtype is not None:
+            runnable = _Autocast(runnable, self.device.type, autocast_dtype)
         self.stage = PipelineStage(runnable, stage_index, self.num_stages, self.device)
         self.is_first, self.is_last = stage_index == 0, stage_index == self.num_stages - 1
         self.last_rank = dist.get_global_rank(dist.group.WORLD, self.num_stages - 1) if dist.is_initialized() \
@@ -365,29 +393,29 @@ class PipelineRunner:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters())
 
-    def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
+    def _batch(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole batch on this stage's device; the schedule cuts it into equal microbatches along dim 0
+        (the whole-batch form of ``step``/``eval``, which every torch.distributed.pipelining release has)."""
         if t.shape[0] % self.microbatches:
             raise UserError(f"a batch of {t.shape[0]} does not split into {self.microbatches} equal microbatches")
-        return list(t.to(self.device).chunk(self.microbatches))
+        return t.to(self.device)
+
+    def _inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[tuple, dict]:
+        args = (self._batch(images),) if self.is_first else ()
+        return args, ({"target": self._batch(labels)} if self.is_last else {})
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Forward and backward of one batch; the mean microbatch loss on the last stage, else None."""
-        kwargs = {}
-        if self.is_first:
-            kwargs["arg_mbs"] = [(x,) for x in self._split(images)]
-        if self.is_last:
-            kwargs["target_mbs"] = self._split(labels)
-            kwargs["losses"] = losses = []
-        self.schedule.step(return_outputs=False, **kwargs)
+        args, kwargs = self._inputs(images, labels)
+        losses: list = []
+        self.schedule.step(*args, losses=losses if self.is_last else None, return_outputs=False, **kwargs)
         return torch.stack([loss.detach().float() for loss in losses]).mean() if self.is_last else None
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Logits of a batch on the last stage (None elsewhere), forward only."""
-        kwargs = {"target_mbs": self._split(labels)} if self.is_last else {}
-        if self.is_first:
-            kwargs["arg_mbs"] = [(x,) for x in self._split(images)]
-        out = self.schedule.eval(**kwargs)
+        args, kwargs = self._inputs(images, labels)
+        out = self.schedule.eval(*args, **kwargs)
         return out.float() if self.is_last else None
 
     def clip_grad_norm_(self, max_norm: float) -> float:

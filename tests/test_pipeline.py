@@ -208,3 +208,24 @@ def test_flops_balance_evens_out_resnet50_where_parameter_balance_overloads_stag
 
     assert shares("params")[0] > 0.8
     assert max(shares("flops")) < 0.55
+
+
+def test_a_shape_probe_leaves_batchnorm_statistics_alone():
+    """torch 2.11's pipelining inferred the stage shapes by a no_grad forward on zeros in training mode,
+    which moved BatchNorm's running statistics (the two-stage test above failed on 2.11 for it); the stage
+    runs that forward in eval mode and restores every submodule's own mode (a frozen BatchNorm stays eval)."""
+    from fgclf.pipeline import _ShapeProbeSafe
+
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)).train()
+    stage[2].eval()  # e.g. a partially frozen backbone
+    wrapped = _ShapeProbeSafe(stage)
+    before = {k: v.clone() for k, v in stage.state_dict().items()}
+    with torch.no_grad():
+        out = wrapped(torch.zeros(2, 3, 8, 8))
+    assert out.shape == (2, 4, 6, 6)
+    assert all(torch.equal(v, before[k]) for k, v in stage.state_dict().items())
+    assert [m.training for m in stage.modules()] == [True, True, True, False]
+    wrapped(torch.randn(2, 3, 8, 8)).sum().backward()  # a training step still updates them
+    assert not torch.equal(stage[1].running_mean, before["1.running_mean"])
+    assert torch.equal(stage[2].running_mean, before["2.running_mean"])
