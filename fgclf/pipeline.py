@@ -237,9 +237,9 @@ def partition(costs: Sequence[float], num_stages: int) -> list[int]:
 class _ShapeProbeSafe(nn.Module):
     """A stage as the pipeline schedule runs it, safe from torch's shape inference.
 
-    torch.distributed.pipelining before 2.14 infers the shapes passed between stages by running each
+    torch 2.11's torch.distributed.pipelining infers the shapes passed between stages by running each
     stage once on zeros, in the stage's training mode under ``no_grad``: BatchNorm would average those
-    zeros into its running statistics (torch 2.11 did; 2.14 infers them without touching the buffers).
+    zeros into its running statistics (2.14 infers them without touching the buffers).
     A forward in training mode without autograd is never a training step, so it runs in eval mode,
     every submodule's own mode restored after.
     """
