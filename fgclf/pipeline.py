@@ -18,6 +18,7 @@ the CPU and is only written (gathered weights), never run.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,10 +239,13 @@ class _ShapeProbeSafe(nn.Module):
     """A stage as the pipeline schedule runs it, safe from torch's shape inference.
 
     torch 2.11's torch.distributed.pipelining infers the shapes passed between stages by running each
-    stage once on zeros, in the stage's training mode under ``no_grad``: BatchNorm would average those
-    zeros into its running statistics (2.14 infers them without touching the buffers).
-    A forward in training mode without autograd is never a training step, so it runs in eval mode,
-    every submodule's own mode restored after.
+    stage once on zeros, in the stage's training mode under ``no_grad`` and with the global random
+    generators: BatchNorm would average those zeros into its running statistics, and dropout would
+    draw a mask that an uninterrupted and a resumed run do not both draw (2.14 infers them with its
+    buffers and generators restored). A training step always has autograd on (the schedule's backward
+    needs it), so a forward without autograd is an evaluation, whose modules are in eval mode already,
+    or that probe: it runs in eval mode with the generators forked, every submodule's own mode
+    restored after. (A timm head's dropout reads its model's flag, outside the stage: the fork covers it.)
     """
 
     def __init__(self, stage: nn.Module):
@@ -249,12 +253,13 @@ class _ShapeProbeSafe(nn.Module):
         self.stage = stage
 
     def forward(self, x):
-        if not (self.stage.training and not torch.is_grad_enabled()):  # (this wrapper is not in the model)
+        if torch.is_grad_enabled():
             return self.stage(x)
         modes = [(m, m.training) for m in self.stage.modules()]
         self.stage.eval()
         try:
-            return self.stage(x)
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                return self.stage(x)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -369,6 +374,9 @@ class PipelineRunner:
 
         if schedule not in SCHEDULES:
             raise UserError(f"unknown pp.schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if not hasattr(ScheduleGPipe, "eval") or "return_outputs" not in inspect.signature(ScheduleGPipe.step).parameters:
+            raise UserError(f"--parallel pipeline needs a torch.distributed.pipelining with eval() and "
+                            f"step(return_outputs=) (torch 2.11 and 2.14 are tested); this is torch {torch.__version__}")
         self.model, self.bounds = model, list(bounds)
         self.num_stages, self.stage_index, self.microbatches = len(bounds) - 1, stage_index, microbatches
         self.device = torch.device(device)
@@ -395,7 +403,7 @@ class PipelineRunner:
 
     def _batch(self, t: torch.Tensor) -> torch.Tensor:
         """The whole batch on this stage's device; the schedule cuts it into equal microbatches along dim 0
-        (the whole-batch form of ``step``/``eval``, which every torch.distributed.pipelining release has)."""
+        (the whole-batch form of ``step``/``eval``: torch 2.14's pre-split ``arg_mbs`` is not in 2.11)."""
         if t.shape[0] % self.microbatches:
             raise UserError(f"a batch of {t.shape[0]} does not split into {self.microbatches} equal microbatches")
         return t.to(self.device)

@@ -217,15 +217,44 @@ def test_a_shape_probe_leaves_batchnorm_statistics_alone():
     from fgclf.pipeline import _ShapeProbeSafe
 
     torch.manual_seed(0)
-    stage = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)).train()
+    stage = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4),
+                                torch.nn.Dropout(0.5)).train()
     stage[2].eval()  # e.g. a partially frozen backbone
     wrapped = _ShapeProbeSafe(stage)
     before = {k: v.clone() for k, v in stage.state_dict().items()}
+    rng = torch.get_rng_state()
     with torch.no_grad():
         out = wrapped(torch.zeros(2, 3, 8, 8))
     assert out.shape == (2, 4, 6, 6)
     assert all(torch.equal(v, before[k]) for k, v in stage.state_dict().items())
-    assert [m.training for m in stage.modules()] == [True, True, True, False]
+    assert [m.training for m in stage.modules()] == [True, True, True, False, True]
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    class OwnersDropout(torch.nn.Module):  # a timm head's dropout reads its model's flag, outside the stage
+        def forward(self, x):
+            return torch.nn.functional.dropout(x, 0.5, training=True)
+
+    with torch.no_grad():
+        _ShapeProbeSafe(torch.nn.Sequential(OwnersDropout()))(torch.ones(2, 3))
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe's draws come from a forked generator
     wrapped(torch.randn(2, 3, 8, 8)).sum().backward()  # a training step still updates them
     assert not torch.equal(stage[1].running_mean, before["1.running_mean"])
     assert torch.equal(stage[2].running_mean, before["2.running_mean"])
+
+
+def test_a_torch_without_whole_batch_eval_is_refused_in_one_line(monkeypatch):
+    import torch.distributed.pipelining as pipelining
+
+    from fgclf.errors import UserError
+    from fgclf.pipeline import PipelineRunner, sequential_units
+
+    class OldSchedule:  # torch.distributed.pipelining before eval() and step(return_outputs=)
+        def step(self, *args, target=None, losses=None, **kwargs):
+            raise AssertionError("never reached")
+
+    monkeypatch.setattr(pipelining, "ScheduleGPipe", OldSchedule)
+    model = _model("test_resnet")
+    units = sequential_units(model)
+    with pytest.raises(UserError, match=r"--parallel pipeline needs a torch.distributed.pipelining with eval\(\)"):
+        PipelineRunner(model, units, [0, 2, len(units)], stage_index=0, microbatches=2, schedule="gpipe",
+                       loss_fn=torch.nn.functional.cross_entropy, device="cpu")
