@@ -18,11 +18,17 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))  # always one line
 
 
-def message_line(err: object, limit: int = 200, last: bool = False, empty: str | None = None) -> str:
+def message_line(err: object, limit: int = 200, last: bool = False) -> str:
     """One line of an error's message for a one-line report: the first (or ``last``) non-empty line,
-    without terminal codes (torch.onnx colours its own), at most ``limit`` characters; when the message
-    is empty, ``empty`` (default: the error's type name; callers that print the type pass another)."""
+    without terminal codes (torch.onnx colours its own), at most ``limit`` characters; the error's type
+    name when its message is empty."""
     lines = [line.strip() for line in ANSI.sub("", str(err)).splitlines() if line.strip()]
     if not lines:
-        return type(err).__name__ if empty is None else empty
+        return type(err).__name__
     return (lines[-1] if last else lines[0])[:limit]
+
+
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (just ``Type`` when the message is empty)."""
+    line = message_line(err, limit)
+    return type(err).__name__ if line == type(err).__name__ else f"{type(err).__name__}: {line}"

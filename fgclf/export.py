@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fgclf.errors import UserError, message_line
+from fgclf.errors import UserError, error_line
 from fgclf.utils import atomic_write_json, atomic_write_text
 
 FORMATS = ("onnx", "torchscript", "timm", "hub", "adapter")
@@ -51,9 +51,9 @@ def _cause(err: BaseException) -> str:
     while inner.__cause__ is not None and id(inner.__cause__) not in seen:  # (a cycle ends the walk)
         inner = inner.__cause__
         seen.add(id(inner))
-    text = f"{type(err).__name__}: {message_line(err, 160, empty='(no message)')}"
+    text = error_line(err, 160)
     if inner is not err:
-        text += f" <- {type(inner).__name__}: {message_line(inner, 200, empty='(no message)')}"
+        text += f" <- {error_line(inner)}"
     return text
 
 
@@ -74,7 +74,7 @@ def _check(name: str, run: Any, model: nn.Module, x: torch.Tensor, path: Path, a
         diff = float(np.abs(np.asarray(got, dtype=np.float64) - want.double().numpy()).max())
         why = None if diff <= atol else f"max |logit difference| {diff:.2e} > {atol:g}"  # nan too
     except Exception as err:  # e.g. a batch size baked into the trace
-        diff, why = float("nan"), f"{type(err).__name__}: {message_line(err, 200, empty='(no message)')}"
+        diff, why = float("nan"), error_line(err)
     if why is not None:
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".data").unlink(missing_ok=True)
@@ -125,8 +125,7 @@ def export_torchscript(model: nn.Module, config: dict, path: Path, *, atol: floa
         with torch.no_grad():
             traced = torch.jit.trace(model, (x,), check_trace=False)
     except Exception as err:
-        raise UserError(f"TorchScript tracing failed ({type(err).__name__}: "
-                        f"{message_line(err, 300, empty='(no message)')})") from None
+        raise UserError(f"TorchScript tracing failed ({error_line(err, 300)})") from None
     tmp = path.with_name(f".{path.name}.partial")
     traced.save(str(tmp))
     os.replace(tmp, path)
@@ -377,8 +376,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                    commit_message="fgclf export")
     except Exception as err:  # network, permissions, a bad repo name
-        raise UserError(f"--push-to-hub {repo_id} failed ({type(err).__name__}: "
-                        f"{message_line(err, 200, empty='(no message)')}); "
+        raise UserError(f"--push-to-hub {repo_id} failed ({error_line(err)}); "
                         f"the folder {folder} is complete and can be uploaded again") from None
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
 

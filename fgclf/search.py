@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fgclf.errors import UserError, message_line
+from fgclf.errors import UserError, error_line, message_line
 
 _SEARCH_KEYS = {"space", "trials", "metric", "sampler", "pruner", "seed", "direction", "workers", "storage"}
 HEARTBEAT_S = 15  # a running trial's heartbeat (Optuna's RDBStorage heartbeat_interval)
@@ -271,9 +271,8 @@ def _create(name: str, url: str, direction: str, tries: int = 5):
                 raise UserError(f"search: cannot open the study at {url}: {message_line(err)}") from None
             time.sleep(0.5 + attempt)
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
-            raise UserError(f"search: cannot open the study at {url} ({type(err).__name__}: "
-                            f"{message_line(err, empty='(no message)')}); is the URL right and its database driver "
-                            "installed?") from None
+            raise UserError(f"search: cannot open the study at {url} ({error_line(err)}); is the URL right and its "
+                            "database driver installed?") from None
 
 
 def open_study(plan: dict, out_dir: Path):

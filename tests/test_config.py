@@ -120,3 +120,11 @@ def test_message_line_of_an_error(message, last, expected):
     from fgclf.errors import message_line
 
     assert message_line(ValueError(message), last=last) == expected
+
+
+def test_error_line_names_the_type_once():
+    from fgclf.errors import error_line
+
+    assert error_line(ValueError("bad\nmore")) == "ValueError: bad"
+    assert error_line(ValueError("")) == "ValueError"  # not "ValueError: ValueError"
+    assert error_line(KeyError("x" * 300), 10) == "KeyError: 'xxxxxxxxx"
